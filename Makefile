@@ -1,0 +1,32 @@
+# `make test` and `make demo` do all the set-up on a fresh machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= demo/qwen3_moe
+
+.PHONY: install test lint demo bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
+	$(VENV)/bin/pytest -q
+
+demo: install
+	$(PY) -m graphpatch.zoo qwen3_moe $(DEMO_DIR)
+	$(VENV)/bin/graphpatch apply --passes fuse_glu,last_token $(DEMO_DIR)
+
+bench: install
+	$(PY) benchmarks/fuse_glu.py
+
+clean:
+	rm -rf $(VENV) demo build *.egg-info

@@ -1,0 +1,85 @@
+"""The graphpatch command: parses, calls the library, prints. Nothing else."""
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import graphpatch
+from graphpatch.contract import GraphpatchError, VerificationError
+from graphpatch.loading import load
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help=__doc__,
+)
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+@app.command("list")
+def list_passes() -> None:
+    """List the passes in the order they run."""
+    table = Table()
+    for column in ("pass", "env switch", "options", "summary"):
+        table.add_column(column)
+    for name, p in graphpatch.PASSES.items():
+        options = ", ".join(f"{k}={v}" for k, v in p.options.items())
+        needs = f" (needs {', '.join(p.requires)})" if p.requires else ""
+        table.add_row(name, p.env, options, p.summary + needs)
+    out.print(table)
+
+
+@app.command("apply")
+def apply_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="a local mlx-lm model directory")],
+    passes: Annotated[
+        str, typer.Option(help="comma-separated, e.g. fuse_glu,last_token:keep=2")
+    ] = "",
+    json: Annotated[
+        bool, typer.Option("--json", help="print the report as JSON")
+    ] = False,
+    verify: Annotated[
+        bool, typer.Option(help="check every site and the logits")
+    ] = True,
+) -> None:
+    """Load MODEL_DIR with mlx-lm, rewrite it, verify it, print the report."""
+    try:
+        graphpatch.resolve(passes or None)
+        with err.status(f"loading {model_dir}"):
+            model, _, _ = load(model_dir, lazy=not verify)
+        with err.status("applying and verifying") as status:
+            report = graphpatch.apply(
+                model, passes or None, verify=verify, progress=status.update
+            )
+    except VerificationError as e:
+        if e.report is not None:
+            _print(e.report, json)
+        fail(str(e), code=1)
+    except GraphpatchError as e:
+        fail(str(e))
+    _print(report, json)
+
+
+def _print(report: graphpatch.Report, as_json: bool) -> None:
+    if as_json:
+        print(report.to_json())
+    else:
+        report.print(out)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

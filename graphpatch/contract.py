@@ -1,0 +1,119 @@
+"""The Pass contract: what every pass in ``passes/`` provides to the manager.
+
+A pass finds its sites by structure, says why it will not rewrite a site, and
+rewrites and undoes one site at a time. The manager owns verification: it runs
+the pass's probe on the site before and after the rewrite and compares.
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+class GraphpatchError(Exception):
+    """Base class of every error graphpatch raises on purpose."""
+
+
+class PassSpecError(GraphpatchError, ValueError):
+    """An unknown pass name or option, or a value that does not parse."""
+
+
+class NotAModelError(GraphpatchError, TypeError):
+    """The object handed to ``apply`` is not an ``mlx.nn.Module``."""
+
+
+class VerificationError(GraphpatchError):
+    """A model-level check failed; the model was rolled back to its state before
+    ``apply``. ``pass_name`` names the pass whose rewrites moved the logits."""
+
+    def __init__(self, pass_name: str, message: str, report: Any = None):
+        super().__init__(f"{pass_name}: {message}")
+        self.pass_name = pass_name
+        self.report = report
+
+
+@dataclass
+class Site:
+    """One place in the module tree a pass could rewrite.
+
+    ``path`` is the dotted module path (``model.layers.3.mlp``); ``kind`` a
+    short word for the report (``dense``, ``moe``, ``head``); ``detail`` holds
+    numbers and names only, never modules or arrays.
+    """
+
+    path: str
+    kind: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+Probe = Callable[[], list[mx.array]]
+
+
+@dataclass(frozen=True)
+class Pass:
+    """A rewrite pass. Each field is a plain function of the pass's module.
+
+    Attributes:
+        name: the user's flag (``fuse_glu``); env switch ``GRAPHPATCH_FUSE_GLU``.
+        summary: one line for ``graphpatch list``.
+        find: ``find(model) -> list[Site]``, every candidate site.
+        why_not: ``why_not(model, site, options) -> str | None``, the reason a
+            site is left untouched, or None when it can be rewritten.
+        rewrite: ``rewrite(model, site, options) -> None``, rewrites in place.
+        undo: ``undo(model, path) -> None``, restores one rewritten site
+            exactly (bit for bit) from the rewritten state alone.
+        applied: ``applied(model) -> list[str]``, paths this pass has rewritten.
+        probe: ``probe(model, site, dtype) -> Probe``, a function that runs the
+            site's sub-module on fixed inputs of its real shapes; called once
+            before and once after the rewrite.
+        options: the pass's options and their defaults (types come from them).
+        requires: passes this one needs applied first (pulled in by the manager).
+        tune: optional ``tune(model, site, dtype) -> (ratios, reason)``:
+            times the rewritten site against the original, undoes it when
+            slower and returns the reason (only with the ``tune`` option).
+        warnings: optional ``warnings(model, options) -> list[str]`` for the report.
+    """
+
+    name: str
+    summary: str
+    find: Callable[[nn.Module], list[Site]]
+    why_not: Callable[[nn.Module, Site, dict], str | None]
+    rewrite: Callable[[nn.Module, Site, dict], None]
+    undo: Callable[[nn.Module, str], None]
+    applied: Callable[[nn.Module], list[str]]
+    probe: Callable[[nn.Module, Site, mx.Dtype], Probe]
+    options: dict[str, Any] = field(default_factory=dict)
+    requires: tuple[str, ...] = ()
+    tune: Callable[[nn.Module, Site, mx.Dtype], tuple] | None = None
+    warnings: Callable[[nn.Module, dict], list[str]] | None = None
+
+    @property
+    def env(self) -> str:
+        return f"GRAPHPATCH_{self.name.upper()}"
+
+
+def walk(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``named_modules()`` in reading order (layer 2 before layer 10)."""
+
+    def natural(item):
+        return [int(k) if k.isdigit() else k for k in item[0].split(".")]
+
+    return sorted(model.named_modules(), key=natural)
+
+
+def module_at(model: nn.Module, path: str) -> nn.Module:
+    """The sub-module at a dotted path (list indices as numbers)."""
+    node = model
+    for key in path.split(".") if path else []:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    return node
+
+
+def parent_and_key(model: nn.Module, path: str) -> tuple[Any, str | int]:
+    """The container holding ``path`` and the key it is stored under."""
+    head, _, last = path.rpartition(".")
+    parent = module_at(model, head)
+    return parent, int(last) if isinstance(parent, list) else last

@@ -1,0 +1,288 @@
+"""The pass manager: which passes run, in what order, verified how.
+
+``apply`` resolves the passes (arguments or env), takes reference logits once,
+runs each pass site by site with a site-local check, checks the whole model
+after each pass, and rolls every rewrite of the call back on a failed check.
+"""
+
+import os
+import time
+from collections.abc import Callable, Mapping
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from graphpatch.contract import (
+    NotAModelError,
+    Pass,
+    PassSpecError,
+    Site,
+    VerificationError,
+    module_at,
+)
+from graphpatch.passes import PASSES
+from graphpatch.report import REWRITTEN, SKIPPED, ModelCheck, Report, SiteResult
+from graphpatch.verify import (
+    compare,
+    compute_dtype,
+    dtype_name,
+    last_logits,
+    probe_tokens,
+)
+
+# GRAPHPATCH_* variables that are not pass switches.
+OTHER_ENV = {"GRAPHPATCH_PASSES", "GRAPHPATCH_REPORT"}
+
+Plan = list[tuple[Pass, dict]]
+
+
+def parse_spec(spec: str) -> tuple[Pass, dict]:
+    """``name`` or ``name:option=value:flag`` -> (pass, options with defaults)."""
+    name, *items = spec.strip().split(":")
+    if name not in PASSES:
+        raise PassSpecError(f"unknown pass '{name}' (known: {', '.join(PASSES)})")
+    p = PASSES[name]
+    options = dict(p.options)
+    for item in items:
+        key, has_value, text = item.partition("=")
+        if key not in p.options:
+            known = ", ".join(p.options) or "none"
+            raise PassSpecError(f"unknown option '{key}' for {name} (known: {known})")
+        options[key] = _parse_value(name, key, p.options[key], text, has_value)
+    return p, options
+
+
+def _parse_value(name: str, key: str, default, text: str, has_value: str):
+    if isinstance(default, bool):
+        if not has_value:
+            return True
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+    elif has_value:
+        try:
+            return type(default)(text)
+        except ValueError:
+            pass
+    raise PassSpecError(
+        f"option {name}:{key} wants a {type(default).__name__}, got '{text}'"
+    )
+
+
+def _switches(env: Mapping[str, str]) -> dict[str, bool]:
+    """Per-pass GRAPHPATCH_<NAME>=0/1 switches; anything else is an error."""
+    by_env = {p.env: name for name, p in PASSES.items()}
+    switches = {}
+    for key, value in env.items():
+        if not key.startswith("GRAPHPATCH_") or key in OTHER_ENV:
+            continue
+        if key not in by_env:
+            raise PassSpecError(f"unknown variable {key} (no pass of that name)")
+        if value not in ("0", "1"):
+            raise PassSpecError(f"{key} must be 0 or 1, got '{value}'")
+        switches[by_env[key]] = value == "1"
+    return switches
+
+
+def resolve(
+    passes: str | list[str] | None = None, env: Mapping[str, str] | None = None
+) -> tuple[Plan, list[str]]:
+    """The passes to run, in canonical order, with their options.
+
+    Args:
+        passes: pass specs (``"fuse_glu"``, ``"last_token:keep=4"``), a
+            comma-separated string of them, or None to let the env decide.
+        env: the environment to read (``os.environ`` by default).
+
+    Returns:
+        The plan and the warnings it produced (passes pulled in or switched off).
+
+    Raises:
+        PassSpecError: an unknown pass, option, value or GRAPHPATCH_ variable.
+    """
+    env = os.environ if env is None else env
+    switches = _switches(env)
+    if passes is None:
+        specs = [s for s in env.get("GRAPHPATCH_PASSES", "").split(",") if s.strip()]
+        specs += [name for name, on in switches.items() if on]
+    else:
+        specs = passes.split(",") if isinstance(passes, str) else list(passes)
+        specs = [s for s in specs if s.strip()]
+    chosen: dict[str, dict] = {}
+    for spec in specs:
+        p, options = parse_spec(spec)
+        if p.name in chosen and chosen[p.name] != options and ":" in spec:
+            raise PassSpecError(f"{p.name} named twice with different options")
+        if p.name not in chosen or ":" in spec:
+            chosen[p.name] = options
+    warnings = []
+    for name in list(chosen):
+        for needed in PASSES[name].requires:
+            if needed not in chosen:
+                chosen[needed] = dict(PASSES[needed].options)
+                warnings.append(f"{name} needs {needed}: pulled it in")
+    for name, on in switches.items():
+        if not on and name in chosen:
+            del chosen[name]
+            warnings.append(f"{PASSES[name].env}=0 switched {name} off")
+    for name in list(chosen):
+        missing = [n for n in PASSES[name].requires if n not in chosen]
+        if missing:
+            del chosen[name]
+            warnings.append(f"{name} switched off: it needs {', '.join(missing)}")
+    plan = [(p, chosen[n]) for n, p in PASSES.items() if n in chosen]
+    return plan, warnings
+
+
+def nbytes(module: nn.Module) -> int:
+    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+
+
+def apply(
+    model: nn.Module,
+    passes: str | list[str] | None = None,
+    verify: bool = True,
+    probe: mx.array | list | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Report:
+    """Rewrite ``model`` in place with the chosen passes and verify each.
+
+    Args:
+        model: a loaded mlx-lm model (any ``mlx.nn.Module`` returning logits).
+        passes: pass specs, or None to read ``GRAPHPATCH_PASSES`` and
+            ``GRAPHPATCH_<NAME>`` from the environment. Nothing runs by default.
+        verify: check every site and the model's last-position logits; with
+            False nothing is evaluated (a lazily loaded model stays lazy).
+        probe: token ids (B, S) for the model-level check.
+        progress: called with a short line before each pass and site.
+
+    Returns:
+        The report of every site found, rewritten or skipped with its reason.
+
+    Raises:
+        NotAModelError: ``model`` is not an ``mlx.nn.Module``.
+        PassSpecError: a bad pass list; raised before anything is touched.
+        VerificationError: a model-level check failed; every rewrite of this
+            call was undone first.
+    """
+    if not isinstance(model, nn.Module):
+        raise NotAModelError(f"expected an mlx.nn.Module, got {type(model).__name__}")
+    start = time.perf_counter()
+    plan, warnings = resolve(passes)
+    tokens = probe_tokens(probe) if verify else None
+    dtype = compute_dtype(model)
+    report = Report(
+        [p.name for p, _ in plan], dtype_name(dtype), verify, warnings=warnings
+    )
+    reference = last_logits(model, tokens) if verify else None
+    done: list[tuple[Pass, str]] = []
+    progress = progress or (lambda line: None)
+    try:
+        for p, options in plan:
+            if p.warnings:
+                report.warnings += p.warnings(model, options)
+            for site in p.find(model):
+                progress(f"{p.name}: {site.path}")
+                result = _apply_site(model, p, site, options, dtype, verify)
+                report.sites.append(result)
+                if result.status == REWRITTEN:
+                    done.append((p, site.path))
+            if verify and report.rewritten(p.name):
+                progress(f"{p.name}: checking the model")
+                _check_model(model, p, tokens, reference, report)
+    except BaseException:
+        _roll_back(model, done)
+        report.rolled_back = True
+        raise
+    finally:
+        report.seconds = time.perf_counter() - start
+    return report
+
+
+def _check_model(model, p: Pass, tokens, reference, report: Report) -> None:
+    try:
+        cmp = compare([reference], [last_logits(model, tokens)])
+    except Exception as e:
+        raise VerificationError(
+            p.name, f"the model failed to run after it: {e!r}", report
+        ) from e
+    report.checks.append(
+        ModelCheck(p.name, cmp.max_error, cmp.tolerance, cmp.top1, cmp.ok)
+    )
+    if not cmp.ok:
+        raise VerificationError(
+            p.name,
+            f"logits moved by {cmp.max_error:.3g} (tolerance {cmp.tolerance:.3g}, "
+            f"top-1 agreement {cmp.top1:.0%}); every rewrite was rolled back",
+            report,
+        )
+
+
+def _apply_site(
+    model: nn.Module, p: Pass, site: Site, options: dict, dtype, verify: bool
+) -> SiteResult:
+    start = time.perf_counter()
+    result = SiteResult(p.name, site.path, site.kind, SKIPPED)
+    result.reason = p.why_not(model, site, options)
+    if result.reason:
+        return result
+    result.bytes_before = nbytes(module_at(model, site.path))
+    if verify:
+        try:
+            run = p.probe(model, site, dtype)
+            reference = run()
+            mx.eval(reference)
+        except Exception as e:
+            result.reason = f"cannot run the site on a probe: {e}"
+            return result
+    p.rewrite(model, site, options)
+    if verify:
+        mx.eval(module_at(model, site.path).parameters())
+        try:
+            cmp = compare(reference, run())
+        except Exception as e:
+            p.undo(model, site.path)
+            result.reason = f"rewritten site failed on the probe, restored: {e}"
+            return result
+        result.max_error, result.tolerance, result.top1 = (
+            cmp.max_error,
+            cmp.tolerance,
+            cmp.top1,
+        )
+        if not cmp.ok:
+            p.undo(model, site.path)
+            result.reason = (
+                f"rewrite off by {cmp.max_error:.3g} (tolerance "
+                f"{cmp.tolerance:.3g}), restored"
+            )
+            return result
+        result.verified = True
+        if options.get("tune") and p.tune:
+            result.speedup, result.reason = p.tune(model, site, dtype)
+            if result.reason:
+                return result
+    result.status = REWRITTEN
+    result.bytes_after = nbytes(module_at(model, site.path))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _roll_back(model: nn.Module, done: list[tuple[Pass, str]]) -> None:
+    for p, path in reversed(done):
+        p.undo(model, path)
+
+
+def revert(model: nn.Module) -> list[str]:
+    """Undo every rewrite graphpatch made to ``model``, last pass first.
+
+    Returns:
+        ``pass:path`` for each site restored.
+    """
+    restored = []
+    for p in reversed(PASSES.values()):
+        for path in p.applied(model):
+            p.undo(model, path)
+            restored.append(f"{p.name}:{path}")
+    return restored

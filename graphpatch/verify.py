@@ -1,0 +1,96 @@
+"""Equivalence checks: the tolerance table, output comparison, model probes.
+
+One table of tolerances per dtype lives here and nowhere else. An error is the
+max absolute difference, judged against ``atol + rtol * max|reference|`` so
+that logits of any scale are held to the same relative standard.
+"""
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+# dtype -> (atol, rtol). float32 is tight: the rewrites reorder no reductions,
+# so any real error is far above this. Half types round each output element
+# once more than float32 and get the looser bound.
+TOLERANCE = {
+    mx.float32: (1e-5, 1e-5),
+    mx.float16: (2e-3, 2e-3),
+    mx.bfloat16: (1.6e-2, 1e-2),
+}
+
+# Fixed token ids for the model-level probe: two rows of 12 ids under 64, so
+# any vocabulary fits and both batch and sequence axes are exercised.
+PROBE_TOKENS = [
+    [3, 17, 42, 5, 60, 7, 11, 2, 33, 25, 8, 51],
+    [9, 1, 28, 46, 13, 4, 57, 20, 6, 39, 15, 30],
+]
+
+
+@dataclass
+class Comparison:
+    max_error: float
+    tolerance: float
+    top1: float  # fraction of rows whose argmax agrees
+
+    @property
+    def ok(self) -> bool:
+        return self.max_error <= self.tolerance
+
+
+def tolerance_for(dtype: mx.Dtype, scale: float) -> float:
+    atol, rtol = TOLERANCE.get(dtype, TOLERANCE[mx.float32])
+    return atol + rtol * scale
+
+
+def compare(reference: list[mx.array], actual: list[mx.array]) -> Comparison:
+    """Max abs error and top-1 agreement of two lists of same-shaped outputs."""
+    if len(reference) != len(actual):
+        raise ValueError(f"{len(actual)} outputs where {len(reference)} expected")
+    errors, scales, agree, rows = [], [], 0, 0
+    dtype = mx.float32
+    for ref, out in zip(reference, actual):
+        if ref.shape != out.shape:
+            raise ValueError(f"shape {tuple(out.shape)}, expected {tuple(ref.shape)}")
+        dtype = ref.dtype
+        ref32, out32 = ref.astype(mx.float32), out.astype(mx.float32)
+        errors.append(mx.max(mx.abs(ref32 - out32)).item())
+        scales.append(mx.max(mx.abs(ref32)).item())
+        if ref.ndim >= 2:
+            same = mx.argmax(ref32, axis=-1) == mx.argmax(out32, axis=-1)
+            agree += mx.sum(same).item()
+            rows += same.size
+    top1 = agree / rows if rows else 1.0
+    max_error = max(errors, default=0.0)
+    return Comparison(max_error, tolerance_for(dtype, max(scales, default=0.0)), top1)
+
+
+def compute_dtype(model: nn.Module) -> mx.Dtype:
+    """The floating dtype most of the model's parameters are kept in (for a
+    quantized model, that of its scales and norms): the activation dtype."""
+    counts: dict[mx.Dtype, int] = {}
+    for _, value in tree_flatten(model.parameters()):
+        if mx.issubdtype(value.dtype, mx.floating):
+            counts[value.dtype] = counts.get(value.dtype, 0) + value.size
+    return max(counts, key=counts.get) if counts else mx.float32
+
+
+def dtype_name(dtype: mx.Dtype) -> str:
+    return str(dtype).removeprefix("mlx.core.")
+
+
+def probe_tokens(probe: mx.array | list | None) -> mx.array:
+    tokens = mx.array(PROBE_TOKENS if probe is None else probe)
+    if tokens.ndim == 1:
+        tokens = tokens[None]
+    if tokens.ndim != 2 or not mx.issubdtype(tokens.dtype, mx.integer):
+        raise ValueError("probe must be token ids of shape (B, S) or (S,)")
+    return tokens
+
+
+def last_logits(model: nn.Module, tokens: mx.array, keep: int = 1) -> mx.array:
+    """The logits of the last ``keep`` positions, evaluated, nothing else kept."""
+    logits = model(tokens)[:, -keep:, :]
+    mx.eval(logits)
+    return logits

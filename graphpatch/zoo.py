@@ -1,0 +1,226 @@
+"""A zoo of real mlx-lm model directories for tests, benchmarks and the demo.
+
+Each entry is a small config for a real mlx-lm architecture. ``build`` creates
+the model with seeded weights, optionally casts or quantizes it with mlx-lm's
+own ``quantize_model``, and writes a model directory (config.json,
+safetensors, single or sharded with an index, and a tokenizer trained on the
+spot) that ``mlx_lm.load`` opens like any checkpoint.
+"""
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+from mlx_lm.utils import _get_classes, quantize_model
+
+VOCAB = 512
+_BASE = {
+    "hidden_size": 128,
+    "num_hidden_layers": 2,
+    "intermediate_size": 256,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "rms_norm_eps": 1e-5,
+    "vocab_size": VOCAB,
+    "max_position_embeddings": 1024,
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+    "pad_token_id": 2,
+}
+
+CONFIGS: dict[str, dict] = {
+    "llama": {"model_type": "llama", "tie_word_embeddings": True},
+    "llama_untied": {"model_type": "llama", "tie_word_embeddings": False},
+    "qwen2": {"model_type": "qwen2", "tie_word_embeddings": True},
+    "qwen3": {
+        "model_type": "qwen3",
+        "head_dim": 32,
+        "tie_word_embeddings": True,
+        "rope_theta": 1e6,
+    },
+    "qwen3_moe": {
+        "model_type": "qwen3_moe",
+        "head_dim": 32,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "decoder_sparse_step": 1,
+        "mlp_only_layers": [],
+        "moe_intermediate_size": 128,
+        "rope_theta": 1e6,
+        "tie_word_embeddings": False,
+        "norm_topk_prob": True,
+    },
+    "mixtral": {
+        "model_type": "mixtral",
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "tie_word_embeddings": False,
+    },
+    "deepseek_v3": {
+        "model_type": "deepseek_v3",
+        "num_hidden_layers": 3,
+        "moe_intermediate_size": 128,
+        "num_key_value_heads": 4,
+        "n_shared_experts": 1,
+        "n_routed_experts": 8,
+        "num_experts_per_tok": 2,
+        "kv_lora_rank": 32,
+        "q_lora_rank": 64,
+        "qk_rope_head_dim": 16,
+        "v_head_dim": 32,
+        "qk_nope_head_dim": 32,
+        "first_k_dense_replace": 1,
+        "n_group": 2,
+        "topk_group": 1,
+    },
+    "gemma2": {
+        "model_type": "gemma2",
+        "head_dim": 32,
+        "query_pre_attn_scalar": 32,
+        "final_logit_softcapping": 30.0,
+    },
+    "phi3": {"model_type": "phi3", "num_key_value_heads": 4},
+    "gpt_oss": {
+        "model_type": "gpt_oss",
+        "intermediate_size": 128,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "head_dim": 32,
+        "sliding_window": 16,
+        "max_position_embeddings": 131072,
+        "layer_types": ["sliding_attention", "full_attention"],
+    },
+}
+
+# Modes mlx-lm's quantize_model takes, by the short names the zoo uses.
+QUANTIZATIONS = {
+    "affine4": {"mode": "affine", "bits": 4, "group_size": 64},
+    "affine8": {"mode": "affine", "bits": 8, "group_size": 64},
+    "mxfp4": {"mode": "mxfp4", "bits": 4, "group_size": 32},
+    "mxfp8": {"mode": "mxfp8", "bits": 8, "group_size": 32},
+    "nvfp4": {"mode": "nvfp4", "bits": 4, "group_size": 16},
+}
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog while the cat sleeps.",
+    "Language models predict the next token from the tokens before it.",
+    "A pass rewrites a module, a check proves the rewrite, a report says why.",
+    "Experts in a mixture are chosen per token by a small router network.",
+    "Hello world! Numbers like 1234 and 5678 appear in text, too.",
+    "Once upon a time there was a model that ran on every rank at once.",
+]
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def config_for(name: str, **overrides) -> dict:
+    if name not in CONFIGS:
+        raise KeyError(f"no zoo model '{name}' (known: {', '.join(CONFIGS)})")
+    return {**_BASE, **CONFIGS[name], **overrides}
+
+
+def make_model(config: dict, seed: int = 0) -> nn.Module:
+    """The mlx-lm model a config describes, with seeded weights."""
+    model_class, args_class = _get_classes(config)
+    mx.random.seed(seed)
+    model = model_class(args_class.from_dict(config))
+    mx.eval(model.parameters())
+    return model
+
+
+def build(
+    name: str,
+    out: str | Path,
+    dtype: str = "float32",
+    quant: str | None = None,
+    shards: int = 1,
+    seed: int = 0,
+    **overrides,
+) -> Path:
+    """Write a zoo model directory and return its path.
+
+    Args:
+        name: a key of ``CONFIGS``.
+        out: the directory to create.
+        dtype: ``float32``, ``bfloat16`` or ``float16`` for the float arrays.
+        quant: a key of ``QUANTIZATIONS`` to quantize with mlx-lm, or None.
+        shards: how many safetensors files (more than 1 writes an index).
+        seed: the weight seed.
+        overrides: config fields to change.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = config_for(name, **overrides)
+    model = make_model(config, seed)
+    model.set_dtype(getattr(mx, dtype))
+    if quant is not None:
+        with contextlib.redirect_stdout(io.StringIO()):
+            model, config = quantize_model(model, config, **QUANTIZATIONS[quant])
+    write_weights(out, dict(tree_flatten(model.parameters())), shards)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    write_tokenizer(out)
+    return out
+
+
+def write_weights(out: Path, weights: dict[str, mx.array], shards: int = 1) -> None:
+    """Save weights as mlx-lm does: one model.safetensors, or ``shards`` files
+    with a ``model.safetensors.index.json`` weight map."""
+    if shards == 1:
+        mx.save_safetensors(str(out / "model.safetensors"), weights, {"format": "mlx"})
+        return
+    names = sorted(weights)
+    weight_map = {}
+    for i in range(shards):
+        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: weights[k] for k in names[i::shards]}
+        mx.save_safetensors(str(out / file), part, {"format": "mlx"})
+        weight_map.update({k: file for k in part})
+    total = sum(v.nbytes for v in weights.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_tokenizer(out: Path) -> None:
+    """Train a small byte-level BPE tokenizer and save it the way Hugging Face
+    checkpoints ship one (tokenizer.json + tokenizer_config.json)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB - 8,
+        special_tokens=["<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(CORPUS * 4, trainer)
+    tokenizer.save(str(out / "tokenizer.json"))
+    tokenizer_config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "pad_token": "<pad>",
+        "model_max_length": 4096,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+
+
+def main() -> None:
+    import sys
+
+    if len(sys.argv) != 3 or sys.argv[1] not in CONFIGS:
+        sys.exit(f"usage: python -m graphpatch.zoo {{{','.join(CONFIGS)}}} OUT_DIR")
+    print(f"wrote {build(sys.argv[1], sys.argv[2])}")
+
+
+if __name__ == "__main__":
+    main()

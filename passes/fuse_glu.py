@@ -1,0 +1,297 @@
+"""fuse_glu: gate_proj + up_proj as one matmul.
+
+Rewrite:       m.gate_proj(x), m.up_proj(x) -> the two halves of one
+               m.gate_up_proj(x), whose arrays are [gate; up] concatenated on
+               the output axis (weight, scales, biases, bias). m keeps its
+               class and its own __call__, so any activation keeps working;
+               SwitchGLU runs one gather_mm / gather_qmm for both.
+Preconditions: gate_proj and up_proj are layers of one supported kind (Linear,
+               QuantizedLinear, their all-to-sharded forms, SwitchLinear,
+               QuantizedSwitchLinear) with equal input dims, bias-ness,
+               quantization (bits, group size, mode), dtypes and global scales.
+Equivalence:   every output of m, all positions, within the dtype tolerance.
+"""
+
+import copy
+import weakref
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedLinear
+from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
+
+from graphpatch.contract import Pass, Site, module_at, walk
+from graphpatch.timing import interleaved_ratio
+
+LAYERS = (
+    nn.Linear,
+    nn.QuantizedLinear,
+    AllToShardedLinear,
+    QuantizedAllToShardedLinear,
+    SwitchLinear,
+    QuantizedSwitchLinear,
+)
+EXPERTS = (SwitchLinear, QuantizedSwitchLinear)
+
+ALREADY_APPLIED = "already applied"
+ALREADY_FUSED = "already fused (gate_up_proj) in the model itself"
+NOT_A_LAYER = "{name} is a {cls}, not a linear layer fuse_glu can concatenate"
+KINDS_DIFFER = "gate_proj is a {gate} and up_proj a {up}"
+SETTING_DIFFERS = "gate and up differ in {key} ({gate} vs {up})"
+BIAS_DIFFERS = "one of gate and up has a bias and the other has none"
+DTYPE_DIFFERS = "gate and up {key} differ in dtype ({gate} vs {up})"
+SHAPE_DIFFERS = "gate and up {key} shapes {gate} and {up} do not concatenate"
+GLOBAL_SCALES = "nvfp4 experts with different global scales for gate and up"
+SLOWER = (
+    "fused measured slower (unfused/fused {decode:.3f} decode, {prefill:.3f} "
+    "prefill), kept unfused"
+)
+
+
+class FusedCall:
+    """The one fused matmul behind a GLU's two halves.
+
+    The first half called computes ``owner.gate_up_proj`` once and keeps the
+    other half until the sibling asks for it with the very same arguments; any
+    other call computes its own fused matmul, so a ``__call__`` that feeds gate
+    and up different inputs stays correct, only slower. The owner is looked up
+    on each call, so a later ``nn.quantize`` of ``gate_up_proj`` is honoured.
+    """
+
+    def __init__(self, owner: nn.Module, split: int):
+        self.owner = weakref.ref(owner)
+        self.split = split
+        self.pending = None
+
+    def half(self, index: int, args: tuple, kwargs: dict) -> mx.array:
+        pending, self.pending = self.pending, None
+        if pending is not None and _same_call(pending, index, args, kwargs):
+            return pending[3]
+        out = self.owner().gate_up_proj(*args, **kwargs)
+        halves = mx.split(out, [self.split], axis=-1)
+        self.pending = (1 - index, args, kwargs, halves[1 - index])
+        return halves[index]
+
+
+def _same_call(pending: tuple, index: int, args: tuple, kwargs: dict) -> bool:
+    want, old_args, old_kwargs, _ = pending
+    return (
+        want == index
+        and len(args) == len(old_args)
+        and all(a is b for a, b in zip(args, old_args))
+        and old_kwargs.keys() == kwargs.keys()
+        and all(old_kwargs[k] is v for k, v in kwargs.items())
+    )
+
+
+class GLUHalf(nn.Module):
+    """Stands where gate_proj (index 0) or up_proj (index 1) stood."""
+
+    def __init__(self, call: FusedCall, index: int):
+        super().__init__()
+        self.call = call
+        self.index = index
+
+    def __call__(self, *args, **kwargs) -> mx.array:
+        return self.call.half(self.index, args, kwargs)
+
+
+def is_glu(module: nn.Module) -> bool:
+    return isinstance(module.get("gate_proj"), nn.Module) and isinstance(
+        module.get("up_proj"), nn.Module
+    )
+
+
+def find(model: nn.Module) -> list[Site]:
+    sites = []
+    for path, module in walk(model):
+        if is_glu(module):
+            kind = "moe" if _is_experts(module["gate_proj"], module) else "dense"
+            sites.append(Site(path, kind))
+        elif "gate_up_proj" in module and "down_proj" in module:
+            sites.append(Site(path, "fused"))
+    return sites
+
+
+def _is_experts(layer: nn.Module, module: nn.Module) -> bool:
+    if isinstance(layer, GLUHalf):
+        return isinstance(module["gate_up_proj"], EXPERTS)
+    return isinstance(layer, EXPERTS)
+
+
+def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
+    module = module_at(model, site.path)
+    if isinstance(module.get("gate_proj"), GLUHalf):
+        return ALREADY_APPLIED
+    if "gate_up_proj" in module:
+        return ALREADY_FUSED
+    gate, up = module["gate_proj"], module["up_proj"]
+    for name, layer in (("gate_proj", gate), ("up_proj", up)):
+        if type(layer) not in LAYERS:
+            return NOT_A_LAYER.format(name=name, cls=type(layer).__name__)
+    if type(gate) is not type(up):
+        return KINDS_DIFFER.format(gate=type(gate).__name__, up=type(up).__name__)
+    return _settings_differ(gate, up) or _arrays_differ(gate, up)
+
+
+def _settings(layer: nn.Module) -> dict:
+    return {k: v for k, v in vars(layer).items() if k not in ("_no_grad", "_training")}
+
+
+def _settings_differ(gate: nn.Module, up: nn.Module) -> str | None:
+    ours, theirs = _settings(gate), _settings(up)
+    for key in sorted(ours.keys() | theirs.keys()):
+        a, b = ours.get(key), theirs.get(key)
+        if a is not b and a != b:
+            return SETTING_DIFFERS.format(key=key, gate=a, up=b)
+    return None
+
+
+def _arrays_differ(gate: nn.Module, up: nn.Module) -> str | None:
+    if ("bias" in gate) != ("bias" in up):
+        return BIAS_DIFFERS
+    if gate.keys() != up.keys():
+        return SETTING_DIFFERS.format(key="arrays", gate=list(gate), up=list(up))
+    for key in gate:
+        a, b = gate[key], up[key]
+        if a.dtype != b.dtype:
+            return DTYPE_DIFFERS.format(key=key, gate=a.dtype, up=b.dtype)
+        if key == "global_scale":
+            if a.shape != b.shape or not mx.array_equal(a, b).item():
+                return GLOBAL_SCALES
+            continue
+        axis = _axis(key, a)
+        if a.ndim != b.ndim or _without(a.shape, axis) != _without(b.shape, axis):
+            return SHAPE_DIFFERS.format(key=key, gate=a.shape, up=b.shape)
+    return None
+
+
+def _axis(key: str, array: mx.array) -> int:
+    # bias is (..., out); weight, scales, biases are (..., out, in)
+    return array.ndim - 1 if key == "bias" else array.ndim - 2
+
+
+def _without(shape: tuple, axis: int) -> tuple:
+    return shape[:axis] + shape[axis + 1 :]
+
+
+def _joined(gate: nn.Module, up: nn.Module) -> nn.Module:
+    fused = copy.copy(gate)
+    fused._no_grad = set(gate._no_grad)
+    for key in gate:
+        if key != "global_scale":
+            fused[key] = mx.concatenate(
+                [gate[key], up[key]], axis=_axis(key, gate[key])
+            )
+    return fused
+
+
+def _part(fused: nn.Module, start: int, stop: int | None) -> nn.Module:
+    part = copy.copy(fused)
+    part._no_grad = set(fused._no_grad)
+    for key in fused:
+        if key != "global_scale":
+            index = [slice(None)] * fused[key].ndim
+            index[_axis(key, fused[key])] = slice(start, stop)
+            part[key] = fused[key][tuple(index)]
+    return part
+
+
+def rewrite(model: nn.Module, site: Site, options: dict) -> None:
+    module = module_at(model, site.path)
+    split = module["gate_proj"].weight.shape[-2]
+    fused = _joined(module["gate_proj"], module["up_proj"])
+    call = FusedCall(module, split)
+    module.gate_up_proj = fused
+    module.gate_proj = GLUHalf(call, 0)
+    module.up_proj = GLUHalf(call, 1)
+
+
+def undo(model: nn.Module, path: str) -> None:
+    module = module_at(model, path)
+    fused, split = module["gate_up_proj"], module["gate_proj"].call.split
+    module.gate_proj = _part(fused, 0, split)
+    module.up_proj = _part(fused, split, None)
+    del module["gate_up_proj"]
+
+
+def applied(model: nn.Module) -> list[str]:
+    return [p for p, m in walk(model) if isinstance(m.get("gate_proj"), GLUHalf)]
+
+
+def _inputs(model: nn.Module, site: Site, dtype, shapes) -> list[tuple]:
+    module = module_at(model, site.path)
+    layer = module.get("gate_up_proj") or module["gate_proj"]
+    dims = layer.scales.shape[-1] * layer.group_size if "scales" in layer else None
+    dims = dims or layer.weight.shape[-1]
+    key = mx.random.key(len(site.path))
+    inputs = []
+    for i, (B, L) in enumerate(shapes):
+        x = mx.random.normal((B, L, dims), key=mx.random.split(key, 2 * i + 2)[0])
+        if site.kind == "moe":
+            experts = layer.weight.shape[0]
+            k = min(2, experts)
+            idx = mx.random.randint(0, experts, (B, L, k), key=mx.random.key(i))
+            inputs.append((x.astype(dtype), idx))
+        else:
+            inputs.append((x.astype(dtype),))
+    return inputs
+
+
+def probe(model: nn.Module, site: Site, dtype):
+    # (1, 1) is decode and the unsorted expert path; (2, 16) with two experts
+    # per token reaches SwitchGLU's sorted path (indices.size >= 64).
+    inputs = _inputs(model, site, dtype, [(1, 1), (2, 16)])
+
+    def run():
+        module = module_at(model, site.path)
+        return [module(*args) for args in inputs]
+
+    return run
+
+
+def tune(model: nn.Module, site: Site, dtype) -> tuple[dict, str | None]:
+    """Time the fused site against the unfused one, interleaved, on decode
+    (B=1, L=1) and prefill (B=1, L=128) shapes; undo the fusion where either
+    is slower. Returns the unfused/fused ratios and the reason, if undone."""
+    module = module_at(model, site.path)
+    fused = {"gate_proj": module["gate_proj"], "up_proj": module["up_proj"]}
+    split = fused["gate_proj"].call.split
+    unfused = {
+        "gate_proj": _part(module["gate_up_proj"], 0, split),
+        "up_proj": _part(module["gate_up_proj"], split, None),
+    }
+    mx.eval([m.parameters() for m in unfused.values()])
+    ratios = {}
+    for name, shape in (("decode", (1, 1)), ("prefill", (1, 128))):
+        (args,) = _inputs(model, site, dtype, [shape])
+        ratios[name] = interleaved_ratio(
+            _run_with(module, unfused, args), _run_with(module, fused, args)
+        )
+    module.update_modules(fused)
+    if min(ratios.values()) < 1.0:
+        undo(model, site.path)
+        return ratios, SLOWER.format(**ratios)
+    return ratios, None
+
+
+def _run_with(module: nn.Module, children: dict, args: tuple):
+    def run():
+        module.update_modules(children)
+        mx.eval(module(*args))
+
+    return run
+
+
+PASS = Pass(
+    name="fuse_glu",
+    summary="gate_proj + up_proj as one matmul (dense and MoE, any activation)",
+    find=find,
+    why_not=why_not,
+    rewrite=rewrite,
+    undo=undo,
+    applied=applied,
+    probe=probe,
+    options={"tune": False},
+    tune=tune,
+)
