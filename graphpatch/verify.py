@@ -50,7 +50,7 @@ def compare(reference: list[mx.array], actual: list[mx.array]) -> Comparison:
         raise ValueError(f"{len(actual)} outputs where {len(reference)} expected")
     errors, scales, agree, rows = [], [], 0, 0
     dtype = mx.float32
-    for ref, out in zip(reference, actual):
+    for ref, out in zip(reference, actual, strict=True):
         if ref.shape != out.shape:
             raise ValueError(f"shape {tuple(out.shape)}, expected {tuple(ref.shape)}")
         dtype = ref.dtype

@@ -78,7 +78,7 @@ def _same_call(pending: tuple, index: int, args: tuple, kwargs: dict) -> bool:
     return (
         want == index
         and len(args) == len(old_args)
-        and all(a is b for a, b in zip(args, old_args))
+        and all(a is b for a, b in zip(args, old_args, strict=True))
         and old_kwargs.keys() == kwargs.keys()
         and all(old_kwargs[k] is v for k, v in kwargs.items())
     )
