@@ -14,12 +14,14 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from graphpatch.contract import (
+    GraphpatchError,
     NotAModelError,
     Pass,
     PassSpecError,
     Site,
     VerificationError,
     module_at,
+    parent_and_key,
 )
 from graphpatch.passes import PASSES
 from graphpatch.report import REWRITTEN, SKIPPED, ModelCheck, Report, SiteResult
@@ -176,7 +178,7 @@ def apply(
     report = Report(
         [p.name for p, _ in plan], dtype_name(dtype), verify, warnings=warnings
     )
-    reference = last_logits(model, tokens) if verify else None
+    reference = _reference(model, tokens) if verify else None
     done: list[tuple[Pass, str]] = []
     progress = progress or (lambda line: None)
     try:
@@ -199,6 +201,16 @@ def apply(
     finally:
         report.seconds = time.perf_counter() - start
     return report
+
+
+def _reference(model: nn.Module, tokens: mx.array) -> mx.array:
+    try:
+        return last_logits(model, tokens)
+    except Exception as e:
+        raise GraphpatchError(
+            f"cannot run the model on probe tokens of shape {tuple(tokens.shape)} "
+            f"to take reference logits: {e!r}"
+        ) from e
 
 
 def _check_model(model, p: Pass, tokens, reference, report: Report) -> None:
@@ -237,13 +249,14 @@ def _apply_site(
         except Exception as e:
             result.reason = f"cannot run the site on a probe: {e}"
             return result
+    held = _hold(model, site.path) if verify else None
     p.rewrite(model, site, options)
     if verify:
         mx.eval(module_at(model, site.path).parameters())
         try:
             cmp = compare(reference, run())
         except Exception as e:
-            p.undo(model, site.path)
+            _restore(held)
             result.reason = f"rewritten site failed on the probe, restored: {e}"
             return result
         result.max_error, result.tolerance, result.top1 = (
@@ -252,7 +265,7 @@ def _apply_site(
             cmp.top1,
         )
         if not cmp.ok:
-            p.undo(model, site.path)
+            _restore(held)
             result.reason = (
                 f"rewrite off by {cmp.max_error:.3g} (tolerance "
                 f"{cmp.tolerance:.3g}), restored"
@@ -267,6 +280,24 @@ def _apply_site(
     result.bytes_after = nbytes(module_at(model, site.path))
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _hold(model: nn.Module, path: str) -> tuple:
+    """What a failed site check restores: the site module's own object, its
+    children and attributes. A wrong rewrite cannot be trusted to undo itself,
+    so the originals are held (one site's worth) until the check has passed."""
+    parent, key = parent_and_key(model, path)
+    module = parent[key]
+    return parent, key, module, dict(module), dict(vars(module))
+
+
+def _restore(held: tuple) -> None:
+    parent, key, module, children, attributes = held
+    dict.clear(module)
+    dict.update(module, children)  # nn.Module.update means parameters
+    vars(module).clear()
+    vars(module).update(attributes)
+    parent[key] = module
 
 
 def _roll_back(model: nn.Module, done: list[tuple[Pass, str]]) -> None:

@@ -1,0 +1,55 @@
+"""Shared fixtures: real zoo model directories, built once per test session."""
+
+from pathlib import Path
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from graphpatch import zoo
+
+
+@pytest.fixture(scope="session")
+def zoo_dir(tmp_path_factory):
+    """``zoo_dir(name, **build_kwargs) -> Path``, each directory built once."""
+    root = tmp_path_factory.mktemp("zoo")
+    built: dict[str, Path] = {}
+
+    def get(name: str, **kwargs) -> Path:
+        key = name + "".join(f"-{k}={v}" for k, v in sorted(kwargs.items()))
+        if key not in built:
+            built[key] = zoo.build(name, root / key, **kwargs)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def load_zoo(zoo_dir):
+    """``load_zoo(name, **build_kwargs) -> (model, tokenizer)`` via mlx_lm.load."""
+
+    def load(name: str, **kwargs):
+        return mlx_lm.load(str(zoo_dir(name, **kwargs)))
+
+    return load
+
+
+def snapshot(model) -> dict[str, np.ndarray]:
+    """Every parameter as a numpy copy, keyed by path: a bit-for-bit record."""
+    out = {}
+    for k, v in tree_flatten(model.parameters()):
+        v = v.view(mx.uint16) if v.dtype == mx.bfloat16 else v
+        out[k] = np.array(v)
+    return out
+
+
+def assert_same_bits(before: dict, after: dict) -> None:
+    assert before.keys() == after.keys()
+    for k in before:
+        assert before[k].dtype == after[k].dtype, k
+        assert np.array_equal(before[k], after[k]), k
+
+
+TOKENS = mx.array([[5, 9, 33, 2, 17, 41, 8, 3, 12, 60]])
