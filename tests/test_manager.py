@@ -58,9 +58,9 @@ def test_bad_pass_lists_are_errors(spec, env, message):
 
 
 def test_options_parse_with_types():
-    (p, options), = graphpatch.resolve("fuse_glu:tune", {})[0]
+    ((p, options),) = graphpatch.resolve("fuse_glu:tune", {})[0]
     assert options == {"tune": True}
-    (p, options), = graphpatch.resolve("fuse_glu:tune=0", {})[0]
+    ((p, options),) = graphpatch.resolve("fuse_glu:tune=0", {})[0]
     assert options == {"tune": False}
 
 
@@ -142,7 +142,9 @@ def test_wrong_concatenation_order_is_caught(load_zoo, monkeypatch):
 
 
 def test_canonical_order_and_pulled_in_requirements(monkeypatch):
-    monkeypatch.setitem(PASSES, "double", _double_down_proj("double", True, ("fuse_glu",)))
+    monkeypatch.setitem(
+        PASSES, "double", _double_down_proj("double", True, ("fuse_glu",))
+    )
     plan, warnings = graphpatch.resolve(["double"], {})
     assert names(plan) == ["fuse_glu", "double"]
     assert warnings == ["double needs fuse_glu: pulled it in"]
