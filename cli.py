@@ -17,12 +17,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help=__doc__,
 )
-out = Console()
+# Piped output (logs, CI) gets a wide table rather than rich's 80 columns.
+out = Console(width=None if Console().is_terminal else 120)
 err = Console(stderr=True)
 
 
 def fail(message: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

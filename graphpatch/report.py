@@ -111,8 +111,11 @@ class Report:
 
     def table(self) -> Table:
         table = Table(title="graphpatch report", show_lines=False)
-        for column in ("pass", "site", "kind", "outcome", "max error", "top-1"):
-            table.add_column(column, overflow="fold")
+        table.add_column("pass", no_wrap=True)
+        table.add_column("site", no_wrap=True)
+        table.add_column("outcome", min_width=24)
+        for column in ("max error", "top-1"):
+            table.add_column(column, no_wrap=True, justify="right")
         for site in self.sites:
             outcome = site.status if site.status == REWRITTEN else site.reason
             if site.status == REWRITTEN and not site.verified:
@@ -122,8 +125,7 @@ class Report:
                 outcome += f" (unfused/fused {ratios})"
             table.add_row(
                 site.pass_name,
-                site.path,
-                site.kind,
+                f"{site.path} ({site.kind})",
                 outcome,
                 "" if site.max_error is None else f"{site.max_error:.3g}",
                 "" if site.top1 is None else f"{site.top1:.0%}",

@@ -1,0 +1,46 @@
+"""The report's forms and the one tolerance table."""
+
+import io
+import json
+
+import mlx.core as mx
+from rich.console import Console
+
+import graphpatch
+from graphpatch.verify import TOLERANCE, compare, compute_dtype, tolerance_for
+
+
+def test_report_as_json_and_table(load_zoo):
+    model, _ = load_zoo("gpt_oss")
+    report = graphpatch.apply(model, ["fuse_glu"])
+    data = json.loads(report.to_json())
+    assert [s["status"] for s in data["sites"]] == ["rewritten", "rewritten"]
+    assert data["sites"][0]["path"] == "model.layers.0.mlp.experts"
+    assert data["sites"][0]["bytes_before"] == data["sites"][0]["bytes_after"] > 0
+    assert data["checks"][0]["ok"] is True
+    assert report.summary_lines() == ["fuse_glu: 2 rewritten, 0 skipped, max error 0"]
+    text = io.StringIO()
+    report.print(Console(file=text, width=160))
+    assert "model.layers.1.mlp.experts (moe)" in text.getvalue()
+    assert "top-1 agreement 100%: ok" in text.getvalue()
+
+
+def test_tolerances_scale_with_the_logits_and_the_dtype():
+    assert set(TOLERANCE) == {mx.float32, mx.float16, mx.bfloat16}
+    assert tolerance_for(mx.bfloat16, 10.0) > tolerance_for(mx.float16, 10.0)
+    assert tolerance_for(mx.float16, 10.0) > tolerance_for(mx.float32, 10.0)
+    assert tolerance_for(mx.float32, 100.0) > tolerance_for(mx.float32, 1.0)
+
+
+def test_compare_reports_error_and_top1():
+    ref = mx.array([[[0.0, 1.0, 0.5], [2.0, 0.0, 0.0]]])
+    out = mx.array([[[0.0, 1.0, 0.5], [0.0, 2.5, 0.0]]])
+    cmp = compare([ref], [out])
+    assert cmp.max_error == 2.5 and cmp.top1 == 0.5 and not cmp.ok
+    assert compare([ref], [ref]).ok
+
+
+def test_compute_dtype_is_the_activation_dtype(load_zoo):
+    assert compute_dtype(load_zoo("llama", dtype="bfloat16")[0]) == mx.bfloat16
+    quantized = load_zoo("qwen3", quant="affine4", dtype="float16")[0]
+    assert compute_dtype(quantized) == mx.float16

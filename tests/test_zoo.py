@@ -1,0 +1,76 @@
+"""The zoo writes real model directories that mlx-lm loads and runs."""
+
+import json
+import subprocess
+import sys
+import zipfile
+
+import mlx.core as mx
+import mlx_lm
+import pytest
+
+from graphpatch import zoo
+
+
+@pytest.mark.parametrize("name", list(zoo.CONFIGS))
+def test_every_architecture_loads_and_generates(zoo_dir, name):
+    model, tokenizer = mlx_lm.load(str(zoo_dir(name)))
+    assert type(model).__module__ == f"mlx_lm.models.{zoo.CONFIGS[name]['model_type']}"
+    text = mlx_lm.generate(model, tokenizer, "Hello world", max_tokens=4)
+    assert isinstance(text, str)
+
+
+@pytest.mark.parametrize(
+    "quant, kind", [("affine4", "affine"), ("affine8", "affine"), ("mxfp4", "mxfp4")]
+)
+def test_quantized_with_mlx_lm(zoo_dir, quant, kind):
+    path = zoo_dir("qwen3_moe", quant=quant, dtype="bfloat16")
+    model, _ = mlx_lm.load(str(path))
+    switch = model.model.layers[0].mlp.switch_mlp
+    assert type(switch.gate_proj).__name__ == "QuantizedSwitchLinear"
+    assert switch.gate_proj.mode == kind
+    assert (
+        json.loads((path / "config.json").read_text())["quantization"]["mode"] == kind
+    )
+    assert model(mx.array([[1, 2, 3]])).dtype == mx.bfloat16
+
+
+def test_sharded_directories_have_an_index(zoo_dir):
+    path = zoo_dir("llama_untied", shards=3)
+    index = json.loads((path / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert files == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    sharded, _ = mlx_lm.load(str(path))
+    single, _ = mlx_lm.load(str(zoo_dir("llama_untied")))
+    tokens = mx.array([[4, 8, 15, 16, 23, 42]])
+    assert mx.array_equal(sharded(tokens), single(tokens))
+
+
+def test_same_seed_same_weights_and_a_real_tokenizer(zoo_dir, tmp_path):
+    again = zoo.build("llama", tmp_path / "again")
+    a, tokenizer = mlx_lm.load(str(zoo_dir("llama")))
+    b, _ = mlx_lm.load(str(again))
+    tokens = mx.array([[1, 2, 3]])
+    assert mx.array_equal(a(tokens), b(tokens))
+    ids = tokenizer.encode("The quick brown fox")
+    assert 1 < len(ids) < 19 and tokenizer.decode(ids).endswith("The quick brown fox")
+    assert tokenizer.eos_token_id == 1
+
+
+def test_wheel_ships_the_passes_and_the_command(tmp_path):
+    root = __import__("pathlib").Path(__file__).parents[1]
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp_path, root],
+        check=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("graphpatch-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "graphpatch/passes/fuse_glu.py" in names
+    assert "graphpatch/cli.py" in names
+    assert not any(n.startswith(("passes/", "cli.py", "tests/")) for n in names)
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert (
+        "graphpatch = graphpatch.cli:main"
+        in zipfile.ZipFile(wheel).read(entry_points).decode()
+    )
