@@ -66,15 +66,17 @@ class Pass:
         undo: ``undo(model, path) -> None``, restores one rewritten site
             exactly (bit for bit) from the rewritten state alone.
         applied: ``applied(model) -> list[str]``, paths this pass has rewritten.
-        probe: ``probe(model, site, dtype) -> Probe``, a function that runs the
-            site's sub-module on fixed inputs of its real shapes; called once
-            before and once after the rewrite.
+        probe: ``probe(model, site, dtype, options) -> Probe``, a function
+            that runs the site's sub-module on fixed inputs of its real shapes;
+            called once before and once after the rewrite.
         options: the pass's options and their defaults (types come from them).
         requires: passes this one needs applied first (pulled in by the manager).
         tune: optional ``tune(model, site, dtype) -> (ratios, reason)``:
             times the rewritten site against the original, undoes it when
             slower and returns the reason (only with the ``tune`` option).
         warnings: optional ``warnings(model, options) -> list[str]`` for the report.
+        validate: optional ``validate(options) -> str | None``: what is wrong
+            with the options, raised as an error before anything is touched.
     """
 
     name: str
@@ -84,11 +86,12 @@ class Pass:
     rewrite: Callable[[nn.Module, Site, dict], None]
     undo: Callable[[nn.Module, str], None]
     applied: Callable[[nn.Module], list[str]]
-    probe: Callable[[nn.Module, Site, mx.Dtype], Probe]
+    probe: Callable[[nn.Module, Site, mx.Dtype, dict], Probe]
     options: dict[str, Any] = field(default_factory=dict)
     requires: tuple[str, ...] = ()
     tune: Callable[[nn.Module, Site, mx.Dtype], tuple] | None = None
     warnings: Callable[[nn.Module, dict], list[str]] | None = None
+    validate: Callable[[dict], str | None] | None = None
 
     @property
     def env(self) -> str:

@@ -115,6 +115,8 @@ def resolve(
     chosen: dict[str, dict] = {}
     for spec in specs:
         p, options = parse_spec(spec)
+        if p.validate and (problem := p.validate(options)):
+            raise PassSpecError(problem)
         if p.name in chosen and chosen[p.name] != options and ":" in spec:
             raise PassSpecError(f"{p.name} named twice with different options")
         if p.name not in chosen or ":" in spec:
@@ -243,7 +245,7 @@ def _apply_site(
     result.bytes_before = nbytes(module_at(model, site.path))
     if verify:
         try:
-            run = p.probe(model, site, dtype)
+            run = p.probe(model, site, dtype, options)
             reference = run()
             mx.eval(reference)
         except Exception as e:

@@ -238,7 +238,7 @@ def _inputs(model: nn.Module, site: Site, dtype, shapes) -> list[tuple]:
     return inputs
 
 
-def probe(model: nn.Module, site: Site, dtype):
+def probe(model: nn.Module, site: Site, dtype, options: dict):
     # (1, 1) is decode and the unsorted expert path; (2, 16) with two experts
     # per token reaches SwitchGLU's sorted path (indices.size >= 64).
     inputs = _inputs(model, site, dtype, [(1, 1), (2, 16)])

@@ -97,7 +97,9 @@ def test_bad_input_is_one_clear_line(kind, zoo_dir, tmp_path):
 def test_unknown_pass_is_one_clear_line(zoo_dir):
     result = run("apply", "--passes", "fuse_glu,fuse_all", zoo_dir("llama"))
     assert result.exit_code == 2
-    assert result.output.strip() == ("error: unknown pass 'fuse_all' (known: fuse_glu)")
+    assert result.output.strip() == (
+        "error: unknown pass 'fuse_all' (known: fuse_glu, last_token)"
+    )
 
 
 def test_console_script_has_no_traceback(tmp_path):

@@ -1,0 +1,116 @@
+"""last_token on real mlx-lm models: last positions only, drop-in for mlx-lm."""
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx_lm
+import pytest
+from conftest import TOKENS, assert_same_bits, snapshot
+from mlx_lm.models.cache import make_prompt_cache
+
+import graphpatch
+from graphpatch import PassSpecError, zoo
+from graphpatch.passes import last_token
+
+# name, build options, where the head is found
+ARCHITECTURES = [
+    ("llama", {}, "model.embed_tokens"),  # tied: embed_tokens.as_linear
+    ("llama_untied", {"quant": "affine4"}, "lm_head"),
+    ("qwen2", {"dtype": "bfloat16"}, "model.embed_tokens"),
+    ("gemma2", {}, "model.embed_tokens"),  # final logit softcapping after the head
+    ("qwen3_moe", {}, "lm_head"),
+    ("deepseek_v3", {}, "lm_head"),
+    ("phi3", {}, "lm_head"),
+    ("gpt_oss", {"quant": "mxfp4", "dtype": "bfloat16"}, "lm_head"),
+]
+
+
+@pytest.mark.parametrize("name, build, head", ARCHITECTURES)
+def test_architectures(load_zoo, name, build, head):
+    model, tokenizer = load_zoo(name, **build)
+    reference = model(TOKENS)
+    text = mlx_lm.generate(model, tokenizer, "The quick brown", max_tokens=8)
+    report = graphpatch.apply(model, ["last_token:keep=3"])
+    (site,) = report.rewritten("last_token")
+    assert site.path == head
+    out = model(TOKENS)
+    assert out.shape == (1, 3, 512)
+    assert mx.array_equal(out, reference[:, -3:])
+    assert mx.array_equal(model(TOKENS[:, :2]), reference[:, :2])  # S <= keep
+    assert mlx_lm.generate(model, tokenizer, "The quick brown", max_tokens=8) == text
+
+
+def test_kv_cache_batch_and_compile(load_zoo):
+    model, _ = load_zoo("qwen3")
+    tokens = mx.concatenate([TOKENS, TOKENS[:, ::-1]])
+    cache = make_prompt_cache(model)
+    reference = model(tokens, cache=cache)
+    step = model(tokens[:, -1:], cache=cache)
+    graphpatch.apply(model, ["last_token"])
+    cache = make_prompt_cache(model)
+    assert mx.array_equal(model(tokens, cache=cache), reference[:, -1:])
+    assert mx.array_equal(model(tokens[:, -1:], cache=cache), step)
+    compiled = mx.compile(lambda t: model(t))
+    assert mx.array_equal(compiled(tokens), reference[:, -1:])
+
+
+def test_idempotent_and_reverted_bit_for_bit(load_zoo):
+    model, _ = load_zoo("gemma2")
+    before = snapshot(model)
+    graphpatch.apply(model, ["last_token"])
+    again = graphpatch.apply(model, ["last_token"])
+    assert [s.reason for s in again.skipped()] == [last_token.ALREADY_APPLIED]
+    assert graphpatch.revert(model) == ["last_token:model.embed_tokens"]
+    assert type(model.model.embed_tokens) is nn.Embedding
+    assert_same_bits(before, snapshot(model))
+    assert model(TOKENS).shape == (1, 10, 512)
+
+
+class InlineHead(nn.Module):
+    """A model whose __call__ computes the head inline (h @ embed.T)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def __call__(self, tokens):
+        h = self.inner.model(tokens)
+        return h @ self.inner.model.embed_tokens.weight.T
+
+
+def test_a_head_the_model_does_not_consult_is_skipped(load_zoo):
+    model, _ = load_zoo("llama")
+    wrapped = InlineHead(model)
+    report = graphpatch.apply(wrapped, ["last_token"])
+    (site,) = report.skipped()
+    assert "does not run its head through inner.model.embed_tokens" in site.reason
+    assert graphpatch.PASSES["last_token"].applied(wrapped) == []
+
+
+def test_keep_is_validated_and_keep_1_warns():
+    with pytest.raises(PassSpecError, match="keep must be 1 or more"):
+        graphpatch.resolve("last_token:keep=0", {})
+    with pytest.raises(PassSpecError, match="wants a int"):
+        graphpatch.resolve("last_token:keep=two", {})
+    model = zoo.make_model(zoo.config_for("llama"))
+    report = graphpatch.apply(model, ["last_token"])
+    assert report.warnings == [last_token.SPECULATIVE.format(keep=1)]
+
+
+def test_prefill_peak_memory_drops_by_the_logits():
+    S, V = 1024, 32768
+    model = zoo.make_model(zoo.config_for("llama_untied", vocab_size=V))
+    tokens = mx.random.randint(0, V, (1, S), key=mx.random.key(0))
+
+    def peak(forward):
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        mx.eval(forward(tokens))
+        return mx.get_peak_memory()
+
+    mx.eval(model.parameters())
+    weights = mx.get_active_memory()
+    # The body's own activations (attention) set a floor under both peaks.
+    body = peak(model.model) - weights
+    unpatched = peak(model)
+    graphpatch.apply(model, ["last_token"])
+    assert unpatched - peak(model) >= (S - 1) * V * 4 - body
