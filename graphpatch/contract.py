@@ -98,6 +98,17 @@ class Pass:
         return f"GRAPHPATCH_{self.name.upper()}"
 
 
+def rebuilt(module: nn.Module, cls: type | None = None) -> nn.Module:
+    """A new instance of ``cls`` (default: the module's own class) holding the
+    same arrays, children and settings, built without ``__init__``."""
+    cls = cls or type(module)
+    new = cls.__new__(cls)
+    dict.update(new, module)
+    vars(new).update(vars(module))
+    new._no_grad = set(module._no_grad)  # not shared with the original
+    return new
+
+
 def walk(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``named_modules()`` in reading order (layer 2 before layer 10)."""
 

@@ -12,7 +12,6 @@ Preconditions: gate_proj and up_proj are layers of one supported kind (Linear,
 Equivalence:   every output of m, all positions, within the dtype tolerance.
 """
 
-import copy
 import weakref
 
 import mlx.core as mx
@@ -20,7 +19,7 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedLinear
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from graphpatch.contract import Pass, Site, module_at, walk
+from graphpatch.contract import Pass, Site, module_at, rebuilt, walk
 from graphpatch.timing import interleaved_ratio
 
 LAYERS = (
@@ -176,8 +175,7 @@ def _without(shape: tuple, axis: int) -> tuple:
 
 
 def _joined(gate: nn.Module, up: nn.Module) -> nn.Module:
-    fused = copy.copy(gate)
-    fused._no_grad = set(gate._no_grad)
+    fused = rebuilt(gate)
     for key in gate:
         if key != "global_scale":
             fused[key] = mx.concatenate(
@@ -187,8 +185,7 @@ def _joined(gate: nn.Module, up: nn.Module) -> nn.Module:
 
 
 def _part(fused: nn.Module, start: int, stop: int | None) -> nn.Module:
-    part = copy.copy(fused)
-    part._no_grad = set(fused._no_grad)
+    part = rebuilt(fused)
     for key in fused:
         if key != "global_scale":
             index = [slice(None)] * fused[key].ndim

@@ -16,7 +16,7 @@ import functools
 import mlx.core as mx
 import mlx.nn as nn
 
-from graphpatch.contract import Pass, Site, module_at, parent_and_key, walk
+from graphpatch.contract import Pass, Site, module_at, parent_and_key, rebuilt, walk
 
 HEADS = (nn.Linear, nn.QuantizedLinear)
 EMBEDDINGS = (nn.Embedding, nn.QuantizedEmbedding)
@@ -59,14 +59,6 @@ def last_token_class(cls: type) -> type:
     return type(f"LastToken{cls.__name__}", (LastToken, cls), {**body, "original": cls})
 
 
-def _retyped(module: nn.Module, cls: type) -> nn.Module:
-    """A new instance of ``cls`` holding the same arrays and settings."""
-    new = cls.__new__(cls)
-    dict.update(new, module)
-    vars(new).update(vars(module))
-    return new
-
-
 def _vocab(model: nn.Module) -> tuple[str, int] | None:
     for path, module in walk(model):
         if isinstance(module, EMBEDDINGS):
@@ -95,14 +87,14 @@ def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
 
 def rewrite(model: nn.Module, site: Site, options: dict) -> None:
     parent, key = parent_and_key(model, site.path)
-    head = _retyped(parent[key], last_token_class(type(parent[key])))
+    head = rebuilt(parent[key], last_token_class(type(parent[key])))
     head.keep = options["keep"]
     parent[key] = head
 
 
 def undo(model: nn.Module, path: str) -> None:
     parent, key = parent_and_key(model, path)
-    head = _retyped(parent[key], type(parent[key]).original)
+    head = rebuilt(parent[key], type(parent[key]).original)
     del vars(head)["keep"]
     parent[key] = head
 
