@@ -60,7 +60,11 @@ def apply_cmd(
             model, _, _ = load(model_dir, lazy=not verify)
         with err.status("applying and verifying") as status:
             report = graphpatch.apply(
-                model, passes or None, verify=verify, progress=status.update
+                model,
+                passes or None,
+                verify=verify,
+                progress=status.update,
+                model_dir=str(model_dir),
             )
     except VerificationError as e:
         if e.report is not None:

@@ -59,7 +59,8 @@ class Pass:
     Attributes:
         name: the user's flag (``fuse_glu``); env switch ``GRAPHPATCH_FUSE_GLU``.
         summary: one line for ``graphpatch list``.
-        find: ``find(model) -> list[Site]``, every candidate site.
+        find: ``find(model, options) -> list[Site]``, every candidate site
+            (options carry ``model_dir``, the checkpoint, or None).
         why_not: ``why_not(model, site, options) -> str | None``, the reason a
             site is left untouched, or None when it can be rewritten.
         rewrite: ``rewrite(model, site, options) -> None``, rewrites in place.

@@ -7,11 +7,13 @@ truncated or missing safetensors) say what is wrong instead of a traceback.
 """
 
 import json
+import re
 import struct
 from pathlib import Path
 
+import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.utils import _get_classes
+from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 from mlx_lm.utils import load as mlx_lm_load
 
 from graphpatch.contract import GraphpatchError
@@ -62,21 +64,57 @@ def check_safetensors(file: Path) -> None:
         raise LoadError(f"{file}: truncated ({size} bytes, header promises more)")
 
 
-def check_weights(model_dir: Path) -> None:
-    files = sorted(model_dir.glob("model*.safetensors"))
-    if not files:
-        raise LoadError(f"{model_dir}: no model*.safetensors files")
+def _weight_map(index_file: Path) -> dict[str, str]:
+    try:
+        weight_map = json.loads(index_file.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise LoadError(f"{index_file}: no weight_map") from None
+    if not isinstance(weight_map, dict):
+        raise LoadError(f"{index_file}: weight_map is not a mapping")
+    return weight_map
+
+
+def _shards(model_dir: Path, names: set[str] | None = None) -> list[Path]:
+    """The safetensors files holding ``names`` (all of them when None), checked."""
     index_file = model_dir / "model.safetensors.index.json"
     if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise LoadError(f"{index_file}: no weight_map") from None
-        for shard in sorted(set(weight_map.values())):
-            if not (model_dir / shard).is_file():
-                raise LoadError(f"{index_file}: points at missing shard {shard}")
+        weight_map = _weight_map(index_file)
+        wanted = {f for k, f in weight_map.items() if names is None or k in names}
+        files = [model_dir / f for f in sorted(wanted)]
+        for file in files:
+            if not file.is_file():
+                raise LoadError(f"{index_file}: points at missing shard {file.name}")
+    else:
+        files = sorted(model_dir.glob("model*.safetensors"))
     for file in files:
         check_safetensors(file)
+    return files
+
+
+def check_weights(model_dir: Path) -> None:
+    if not sorted(model_dir.glob("model*.safetensors")):
+        raise LoadError(f"{model_dir}: no model*.safetensors files")
+    _shards(model_dir)
+
+
+def read_arrays(model_dir: str | Path, prefix: str) -> dict[str, mx.array]:
+    """The checkpoint's arrays named ``prefix*``, lazily (read when evaluated).
+
+    Raises:
+        LoadError: a missing or malformed file, or an index that points at a
+            missing shard.
+    """
+    model_dir = Path(model_dir)
+    index_file = model_dir / "model.safetensors.index.json"
+    names = None
+    if index_file.is_file():
+        names = {k for k in _weight_map(index_file) if k.startswith(prefix)}
+    arrays = {}
+    for file in _shards(model_dir, names):
+        arrays.update(
+            {k: v for k, v in mx.load(str(file)).items() if k.startswith(prefix)}
+        )
+    return arrays
 
 
 def load(model_dir: str | Path, lazy: bool = False) -> tuple[nn.Module, object, dict]:
@@ -97,5 +135,22 @@ def load(model_dir: str | Path, lazy: bool = False) -> tuple[nn.Module, object, 
     check_weights(model_dir)
     try:
         return mlx_lm_load(str(model_dir), lazy=lazy, return_config=True)
-    except (ValueError, KeyError, OSError, RuntimeError) as e:
+    except ValueError as e:
+        if not _only_head_left_over(e):
+            raise LoadError(f"{model_dir}: mlx-lm could not load it: {e}") from None
+    except (KeyError, OSError, RuntimeError) as e:
         raise LoadError(f"{model_dir}: mlx-lm could not load it: {e}") from None
+    # A tied architecture pops lm_head.weight but not a quantized head's scales
+    # and biases; load the rest as exo does (strict=False): untied_head binds them.
+    model, config = load_model(model_dir, lazy, strict=False)
+    tokenizer = load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
+    return model, tokenizer, config
+
+
+def _only_head_left_over(error: ValueError) -> bool:
+    match = re.match(
+        r"Received \d+ parameters not in model: \n(.*)\.$", str(error), re.S
+    )
+    return bool(match) and all(
+        name.startswith("lm_head.") for name in match.group(1).split(",\n")
+    )

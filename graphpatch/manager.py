@@ -5,9 +5,8 @@ runs each pass site by site with a site-local check, checks the whole model
 after each pass, and rolls every rewrite of the call back on a failed check.
 """
 
-import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -17,13 +16,13 @@ from graphpatch.contract import (
     GraphpatchError,
     NotAModelError,
     Pass,
-    PassSpecError,
     Site,
     VerificationError,
     module_at,
     parent_and_key,
 )
 from graphpatch.passes import PASSES
+from graphpatch.plan import resolve
 from graphpatch.report import REWRITTEN, SKIPPED, ModelCheck, Report, SiteResult
 from graphpatch.verify import (
     compare,
@@ -33,115 +32,11 @@ from graphpatch.verify import (
     probe_tokens,
 )
 
-# GRAPHPATCH_* variables that are not pass switches.
-OTHER_ENV = {"GRAPHPATCH_PASSES", "GRAPHPATCH_REPORT"}
-
-Plan = list[tuple[Pass, dict]]
-
-
-def parse_spec(spec: str) -> tuple[Pass, dict]:
-    """``name`` or ``name:option=value:flag`` -> (pass, options with defaults)."""
-    name, *items = spec.strip().split(":")
-    if name not in PASSES:
-        raise PassSpecError(f"unknown pass '{name}' (known: {', '.join(PASSES)})")
-    p = PASSES[name]
-    options = dict(p.options)
-    for item in items:
-        key, has_value, text = item.partition("=")
-        if key not in p.options:
-            known = ", ".join(p.options) or "none"
-            raise PassSpecError(f"unknown option '{key}' for {name} (known: {known})")
-        options[key] = _parse_value(name, key, p.options[key], text, has_value)
-    return p, options
-
-
-def _parse_value(name: str, key: str, default, text: str, has_value: str):
-    if isinstance(default, bool):
-        if not has_value:
-            return True
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
-    elif has_value:
-        try:
-            return type(default)(text)
-        except ValueError:
-            pass
-    raise PassSpecError(
-        f"option {name}:{key} wants a {type(default).__name__}, got '{text}'"
-    )
-
-
-def _switches(env: Mapping[str, str]) -> dict[str, bool]:
-    """Per-pass GRAPHPATCH_<NAME>=0/1 switches; anything else is an error."""
-    by_env = {p.env: name for name, p in PASSES.items()}
-    switches = {}
-    for key, value in env.items():
-        if not key.startswith("GRAPHPATCH_") or key in OTHER_ENV:
-            continue
-        if key not in by_env:
-            raise PassSpecError(f"unknown variable {key} (no pass of that name)")
-        if value not in ("0", "1"):
-            raise PassSpecError(f"{key} must be 0 or 1, got '{value}'")
-        switches[by_env[key]] = value == "1"
-    return switches
-
-
-def resolve(
-    passes: str | list[str] | None = None, env: Mapping[str, str] | None = None
-) -> tuple[Plan, list[str]]:
-    """The passes to run, in canonical order, with their options.
-
-    Args:
-        passes: pass specs (``"fuse_glu"``, ``"last_token:keep=4"``), a
-            comma-separated string of them, or None to let the env decide.
-        env: the environment to read (``os.environ`` by default).
-
-    Returns:
-        The plan and the warnings it produced (passes pulled in or switched off).
-
-    Raises:
-        PassSpecError: an unknown pass, option, value or GRAPHPATCH_ variable.
-    """
-    env = os.environ if env is None else env
-    switches = _switches(env)
-    if passes is None:
-        specs = [s for s in env.get("GRAPHPATCH_PASSES", "").split(",") if s.strip()]
-        specs += [name for name, on in switches.items() if on]
-    else:
-        specs = passes.split(",") if isinstance(passes, str) else list(passes)
-        specs = [s for s in specs if s.strip()]
-    chosen: dict[str, dict] = {}
-    for spec in specs:
-        p, options = parse_spec(spec)
-        if p.validate and (problem := p.validate(options)):
-            raise PassSpecError(problem)
-        if p.name in chosen and chosen[p.name] != options and ":" in spec:
-            raise PassSpecError(f"{p.name} named twice with different options")
-        if p.name not in chosen or ":" in spec:
-            chosen[p.name] = options
-    warnings = []
-    for name in list(chosen):
-        for needed in PASSES[name].requires:
-            if needed not in chosen:
-                chosen[needed] = dict(PASSES[needed].options)
-                warnings.append(f"{name} needs {needed}: pulled it in")
-    for name, on in switches.items():
-        if not on and name in chosen:
-            del chosen[name]
-            warnings.append(f"{PASSES[name].env}=0 switched {name} off")
-    for name in list(chosen):
-        missing = [n for n in PASSES[name].requires if n not in chosen]
-        if missing:
-            del chosen[name]
-            warnings.append(f"{name} switched off: it needs {', '.join(missing)}")
-    plan = [(p, chosen[n]) for n, p in PASSES.items() if n in chosen]
-    return plan, warnings
-
 
 def nbytes(module: nn.Module) -> int:
-    return sum(v.nbytes for _, v in tree_flatten(module.parameters()))
+    """Bytes of the module's arrays, each counted once (a tied head shares)."""
+    arrays = {id(v): v for _, v in tree_flatten(module.parameters())}
+    return sum(v.nbytes for v in arrays.values())
 
 
 def apply(
@@ -150,6 +45,7 @@ def apply(
     verify: bool = True,
     probe: mx.array | list | None = None,
     progress: Callable[[str], None] | None = None,
+    model_dir: str | None = None,
 ) -> Report:
     """Rewrite ``model`` in place with the chosen passes and verify each.
 
@@ -161,6 +57,8 @@ def apply(
             False nothing is evaluated (a lazily loaded model stays lazy).
         probe: token ids (B, S) for the model-level check.
         progress: called with a short line before each pass and site.
+        model_dir: the directory the model was loaded from, for passes that
+            read the checkpoint (untied_head reads its lm_head.* arrays).
 
     Returns:
         The report of every site found, rewritten or skipped with its reason.
@@ -185,9 +83,11 @@ def apply(
     progress = progress or (lambda line: None)
     try:
         for p, options in plan:
+            options = {**options, "model_dir": model_dir}
             if p.warnings:
                 report.warnings += p.warnings(model, options)
-            for site in p.find(model):
+            sites = p.find(model, options)
+            for site in sites:
                 progress(f"{p.name}: {site.path}")
                 result = _apply_site(model, p, site, options, dtype, verify)
                 report.sites.append(result)
@@ -195,7 +95,8 @@ def apply(
                     done.append((p, site.path))
             if verify and report.rewritten(p.name):
                 progress(f"{p.name}: checking the model")
-                _check_model(model, p, tokens, reference, report)
+                rebase = any(s.detail.get("changes_logits") for s in sites)
+                reference = _check_model(model, p, tokens, reference, report, rebase)
     except BaseException:
         _roll_back(model, done)
         report.rolled_back = True
@@ -215,16 +116,26 @@ def _reference(model: nn.Module, tokens: mx.array) -> mx.array:
         ) from e
 
 
-def _check_model(model, p: Pass, tokens, reference, report: Report) -> None:
+def _check_model(
+    model, p: Pass, tokens, reference, report: Report, rebase: bool
+) -> mx.array:
+    """Compare the model's logits with the reference and return the reference
+    the next pass is checked against: a new one after a pass whose sites
+    change the logits by design (each proven against its own site probe)."""
     try:
-        cmp = compare([reference], [last_logits(model, tokens)])
+        logits = last_logits(model, tokens)
+        cmp = compare([reference], [logits])
     except Exception as e:
         raise VerificationError(
             p.name, f"the model failed to run after it: {e!r}", report
         ) from e
     report.checks.append(
-        ModelCheck(p.name, cmp.max_error, cmp.tolerance, cmp.top1, cmp.ok)
+        ModelCheck(
+            p.name, cmp.max_error, cmp.tolerance, cmp.top1, cmp.ok or rebase, rebase
+        )
     )
+    if rebase:
+        return logits
     if not cmp.ok:
         raise VerificationError(
             p.name,
@@ -232,6 +143,7 @@ def _check_model(model, p: Pass, tokens, reference, report: Report) -> None:
             f"top-1 agreement {cmp.top1:.0%}); every rewrite was rolled back",
             report,
         )
+    return reference
 
 
 def _apply_site(
@@ -239,6 +151,7 @@ def _apply_site(
 ) -> SiteResult:
     start = time.perf_counter()
     result = SiteResult(p.name, site.path, site.kind, SKIPPED)
+    result.note = site.detail.get("note")
     result.reason = p.why_not(model, site, options)
     if result.reason:
         return result

@@ -123,7 +123,8 @@ CHAT_TEMPLATE = (
 def config_for(name: str, **overrides) -> dict:
     if name not in CONFIGS:
         raise KeyError(f"no zoo model '{name}' (known: {', '.join(CONFIGS)})")
-    return {**_BASE, **CONFIGS[name], **overrides}
+    config = {**_BASE, **CONFIGS[name], **overrides}
+    return {k: v for k, v in config.items() if v is not None}  # None removes
 
 
 def make_model(config: dict, seed: int = 0) -> nn.Module:
@@ -142,6 +143,7 @@ def build(
     quant: str | None = None,
     shards: int = 1,
     seed: int = 0,
+    head: str | None = None,
     **overrides,
 ) -> Path:
     """Write a zoo model directory and return its path.
@@ -153,7 +155,10 @@ def build(
         quant: a key of ``QUANTIZATIONS`` to quantize with mlx-lm, or None.
         shards: how many safetensors files (more than 1 writes an index).
         seed: the weight seed.
-        overrides: config fields to change.
+        head: ``same`` or ``negated``: also write ``lm_head.*`` arrays equal
+            to the embedding or to its negation, in the embedding's format
+            (what a tied model's checkpoint may carry and mlx-lm drops).
+        overrides: config fields to change (None removes a field).
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -163,10 +168,28 @@ def build(
     if quant is not None:
         with contextlib.redirect_stdout(io.StringIO()):
             model, config = quantize_model(model, config, **QUANTIZATIONS[quant])
-    write_weights(out, dict(tree_flatten(model.parameters())), shards)
+    weights = dict(tree_flatten(model.parameters()))
+    if head is not None:
+        weights.update(_checkpoint_head(model.model.embed_tokens, head == "negated"))
+    write_weights(out, weights, shards)
     (out / "config.json").write_text(json.dumps(config, indent=2))
     write_tokenizer(out)
     return out
+
+
+def _checkpoint_head(embedding: nn.Module, negated: bool) -> dict[str, mx.array]:
+    if not negated:
+        return {f"lm_head.{k}": v for k, v in embedding.parameters().items()}
+    if not isinstance(embedding, nn.QuantizedEmbedding):
+        return {"lm_head.weight": -embedding.weight}
+    q = {"group_size": embedding.group_size, "bits": embedding.bits}
+    biases = embedding.get("biases")
+    dense = mx.dequantize(
+        embedding.weight, embedding.scales, biases, **q, mode=embedding.mode
+    )
+    arrays = mx.quantize(-dense, **q, mode=embedding.mode)
+    names = ["lm_head.weight", "lm_head.scales", "lm_head.biases"][: len(arrays)]
+    return dict(zip(names, arrays, strict=True))
 
 
 def write_weights(out: Path, weights: dict[str, mx.array], shards: int = 1) -> None:

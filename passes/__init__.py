@@ -1,5 +1,5 @@
 """The passes, in the one canonical order the manager runs them in."""
 
-from graphpatch.passes import fuse_glu, last_token
+from graphpatch.passes import fuse_glu, last_token, untied_head
 
-PASSES = {p.name: p for p in (fuse_glu.PASS, last_token.PASS)}
+PASSES = {p.name: p for p in (untied_head.PASS, fuse_glu.PASS, last_token.PASS)}

@@ -101,7 +101,7 @@ def is_glu(module: nn.Module) -> bool:
     )
 
 
-def find(model: nn.Module) -> list[Site]:
+def find(model: nn.Module, options: dict) -> list[Site]:
     sites = []
     for path, module in walk(model):
         if is_glu(module):

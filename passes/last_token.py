@@ -1,12 +1,13 @@
 """last_token: the LM head runs on the last ``keep`` positions only.
 
-Rewrite:       head(h) -> head(h[:, -keep:, :]) at the model's head: a top-level
-               Linear / QuantizedLinear producing the vocabulary (lm_head,
-               output, ...) or the embedding's ``as_linear`` for tied heads.
-               The head becomes a subclass copy of its own class (same arrays,
-               same parameter paths); everything after it still runs.
-Preconditions: one head found by structure and consulted by the model's
-               ``__call__`` (the patched model must return keep positions).
+Rewrite:       head(h) -> head(h[:, -keep:, :]) at the explicit head that
+               untied_head provides (a top-level lm_head / output, or the
+               embedding's lm_head for tied models). The head becomes a
+               subclass copy of its own class (same arrays, same parameter
+               paths); everything after it in the model's __call__ still runs.
+Preconditions: an explicit head (untied_head runs first and is pulled in),
+               consulted by the model's __call__ (the patched model must
+               return keep positions).
 Equivalence:   the last ``keep`` positions equal the unpatched model's;
                (B, keep, vocab) when S > keep, unchanged otherwise.
 """
@@ -17,12 +18,10 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from graphpatch.contract import Pass, Site, module_at, parent_and_key, rebuilt, walk
-
-HEADS = (nn.Linear, nn.QuantizedLinear)
-EMBEDDINGS = (nn.Embedding, nn.QuantizedEmbedding)
+from graphpatch.passes.untied_head import head_path
 
 ALREADY_APPLIED = "already applied"
-NO_HEAD = "no LM head found: no vocabulary-sized top-level linear and no embedding"
+NO_HEAD = "no explicit LM head: untied_head made none (see its report)"
 NOT_CONSULTED = "the model's __call__ does not run its head through {path}"
 SPECULATIVE = (
     "last_token keeps {keep} position(s): speculative decoding needs "
@@ -44,37 +43,16 @@ def _last(x: mx.array, keep: int) -> mx.array:
 
 @functools.cache
 def last_token_class(cls: type) -> type:
-    if issubclass(cls, EMBEDDINGS):
+    def __call__(self, x):
+        return cls.__call__(self, _last(x, self.keep))
 
-        def as_linear(self, x):
-            return cls.as_linear(self, _last(x, self.keep))
-
-        body = {"as_linear": as_linear}
-    else:
-
-        def __call__(self, x):
-            return cls.__call__(self, _last(x, self.keep))
-
-        body = {"__call__": __call__}
-    return type(f"LastToken{cls.__name__}", (LastToken, cls), {**body, "original": cls})
+    body = {"__call__": __call__, "original": cls}
+    return type(f"LastToken{cls.__name__}", (LastToken, cls), body)
 
 
-def _vocab(model: nn.Module) -> tuple[str, int] | None:
-    for path, module in walk(model):
-        if isinstance(module, EMBEDDINGS):
-            return path, module.weight.shape[0]
-    return None
-
-
-def find(model: nn.Module) -> list[Site]:
-    embedding = _vocab(model)
-    if embedding is None:
-        return [Site("", "none")]
-    path, vocab = embedding
-    for key, child in model.items():
-        if isinstance(child, HEADS) and child.weight.shape[0] == vocab:
-            return [Site(key, "linear")]
-    return [Site(path, "tied")]
+def find(model: nn.Module, options: dict) -> list[Site]:
+    path = head_path(model)
+    return [Site("", "none")] if path is None else [Site(path, "head")]
 
 
 def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
@@ -135,6 +113,7 @@ PASS = Pass(
     applied=applied,
     probe=probe,
     options={"keep": 1},
+    requires=("untied_head",),
     validate=validate,
     warnings=warnings,
 )

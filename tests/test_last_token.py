@@ -13,10 +13,10 @@ from graphpatch.passes import last_token
 
 # name, build options, where the head is found
 ARCHITECTURES = [
-    ("llama", {}, "model.embed_tokens"),  # tied: embed_tokens.as_linear
+    ("llama", {}, "model.embed_tokens.lm_head"),  # tied, made explicit
     ("llama_untied", {"quant": "affine4"}, "lm_head"),
-    ("qwen2", {"dtype": "bfloat16"}, "model.embed_tokens"),
-    ("gemma2", {}, "model.embed_tokens"),  # final logit softcapping after the head
+    ("qwen2", {"dtype": "bfloat16"}, "model.embed_tokens.lm_head"),
+    ("gemma2", {}, "model.embed_tokens.lm_head"),  # softcapping after the head
     ("qwen3_moe", {}, "lm_head"),
     ("deepseek_v3", {}, "lm_head"),
     ("phi3", {}, "lm_head"),
@@ -58,8 +58,12 @@ def test_idempotent_and_reverted_bit_for_bit(load_zoo):
     before = snapshot(model)
     graphpatch.apply(model, ["last_token"])
     again = graphpatch.apply(model, ["last_token"])
-    assert [s.reason for s in again.skipped()] == [last_token.ALREADY_APPLIED]
-    assert graphpatch.revert(model) == ["last_token:model.embed_tokens"]
+    assert [s.reason for s in again.skipped()] == [last_token.ALREADY_APPLIED] * 2
+    assert again.rewritten() == []
+    assert graphpatch.revert(model) == [
+        "last_token:model.embed_tokens.lm_head",
+        "untied_head:model.embed_tokens",
+    ]
     assert type(model.model.embed_tokens) is nn.Embedding
     assert_same_bits(before, snapshot(model))
     assert model(TOKENS).shape == (1, 10, 512)
@@ -81,9 +85,10 @@ def test_a_head_the_model_does_not_consult_is_skipped(load_zoo):
     model, _ = load_zoo("llama")
     wrapped = InlineHead(model)
     report = graphpatch.apply(wrapped, ["last_token"])
-    (site,) = report.skipped()
-    assert "does not run its head through inner.model.embed_tokens" in site.reason
-    assert graphpatch.PASSES["last_token"].applied(wrapped) == []
+    untied, last = report.skipped()
+    assert "does not run its head through inner.model.embed_tokens" in untied.reason
+    assert last.reason == last_token.NO_HEAD
+    assert graphpatch.PASSES["untied_head"].applied(wrapped) == []
 
 
 def test_keep_is_validated_and_keep_1_warns():
@@ -93,7 +98,10 @@ def test_keep_is_validated_and_keep_1_warns():
         graphpatch.resolve("last_token:keep=two", {})
     model = zoo.make_model(zoo.config_for("llama"))
     report = graphpatch.apply(model, ["last_token"])
-    assert report.warnings == [last_token.SPECULATIVE.format(keep=1)]
+    assert report.warnings == [
+        "last_token needs untied_head: pulled it in",
+        last_token.SPECULATIVE.format(keep=1),
+    ]
 
 
 def test_prefill_peak_memory_drops_by_the_logits():

@@ -95,7 +95,7 @@ def _double_down_proj(name: str, blind: bool, requires=()) -> Pass:
     return Pass(
         name=name,
         summary="wrong on purpose",
-        find=lambda model: [Site(path, "dense")],
+        find=lambda model, options: [Site(path, "dense")],
         why_not=lambda model, site, options: None,
         rewrite=rewrite,
         undo=undo,

@@ -1,0 +1,119 @@
+"""Which passes run, with which options, in what order: from arguments or env.
+
+Specs are ``name`` or ``name:option=value:flag``. The env gives
+``GRAPHPATCH_PASSES`` and per-pass ``GRAPHPATCH_<NAME>=0/1`` switches (0 is a
+kill switch even for a named pass). Passes that another needs are pulled in;
+the plan is always in the one canonical order of ``PASSES``.
+"""
+
+import os
+from collections.abc import Mapping
+
+from graphpatch.contract import Pass, PassSpecError
+from graphpatch.passes import PASSES
+
+# GRAPHPATCH_* variables that are not pass switches.
+OTHER_ENV = {"GRAPHPATCH_PASSES", "GRAPHPATCH_REPORT"}
+
+Plan = list[tuple[Pass, dict]]
+
+
+def parse_spec(spec: str) -> tuple[Pass, dict]:
+    """``name`` or ``name:option=value:flag`` -> (pass, options with defaults)."""
+    name, *items = spec.strip().split(":")
+    if name not in PASSES:
+        raise PassSpecError(f"unknown pass '{name}' (known: {', '.join(PASSES)})")
+    p = PASSES[name]
+    options = dict(p.options)
+    for item in items:
+        key, has_value, text = item.partition("=")
+        if key not in p.options:
+            known = ", ".join(p.options) or "none"
+            raise PassSpecError(f"unknown option '{key}' for {name} (known: {known})")
+        options[key] = _parse_value(name, key, p.options[key], text, has_value)
+    return p, options
+
+
+def _parse_value(name: str, key: str, default, text: str, has_value: str):
+    if isinstance(default, bool):
+        if not has_value:
+            return True
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+    elif has_value:
+        try:
+            return type(default)(text)
+        except ValueError:
+            pass
+    raise PassSpecError(
+        f"option {name}:{key} wants a {type(default).__name__}, got '{text}'"
+    )
+
+
+def _switches(env: Mapping[str, str]) -> dict[str, bool]:
+    """Per-pass GRAPHPATCH_<NAME>=0/1 switches; anything else is an error."""
+    by_env = {p.env: name for name, p in PASSES.items()}
+    switches = {}
+    for key, value in env.items():
+        if not key.startswith("GRAPHPATCH_") or key in OTHER_ENV:
+            continue
+        if key not in by_env:
+            raise PassSpecError(f"unknown variable {key} (no pass of that name)")
+        if value not in ("0", "1"):
+            raise PassSpecError(f"{key} must be 0 or 1, got '{value}'")
+        switches[by_env[key]] = value == "1"
+    return switches
+
+
+def resolve(
+    passes: str | list[str] | None = None, env: Mapping[str, str] | None = None
+) -> tuple[Plan, list[str]]:
+    """The passes to run, in canonical order, with their options.
+
+    Args:
+        passes: pass specs (``"fuse_glu"``, ``"last_token:keep=4"``), a
+            comma-separated string of them, or None to let the env decide.
+        env: the environment to read (``os.environ`` by default).
+
+    Returns:
+        The plan and the warnings it produced (passes pulled in or switched off).
+
+    Raises:
+        PassSpecError: an unknown pass, option, value or GRAPHPATCH_ variable.
+    """
+    env = os.environ if env is None else env
+    switches = _switches(env)
+    if passes is None:
+        specs = [s for s in env.get("GRAPHPATCH_PASSES", "").split(",") if s.strip()]
+        specs += [name for name, on in switches.items() if on]
+    else:
+        specs = passes.split(",") if isinstance(passes, str) else list(passes)
+        specs = [s for s in specs if s.strip()]
+    chosen: dict[str, dict] = {}
+    for spec in specs:
+        p, options = parse_spec(spec)
+        if p.validate and (problem := p.validate(options)):
+            raise PassSpecError(problem)
+        if p.name in chosen and chosen[p.name] != options and ":" in spec:
+            raise PassSpecError(f"{p.name} named twice with different options")
+        if p.name not in chosen or ":" in spec:
+            chosen[p.name] = options
+    warnings = []
+    for name in list(chosen):
+        for needed in PASSES[name].requires:
+            if needed not in chosen:
+                chosen[needed] = dict(PASSES[needed].options)
+                warnings.append(f"{name} needs {needed}: pulled it in")
+    for name, on in switches.items():
+        if not on and name in chosen:
+            del chosen[name]
+            warnings.append(f"{PASSES[name].env}=0 switched {name} off")
+    for name in list(chosen):
+        missing = [n for n in PASSES[name].requires if n not in chosen]
+        if missing:
+            del chosen[name]
+            warnings.append(f"{name} switched off: it needs {', '.join(missing)}")
+    plan = [(p, chosen[n]) for n, p in PASSES.items() if n in chosen]
+    return plan, warnings
