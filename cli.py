@@ -1,5 +1,7 @@
 """The graphpatch command: parses, calls the library, prints. Nothing else."""
 
+import os
+import shutil
 from pathlib import Path
 from typing import Annotated
 
@@ -88,3 +90,36 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+@app.command(
+    "run",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def run_cmd(
+    ctx: typer.Context,
+    passes: Annotated[
+        str, typer.Option(help="comma-separated; default: GRAPHPATCH_PASSES")
+    ] = "",
+) -> None:
+    """Run a program (after --) so that every model it loads through mlx-lm's
+    loaders is patched, in its child processes too."""
+    command = ctx.args
+    if not command:
+        fail("no command: graphpatch run [--passes a,b] -- CMD ARGS...")
+    env = dict(os.environ)
+    if passes:
+        env["GRAPHPATCH_PASSES"] = passes
+    try:
+        plan, _ = graphpatch.resolve(None, env)
+    except GraphpatchError as e:
+        fail(str(e))
+    if not plan:
+        err.print("warning: no passes chosen (--passes or GRAPHPATCH_PASSES)")
+    if shutil.which(command[0]) is None:
+        fail(f"command not found: {command[0]}", code=127)
+    startup = str(Path(graphpatch.__file__).parent / "_startup")
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (startup, env.get("PYTHONPATH")) if p
+    )
+    os.execvpe(command[0], command, env)

@@ -25,7 +25,8 @@ NO_HEAD = "no explicit LM head: untied_head made none (see its report)"
 NOT_CONSULTED = "the model's __call__ does not run its head through {path}"
 SPECULATIVE = (
     "last_token keeps {keep} position(s): speculative decoding needs "
-    "keep >= num_draft + 1"
+    "keep >= num_draft + 1 (with fewer, mlx-lm checks drafts against the "
+    "wrong positions)"
 )
 
 

@@ -122,3 +122,42 @@ def test_prefill_peak_memory_drops_by_the_logits():
     unpatched = peak(model)
     graphpatch.apply(model, ["last_token"])
     assert unpatched - peak(model) >= (S - 1) * V * 4 - body
+
+
+PROMPTS = ["The quick brown", "Hello world! Numbers like 1234 and", "A"]
+
+
+# gemma2 is left out: mlx-lm 0.32.2 own batch path fails on it (mask shapes).
+@pytest.mark.parametrize("name", ["llama", "qwen3_moe", "phi3"])
+def test_stream_generate_and_batch_generate_are_unchanged(load_zoo, name):
+    model, tokenizer = load_zoo(name)
+    prompts = [tokenizer.encode(p) for p in PROMPTS]  # lengths differ: left padding
+
+    def tokens():
+        streamed = mlx_lm.stream_generate(model, tokenizer, PROMPTS[1], max_tokens=8)
+        batch = mlx_lm.batch_generate(model, tokenizer, prompts, max_tokens=8)
+        return [r.token for r in streamed], batch.texts
+
+    before = tokens()
+    graphpatch.apply(model, ["last_token"])
+    assert tokens() == before
+
+
+def test_speculative_decoding_with_keep_above_num_draft(load_zoo):
+    model, tokenizer = load_zoo("qwen3")
+    draft, _ = load_zoo("qwen3", seed=1)
+    expected = mlx_lm.generate(model, tokenizer, PROMPTS[0], max_tokens=12)
+    graphpatch.apply(model, ["last_token:keep=4"])
+
+    def speculative(num_draft: int) -> str:
+        responses = mlx_lm.stream_generate(
+            model,
+            tokenizer,
+            PROMPTS[0],
+            max_tokens=12,
+            draft_model=draft,
+            num_draft_tokens=num_draft,
+        )
+        return "".join(r.text for r in responses)
+
+    assert [speculative(n) for n in (1, 2, 3)] == [expected] * 3

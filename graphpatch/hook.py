@@ -1,0 +1,127 @@
+"""Patch every model mlx-lm loads, in any program: what ``graphpatch run`` installs.
+
+``install()`` runs at interpreter start, from the ``sitecustomize`` that
+``graphpatch run`` puts on the child's PYTHONPATH. It waits for
+``mlx_lm.utils`` to be imported, then wraps its loaders (``load``,
+``load_model``, ``sharded_load``) so that each model they return is rewritten
+with the env's passes (``GRAPHPATCH_PASSES``, ``GRAPHPATCH_<NAME>``): after
+sharding or pipelining for distributed loads, since fusion works on the local
+shards. Each report goes to stderr, one line per pass, or as a JSON line to
+the file named by ``GRAPHPATCH_REPORT``. A failed check ends the program
+before it can serve anything.
+"""
+
+import atexit
+import functools
+import importlib.abc
+import importlib.util
+import json
+import os
+import sys
+import threading
+from pathlib import Path
+
+LOADERS = ("load", "load_model", "sharded_load")
+_state = threading.local()  # loader nesting depth: patch once, outermost
+_patched: list[str] = []
+
+
+def install() -> None:
+    """Wrap mlx-lm's loaders now, or as soon as ``mlx_lm.utils`` is imported."""
+    if "mlx_lm.utils" in sys.modules:
+        _wrap_loaders(sys.modules["mlx_lm.utils"])
+    else:
+        sys.meta_path.insert(0, _AfterImport())
+    atexit.register(_say_if_nothing_loaded)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "mlx_lm.utils":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        exec_module = spec.loader.exec_module
+
+        def exec_and_wrap(module):
+            exec_module(module)
+            _wrap_loaders(module)
+
+        spec.loader.exec_module = exec_and_wrap
+        return spec
+
+
+def _wrap_loaders(utils) -> None:
+    for name in LOADERS:
+        loader = getattr(utils, name, None)
+        if loader is not None and not hasattr(loader, "graphpatch_wrapped"):
+            setattr(utils, name, _wrap(loader))
+
+
+def _wrap(loader):
+    @functools.wraps(loader)
+    def load_and_patch(path_or_repo, *args, **kwargs):
+        _state.depth = getattr(_state, "depth", 0) + 1
+        try:
+            result = loader(path_or_repo, *args, **kwargs)
+        finally:
+            _state.depth -= 1
+        if _state.depth == 0:
+            _patch(result[0], path_or_repo)
+        return result
+
+    load_and_patch.graphpatch_wrapped = loader
+    return load_and_patch
+
+
+def _patch(model, path_or_repo) -> None:
+    import graphpatch
+
+    model_dir = Path(path_or_repo)
+    model_dir = str(model_dir) if model_dir.is_dir() else None
+    try:
+        report = graphpatch.apply(model, model_dir=model_dir)
+    except graphpatch.VerificationError as e:
+        if e.report is not None:
+            _emit(e.report, path_or_repo)
+        _die(f"verification failed, stopping: {e}")
+    except graphpatch.GraphpatchError as e:
+        _die(str(e))
+    _patched.append(str(path_or_repo))
+    _emit(report, path_or_repo)
+
+
+def _prefix() -> str:
+    rank = os.environ.get("MLX_RANK")
+    return "graphpatch" if rank is None else f"graphpatch[rank {rank}]"
+
+
+def _emit(report, model: str) -> None:
+    target = os.environ.get("GRAPHPATCH_REPORT")
+    if target:
+        rank = os.environ.get("MLX_RANK")
+        entry = report.to_dict() | {"model": str(model), "rank": rank}
+        with open(target, "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        return
+    lines = [f"{model}: {line}" for line in report.summary_lines()]
+    lines += [f"  skipped {s.pass_name} {s.path}: {s.reason}" for s in report.skipped()]
+    lines += [f"  warning: {warning}" for warning in report.warnings]
+    for line in lines or [f"{model}: no passes chosen"]:
+        print(f"{_prefix()}: {line}", file=sys.stderr, flush=True)
+
+
+def _die(message: str) -> None:
+    print(f"{_prefix()}: error: {message}", file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1)  # also from a server's loader thread: nothing may be served
+
+
+def _say_if_nothing_loaded() -> None:
+    if not _patched:
+        print(
+            f"{_prefix()}: the program loaded no model through mlx-lm; "
+            "nothing was patched",
+            file=sys.stderr,
+            flush=True,
+        )

@@ -1,0 +1,144 @@
+"""graphpatch run: unmodified programs load patched models, with real processes."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+from safetensors.numpy import load_file, save_file
+
+GRAPHPATCH = str(Path(sys.executable).parent / "graphpatch")
+PYTHON = sys.executable
+GENERATE = [PYTHON, "-m", "mlx_lm", "generate", "--max-tokens", "8", "--temp", "0"]
+
+
+def run(*command: str, env: dict | None = None, timeout: float = 120):
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3_moe"])
+def test_mlx_lm_generate_prints_the_same_text_patched(zoo_dir, name):
+    args = [*GENERATE, "--model", str(zoo_dir(name)), "--prompt", "The quick brown"]
+    plain = run(*args)
+    patched = run(GRAPHPATCH, "run", "--passes", "fuse_glu,last_token", "--", *args)
+    assert plain.returncode == patched.returncode == 0, patched.stderr
+    text = lambda out: out.split("==========")[1]  # noqa: E731 (timings differ)
+    assert text(patched.stdout) == text(plain.stdout)
+    assert "fuse_glu: 2 rewritten, 0 skipped, max error 0" in patched.stderr
+    assert "last_token: 1 rewritten" in patched.stderr
+    assert "graphpatch" not in plain.stderr
+
+
+def test_env_chooses_the_passes_and_the_report_file_gets_json(zoo_dir, tmp_path):
+    report_file = tmp_path / "reports.jsonl"
+    env = {"GRAPHPATCH_FUSE_GLU": "1", "GRAPHPATCH_REPORT": str(report_file)}
+    args = [*GENERATE, "--model", str(zoo_dir("qwen3")), "--prompt", "Hi"]
+    result = run(GRAPHPATCH, "run", "--", *args, env=env)
+    assert result.returncode == 0, result.stderr
+    (entry,) = [json.loads(line) for line in report_file.read_text().splitlines()]
+    assert entry["passes"] == ["fuse_glu"]
+    assert len(entry["sites"]) == 2 and entry["model"] == str(zoo_dir("qwen3"))
+
+
+def test_bad_checkpoint_stops_the_program_before_it_generates(zoo_dir, tmp_path):
+    import shutil
+
+    model_dir = tmp_path / "bad"
+    shutil.copytree(zoo_dir("llama", head="negated"), model_dir)
+    arrays = load_file(model_dir / "model.safetensors")
+    arrays["lm_head.weight"] = arrays["lm_head.weight"][:, :64].copy()
+    save_file(arrays, model_dir / "model.safetensors")
+    args = [*GENERATE, "--model", str(model_dir), "--prompt", "Hi"]
+    result = run(GRAPHPATCH, "run", "--passes", "untied_head", "--", *args)
+    assert result.returncode == 1
+    assert "graphpatch: error: checkpoint lm_head.weight has shape" in result.stderr
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "command, env, code, line",
+    [
+        (["nosuchprogram"], {}, 127, "error: command not found: nosuchprogram"),
+        ([PYTHON, "-c", "pass"], {"GRAPHPATCH_FUSE_ALL": "1"}, 2, "unknown variable"),
+        ([PYTHON, "-c", "pass"], {}, 0, "loaded no model through mlx-lm"),
+        ([PYTHON, "-c", "raise SystemExit(3)"], {}, 3, "nothing was patched"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_codes_pass_through(command, env, code, line):
+    result = run(GRAPHPATCH, "run", "--passes", "last_token", "--", *command, env=env)
+    assert result.returncode == code
+    assert line in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def post(port: int, route: str, body: dict) -> dict:
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{route}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())
+
+
+@contextmanager
+def server(model_dir: Path, *prefix: str):
+    port = free_port()
+    command = [*prefix, PYTHON, "-m", "mlx_lm", "server", "--model", str(model_dir)]
+    process = subprocess.Popen(
+        [*command, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1)
+                break
+            except OSError:
+                assert process.poll() is None, process.stderr.read()
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.2)
+        yield port, process
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def answers(port: int) -> list[str]:
+    greedy = {"max_tokens": 8, "temperature": 0}
+    completion = post(port, "/v1/completions", {"prompt": "The quick", **greedy})
+    messages = [{"role": "user", "content": "Hello world"}]
+    chat = post(port, "/v1/chat/completions", {"messages": messages, **greedy})
+    return [completion["choices"][0]["text"], chat["choices"][0]["message"]["content"]]
+
+
+def test_mlx_lm_server_answers_the_same_patched(zoo_dir):
+    model_dir = zoo_dir("qwen3_moe")
+    with server(model_dir) as (port, _):
+        expected = answers(port)
+    passes = "fuse_glu,last_token"
+    with server(model_dir, GRAPHPATCH, "run", "--passes", passes, "--") as (port, p):
+        assert answers(port) == expected
+        p.terminate()
+        assert "last_token: 1 rewritten" in p.communicate(timeout=30)[1]
