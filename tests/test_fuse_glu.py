@@ -257,3 +257,29 @@ def test_tune_keeps_only_sites_measured_faster(load_zoo):
                 module_at(model, site.path)["gate_proj"], fuse_glu.GLUHalf
             )
     assert mx.array_equal(model(TOKENS), reference)
+
+
+LAZY_BUILD = {"hidden_size": 256, "intermediate_size": 2048, "num_hidden_layers": 4}
+
+
+def test_a_lazy_model_is_loaded_once_already_fused(zoo_dir):
+    import mlx_lm
+
+    model_dir = str(zoo_dir("llama", **LAZY_BUILD))
+    size = graphpatch.manager.nbytes(mlx_lm.load(model_dir)[0])
+    site = 2 * 256 * 2048 * 4  # gate + up of one layer, float32
+    mx.clear_cache()
+    base = mx.get_active_memory()
+    model, _ = mlx_lm.load(model_dir, lazy=True)
+    graphpatch.apply(model, ["fuse_glu"], verify=False)
+    assert mx.get_active_memory() - base < 64 * 1024  # still nothing loaded
+    mx.eval(model.parameters())
+    assert abs(mx.get_active_memory() - base - size) <= 0.01 * size
+    del model
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    model, _ = mlx_lm.load(model_dir, lazy=True)
+    graphpatch.apply(model, ["fuse_glu"])  # verified: loads as it checks
+    mx.clear_cache()
+    assert abs(mx.get_active_memory() - base - size) <= 0.01 * size
+    assert mx.get_peak_memory() - base <= size + site + 4 * 1024 * 1024
