@@ -104,6 +104,24 @@ def measure(kind: str, mode: str, dims: dict, shape: tuple, rounds: int) -> dict
     return results
 
 
+def memory(kind: str, mode: str, dims: dict) -> str:
+    """Active memory of the block before and after fusion, and the peak of
+    the fusion itself, in MiB."""
+    block = make_block(kind, mode, dims)
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    mx.reset_peak_memory()
+    fuse(block)
+    mx.clear_cache()
+    after, peak = mx.get_active_memory(), mx.get_peak_memory()
+    del block
+    mib = 1024 * 1024
+    return (
+        f"memory {kind} {mode}: unfused {before / mib:.1f} MiB, fused "
+        f"{after / mib:.1f} MiB, peak while fusing {peak / mib:.1f} MiB"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller widths, fewer")
@@ -121,6 +139,7 @@ def main() -> None:
     print(f"{'case':44} {'eager':>8} {'compiled':>9} {'fused ms':>9}")
     for kind, dims in (("dense", dense), ("moe", moe)):
         for mode in MODES:
+            print(memory(kind, mode, dims), flush=True)
             for label, shape in shapes.items():
                 r = measure(kind, mode, dims, shape, rounds)
                 case = f"{kind} {mode} {label}"

@@ -6,6 +6,7 @@ after each pass, and rolls every rewrite of the call back on a failed check.
 """
 
 import time
+import zlib
 from collections.abc import Callable
 
 import mlx.core as mx
@@ -16,6 +17,7 @@ from graphpatch.contract import (
     GraphpatchError,
     NotAModelError,
     Pass,
+    PassSpecError,
     Site,
     VerificationError,
     module_at,
@@ -73,6 +75,7 @@ def apply(
         raise NotAModelError(f"expected an mlx.nn.Module, got {type(model).__name__}")
     start = time.perf_counter()
     plan, warnings = resolve(passes)
+    _agree(plan)
     tokens = probe_tokens(probe) if verify else None
     dtype = compute_dtype(model)
     report = Report(
@@ -104,6 +107,22 @@ def apply(
     finally:
         report.seconds = time.perf_counter() - start
     return report
+
+
+def _agree(plan) -> None:
+    """Ranks of a distributed group must run the same passes: probes and
+    checks run collectives, and a rank that ran other ones would hang."""
+    group = mx.distributed.init()
+    if group.size() == 1:
+        return
+    spec = ",".join(f"{p.name}{sorted(o.items())}" for p, o in plan) or "none"
+    mine = mx.array([zlib.crc32(spec.encode())], mx.uint32)
+    every = mx.distributed.all_gather(mine, group=group).tolist()
+    if len(set(every)) > 1:
+        raise PassSpecError(
+            f"the {group.size()} ranks disagree on the passes (rank "
+            f"{group.rank()} has {spec}); every rank must apply the same"
+        )
 
 
 def _reference(model: nn.Module, tokens: mx.array) -> mx.array:
@@ -151,7 +170,6 @@ def _apply_site(
 ) -> SiteResult:
     start = time.perf_counter()
     result = SiteResult(p.name, site.path, site.kind, SKIPPED)
-    result.note = site.detail.get("note")
     result.reason = p.why_not(model, site, options)
     if result.reason:
         return result
@@ -192,6 +210,7 @@ def _apply_site(
             if result.reason:
                 return result
     result.status = REWRITTEN
+    result.note = site.detail.get("note")  # what the rewrite found
     result.bytes_after = nbytes(module_at(model, site.path))
     result.seconds = time.perf_counter() - start
     return result

@@ -55,6 +55,19 @@ class CheckpointHeadError(GraphpatchError):
     """The checkpoint's lm_head.* arrays are missing pieces or have wrong shapes."""
 
 
+class StandIn:
+    """Marks a module another pass put where a top-level head was (it holds
+    no vocabulary weight, only ``vocab``)."""
+
+    vocab: int
+
+
+def _vocab_size(module: nn.Module) -> int | None:
+    if isinstance(module, HEADS):
+        return module.weight.shape[0]
+    return module.vocab if isinstance(module, StandIn) else None
+
+
 class Headed:
     """Marks the embedding classes this pass makes; ``original`` names the
     class each was made from."""
@@ -86,7 +99,7 @@ def head_path(model: nn.Module) -> str | None:
         return None
     path, module = embedding
     for key, child in model.items():
-        if isinstance(child, HEADS) and child.weight.shape[0] == module.weight.shape[0]:
+        if _vocab_size(child) == module.weight.shape[0]:
             return key
     return f"{path}.lm_head" if isinstance(module, Headed) else None
 
@@ -199,7 +212,8 @@ def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
     if site.kind == "none":
         return NO_HEAD
     if site.kind == "linear":
-        return ALREADY_EXPLICIT.format(cls=type(module_at(model, site.path)).__name__)
+        head = module_at(model, site.path)
+        return ALREADY_EXPLICIT.format(cls=type(head).__name__)
     if isinstance(module_at(model, site.path), Headed):
         return ALREADY_APPLIED
     return None

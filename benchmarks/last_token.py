@@ -1,0 +1,112 @@
+"""last_token: what a prefill costs with the head on all S positions, on the
+last one only, and with no head at all (the limit).
+
+Qwen2.5-0.5B widths (hidden 896, vocab 151936, tied head), affine 4-bit,
+float32 activations, a few layers (the head's share shrinks as layers grow:
+``--layers 24`` is the real depth). For each S: median seconds per forward
+whose logits are evaluated, in interleaved rounds, the ratios, and the peak
+memory above the weights. Then mlx-lm's own prefill (``generate_step`` to its
+first token), which never evaluates the head on prompt chunks: there the pass
+should change nothing, and the numbers say so.
+
+    python benchmarks/last_token.py [--lengths 128,512,2048] [--layers N]
+"""
+
+import argparse
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.generate import generate_step
+
+import graphpatch
+from graphpatch import zoo
+from graphpatch.timing import interleaved_times
+
+QWEN25_05B = {
+    "model_type": "qwen2",
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "tie_word_embeddings": True,
+    "rope_theta": 1e6,
+    "max_position_embeddings": 32768,
+}
+
+
+def make_model(layers: int) -> nn.Module:
+    config = zoo.config_for("qwen2", **QWEN25_05B, num_hidden_layers=layers)
+    model = zoo.make_model(config)
+    nn.quantize(model, group_size=64, bits=4)
+    mx.eval(model.parameters())
+    return model
+
+
+def peak_above(weights: int, forward) -> float:
+    mx.clear_cache()
+    mx.reset_peak_memory()
+    forward()
+    return (mx.get_peak_memory() - weights) / 2**20
+
+
+def forwards(full: nn.Module, last: nn.Module, tokens: mx.array) -> dict:
+    return {
+        "all": lambda: mx.eval(full(tokens)),
+        "last": lambda: mx.eval(last(tokens)),
+        "body": lambda: mx.eval(full.model(tokens)),
+    }
+
+
+def prefills(full: nn.Module, last: nn.Module, prompt: mx.array) -> dict:
+    return {
+        "all": lambda: next(generate_step(prompt, full, max_tokens=1)),
+        "last": lambda: next(generate_step(prompt, last, max_tokens=1)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lengths", default="128,512,2048", help="prompt lengths S")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--layers", type=int, default=2)
+    args = parser.parse_args()
+    full = make_model(args.layers)
+    last = make_model(args.layers)
+    last.update(full.parameters())  # the same arrays: no second copy
+    report = graphpatch.apply(last, ["last_token"])
+    assert report.rewritten("last_token"), report.skipped()
+    mx.clear_cache()
+    weights = mx.get_active_memory()
+    print(f"device: {mx.default_device()}, mlx {mx.__version__}, layers {args.layers}")
+    print(
+        f"{'S':>5} {'all ms':>8} {'last ms':>8} {'body ms':>8} {'all/last':>9} "
+        f"{'last/body':>10} {'peak all':>9} {'peak last':>10} (MiB above weights)"
+    )
+    lengths = [int(n) for n in args.lengths.split(",")]
+    for S in lengths:
+        tokens = mx.random.randint(0, 151936, (1, S), key=mx.random.key(S))
+        variants = forwards(full, last, tokens)
+        t = interleaved_times(variants, rounds=args.rounds, target=0.2)
+        peaks = [peak_above(weights, variants[k]) for k in ("all", "last")]
+        print(
+            f"{S:5d} {1e3 * t['all']:8.1f} {1e3 * t['last']:8.1f} "
+            f"{1e3 * t['body']:8.1f} {t['all'] / t['last']:9.2f} "
+            f"{t['last'] / t['body']:10.3f} {peaks[0]:9.0f} {peaks[1]:10.0f}",
+            flush=True,
+        )
+    print(
+        "mlx-lm generate_step prefill to the first token (head on chunks unevaluated):"
+    )
+    for S in lengths:
+        prompt = mx.random.randint(0, 151936, (S,), key=mx.random.key(S))
+        t = interleaved_times(
+            prefills(full, last, prompt),
+            rounds=args.rounds,
+            target=0.2,
+        )
+        print(f"{S:5d} all/last {t['all'] / t['last']:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,58 @@
+"""One rank of the elide_head test: pipeline the model, maybe elide, generate.
+
+argv: MODEL_DIR TEMP MODE, MODE ``plain``, ``elided`` or ``disagree`` (the
+ranks name different passes). Prints one JSON line with this rank's tokens,
+what the pass did and the active memory it freed, or the error it got.
+One generation per process: mlx-lm 0.32's pipelined stream_generate can leave
+one rank a decode step ahead when it returns (seen unpatched as well), so a
+second collective in the same process may meet the wrong partner.
+"""
+
+import json
+import sys
+
+import mlx.core as mx
+import mlx_lm
+from mlx_lm.sample_utils import make_sampler
+
+import graphpatch
+from graphpatch.passes import elide_head
+
+PROMPT = "Hello world! Numbers like 1234 and"
+
+group = mx.distributed.init(backend="ring", strict=True)
+model_dir, temp, mode = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+model, tokenizer = mlx_lm.load(model_dir)
+model.model.pipeline(group)
+mx.eval(model.parameters())
+
+
+def active() -> int:
+    mx.clear_cache()
+    return mx.get_active_memory()
+
+
+result = {"rank": group.rank()}
+sampler = make_sampler(temp)
+if mode == "disagree":
+    try:
+        graphpatch.apply(model, ["elide_head" if group.rank() == 0 else "fuse_glu"])
+    except graphpatch.PassSpecError as e:
+        print(json.dumps(result | {"error": str(e)}))
+    sys.exit(0)
+if mode == "elided":
+    before = active()
+    report = graphpatch.apply(model, ["elide_head"], model_dir=model_dir)
+    result["freed"] = before - active()
+    again = graphpatch.apply(model, ["elide_head"], model_dir=model_dir)
+    (site,) = report.for_pass("elide_head")
+    result |= {"kind": site.kind, "status": site.status, "note": site.note}
+    result["again"] = [s.reason for s in again.skipped("elide_head")]
+    result["logits"] = list(model(mx.array([[1, 2, 3]])).shape)
+    sampler = elide_head.sampler(sampler)
+mx.random.seed(7)
+responses = mlx_lm.stream_generate(
+    model, tokenizer, PROMPT, max_tokens=8, sampler=sampler
+)
+result["tokens"] = [r.token for r in responses]
+print(json.dumps(result))

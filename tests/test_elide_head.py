@@ -1,0 +1,68 @@
+"""elide_head: pipeline ranks other than 0 skip the LM head, every rank still
+gets the token. Distributed cases run 2 ranks of a ring group on localhost."""
+
+import mlx.core as mx
+import pytest
+from test_distributed import launch
+
+import graphpatch
+from graphpatch.passes import elide_head
+
+HEAD_BYTES = 512 * 128 * 4  # vocab x hidden, float32
+
+
+@pytest.mark.parametrize(
+    "name, temp, note",
+    [
+        ("qwen3_moe", 0.0, elide_head.RELEASED.format(mib=HEAD_BYTES / 2**20)),
+        ("qwen3_moe", 0.8, elide_head.RELEASED.format(mib=HEAD_BYTES / 2**20)),
+        ("qwen2", 0.8, elide_head.TIED),
+        ("deepseek_v3", 0.0, elide_head.RELEASED.format(mib=HEAD_BYTES / 2**20)),
+    ],
+)
+def test_every_rank_gets_the_same_tokens(zoo_dir, name, temp, note):
+    model_dir = str(zoo_dir(name))
+    plain = launch("pipeline_generate.py", model_dir, str(temp), "plain")
+    elided = launch("pipeline_generate.py", model_dir, str(temp), "elided")
+    expected = plain[0]["tokens"]
+    assert len(expected) == 8 and plain[1]["tokens"] == expected
+    assert [r["tokens"] for r in elided] == [expected, expected]
+    final, other = elided
+    assert (final["kind"], final["note"]) == ("final", None)
+    assert (other["kind"], other["note"]) == ("elided", note)
+    freed = 0 if note == elide_head.TIED else HEAD_BYTES
+    assert abs(final["freed"]) < 1024 and abs(other["freed"] - freed) < 1024
+    assert final["again"] == other["again"] == [elide_head.ALREADY_APPLIED]
+    assert final["logits"] == other["logits"] == [1, 3, 512]
+
+
+def test_ranks_that_disagree_on_the_passes_both_fail_cleanly(zoo_dir):
+    ranks = launch("pipeline_generate.py", str(zoo_dir("qwen2")), "0", "disagree")
+    for r in ranks:
+        assert "the 2 ranks disagree on the passes" in r["error"]
+
+
+def test_models_that_are_not_pipelined_are_skipped(load_zoo):
+    model, _ = load_zoo("llama")  # no PipelineMixin
+    (site,) = graphpatch.apply(model, ["elide_head"]).skipped("elide_head")
+    assert site.reason == elide_head.NOT_PIPELINED
+    model, _ = load_zoo("qwen2")
+    model.model.pipeline(mx.distributed.init())  # a group of one
+    (site,) = graphpatch.apply(model, ["elide_head"]).skipped("elide_head")
+    assert site.reason == elide_head.ONE_RANK
+
+
+def test_a_pipeline_on_another_group_is_one_error_and_nothing_touched(load_zoo):
+    model, _ = load_zoo("qwen2")
+    # What model.model.pipeline(group) leaves on rank 1 of a 2-rank group,
+    # in a process whose global group has one rank (verify=False: this
+    # model cannot run its forward, a real one on a subgroup would).
+    model.model.pipeline_rank, model.model.pipeline_size = 1, 2
+    with pytest.raises(elide_head.ElideError, match="pipelined over 2 ranks"):
+        graphpatch.apply(model, ["elide_head"], verify=False)
+    assert graphpatch.PASSES["untied_head"].applied(model) == []
+
+
+def test_sampler_is_the_plain_sampler_on_one_rank():
+    logprobs = mx.array([[0.1, 2.0, -1.0], [3.0, 0.0, 0.5]])
+    assert elide_head.sampler()(logprobs).tolist() == [1, 0]
