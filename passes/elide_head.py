@@ -31,8 +31,8 @@ from graphpatch.contract import (
     rebuilt,
     walk,
 )
+from graphpatch.heads import EMBEDDINGS, StandIn, head_path
 from graphpatch.loading import read_arrays
-from graphpatch.passes.untied_head import StandIn, head_path
 from graphpatch.verify import PROBE_TOKENS
 
 ALREADY_APPLIED = "already applied"
@@ -154,7 +154,7 @@ def _is_tied(model: nn.Module, head: nn.Module) -> bool:
     return any(
         id(v) in arrays
         for path, m in walk(model)
-        if isinstance(m, nn.Embedding | nn.QuantizedEmbedding)
+        if isinstance(m, EMBEDDINGS)
         for _, v in tree_flatten(m.parameters())
         if not path.endswith("lm_head")
     )

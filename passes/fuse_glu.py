@@ -12,14 +12,13 @@ Preconditions: gate_proj and up_proj are layers of one supported kind (Linear,
 Equivalence:   every output of m, all positions, within the dtype tolerance.
 """
 
-import weakref
-
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedLinear
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from graphpatch.contract import Pass, Site, module_at, rebuilt, walk
+from graphpatch.fusion import FusedCall, GLUHalf
 from graphpatch.timing import interleaved_ratio
 
 LAYERS = (
@@ -45,54 +44,6 @@ SLOWER = (
     "fused measured slower (unfused/fused {decode:.3f} decode, {prefill:.3f} "
     "prefill), kept unfused"
 )
-
-
-class FusedCall:
-    """The one fused matmul behind a GLU's two halves.
-
-    The first half called computes ``owner.gate_up_proj`` once and keeps the
-    other half until the sibling asks for it with the very same arguments; any
-    other call computes its own fused matmul, so a ``__call__`` that feeds gate
-    and up different inputs stays correct, only slower. The owner is looked up
-    on each call, so a later ``nn.quantize`` of ``gate_up_proj`` is honoured.
-    """
-
-    def __init__(self, owner: nn.Module, split: int):
-        self.owner = weakref.ref(owner)
-        self.split = split
-        self.pending = None
-
-    def half(self, index: int, args: tuple, kwargs: dict) -> mx.array:
-        pending, self.pending = self.pending, None
-        if pending is not None and _same_call(pending, index, args, kwargs):
-            return pending[3]
-        out = self.owner().gate_up_proj(*args, **kwargs)
-        halves = mx.split(out, [self.split], axis=-1)
-        self.pending = (1 - index, args, kwargs, halves[1 - index])
-        return halves[index]
-
-
-def _same_call(pending: tuple, index: int, args: tuple, kwargs: dict) -> bool:
-    want, old_args, old_kwargs, _ = pending
-    return (
-        want == index
-        and len(args) == len(old_args)
-        and all(a is b for a, b in zip(args, old_args, strict=True))
-        and old_kwargs.keys() == kwargs.keys()
-        and all(old_kwargs[k] is v for k, v in kwargs.items())
-    )
-
-
-class GLUHalf(nn.Module):
-    """Stands where gate_proj (index 0) or up_proj (index 1) stood."""
-
-    def __init__(self, call: FusedCall, index: int):
-        super().__init__()
-        self.call = call
-        self.index = index
-
-    def __call__(self, *args, **kwargs) -> mx.array:
-        return self.call.half(self.index, args, kwargs)
 
 
 def is_glu(module: nn.Module) -> bool:

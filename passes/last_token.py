@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from graphpatch.contract import Pass, Site, module_at, parent_and_key, rebuilt, walk
-from graphpatch.passes.untied_head import head_path
+from graphpatch.heads import head_path
 
 ALREADY_APPLIED = "already applied"
 NO_HEAD = "no explicit LM head: untied_head made none (see its report)"

@@ -21,22 +21,20 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
 
-from graphpatch.contract import (
-    GraphpatchError,
-    Pass,
-    Site,
-    module_at,
-    parent_and_key,
-    rebuilt,
-    walk,
+from graphpatch.contract import Pass, Site, module_at, parent_and_key, rebuilt, walk
+from graphpatch.heads import (
+    Headed,
+    checkpoint_head,
+    consults,
+    dense_weight,
+    dims_of,
+    find_embedding,
+    head_path,
+    max_difference,
+    tied_head,
 )
 from graphpatch.loading import read_arrays
-from graphpatch.verify import PROBE_TOKENS
-
-HEADS = (nn.Linear, nn.QuantizedLinear)
-EMBEDDINGS = (nn.Embedding, nn.QuantizedEmbedding)
 
 ALREADY_APPLIED = "already applied"
 ALREADY_EXPLICIT = "already explicit: a top-level {cls} producing the vocabulary"
@@ -51,30 +49,6 @@ UNTIED = (
 )
 
 
-class CheckpointHeadError(GraphpatchError):
-    """The checkpoint's lm_head.* arrays are missing pieces or have wrong shapes."""
-
-
-class StandIn:
-    """Marks a module another pass put where a top-level head was (it holds
-    no vocabulary weight, only ``vocab``)."""
-
-    vocab: int
-
-
-def _vocab_size(module: nn.Module) -> int | None:
-    if isinstance(module, HEADS):
-        return module.weight.shape[0]
-    return module.vocab if isinstance(module, StandIn) else None
-
-
-class Headed:
-    """Marks the embedding classes this pass makes; ``original`` names the
-    class each was made from."""
-
-    original: type
-
-
 @functools.cache
 def headed_class(cls: type) -> type:
     def as_linear(self, x):
@@ -84,28 +58,8 @@ def headed_class(cls: type) -> type:
     return type(f"Headed{cls.__name__}", (Headed, cls), body)
 
 
-def _embedding(model: nn.Module) -> tuple[str, nn.Module] | None:
-    for path, module in walk(model):
-        if isinstance(module, EMBEDDINGS):
-            return path, module
-    return None
-
-
-def head_path(model: nn.Module) -> str | None:
-    """Where the explicit head is: a top-level vocabulary linear, or the
-    ``lm_head`` this pass gave the embedding; None when there is none."""
-    embedding = _embedding(model)
-    if embedding is None:
-        return None
-    path, module = embedding
-    for key, child in model.items():
-        if _vocab_size(child) == module.weight.shape[0]:
-            return key
-    return f"{path}.lm_head" if isinstance(module, Headed) else None
-
-
 def find(model: nn.Module, options: dict) -> list[Site]:
-    embedding = _embedding(model)
+    embedding = find_embedding(model)
     if embedding is None:
         return [Site("", "none")]
     path, module = embedding
@@ -117,7 +71,7 @@ def find(model: nn.Module, options: dict) -> list[Site]:
     arrays = read_arrays(options["model_dir"], "lm_head.")
     if not arrays:
         return [Site(path, "tied", {"note": NO_CHECKPOINT_HEAD})]
-    diff = _max_difference(_checkpoint_head(arrays, module), _tied_head(module))
+    diff = max_difference(checkpoint_head(arrays, module), tied_head(module))
     if diff == 0:
         return [Site(path, "tied", {"note": SAME_AS_EMBEDDING})]
     tie = _config_tie(Path(options["model_dir"]))
@@ -130,82 +84,6 @@ def _config_tie(model_dir: Path) -> str:
     if "tie_word_embeddings" not in config:
         return "has no tie_word_embeddings"
     return f"tie_word_embeddings={str(config['tie_word_embeddings']).lower()}"
-
-
-def _tied_head(embedding: nn.Module) -> nn.Module:
-    """A Linear / QuantizedLinear holding the embedding's own arrays."""
-    vocab, dims = embedding.weight.shape[0], _dims(embedding)
-    if isinstance(embedding, nn.QuantizedEmbedding):
-        head = nn.QuantizedLinear(
-            dims, vocab, False, embedding.group_size, embedding.bits, embedding.mode
-        )
-    else:
-        head = nn.Linear(dims, vocab, bias=False)
-    # Lazy random init above is never evaluated: replaced before use.
-    head.update({k: v for k, v in embedding.items() if k in head})
-    return head
-
-
-def _dims(embedding: nn.Module) -> int:
-    if isinstance(embedding, nn.QuantizedEmbedding):
-        return embedding.dims
-    return embedding.weight.shape[1]
-
-
-def _checkpoint_head(arrays: dict[str, mx.array], embedding: nn.Module) -> nn.Module:
-    """A head holding the checkpoint's lm_head.* arrays, checked against the
-    shapes a head for this embedding must have."""
-    vocab, dims = embedding.weight.shape[0], _dims(embedding)
-    given = {k.removeprefix("lm_head."): v for k, v in arrays.items()}
-    if "scales" in given:
-        if not isinstance(embedding, nn.QuantizedEmbedding):
-            raise CheckpointHeadError(
-                "lm_head.scales in the checkpoint, but the embedding is not "
-                "quantized: cannot tell the head's bits and group size"
-            )
-        head = _tied_head(embedding)
-    else:
-        head = nn.Linear(dims, vocab, bias="bias" in given)
-    wanted = dict(tree_flatten(head.parameters()))
-    if given.keys() != wanted.keys():
-        raise CheckpointHeadError(
-            f"checkpoint lm_head.* holds {sorted(given)}, a head for this "
-            f"embedding needs {sorted(wanted)}"
-        )
-    for key, value in given.items():
-        if value.shape != wanted[key].shape:
-            raise CheckpointHeadError(
-                f"checkpoint lm_head.{key} has shape {tuple(value.shape)}, "
-                f"expected {tuple(wanted[key].shape)}"
-            )
-    head.update(tree_unflatten(list(given.items())))
-    return head
-
-
-def dense_weight(head: nn.Module, rows: slice = slice(None)) -> mx.array:
-    """The head's weight rows as float32, dequantized when quantized."""
-    if not isinstance(head, nn.QuantizedLinear):
-        return head.weight[rows].astype(mx.float32)
-    biases = head.get("biases")
-    return mx.dequantize(
-        head.weight[rows],
-        head.scales[rows],
-        None if biases is None else biases[rows],
-        head.group_size,
-        head.bits,
-        mode=head.mode,
-        dtype=mx.float32,
-    )
-
-
-def _max_difference(a: nn.Module, b: nn.Module, chunk: int = 8192) -> float:
-    # Row chunks: a dequantized 150k-vocabulary head would be gigabytes at once.
-    worst = 0.0
-    for start in range(0, a.weight.shape[0], chunk):
-        rows = slice(start, start + chunk)
-        diff = mx.abs(dense_weight(a, rows) - dense_weight(b, rows)).max()
-        worst = max(worst, diff.item())
-    return worst
 
 
 def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
@@ -224,9 +102,9 @@ def rewrite(model: nn.Module, site: Site, options: dict) -> None:
     embedding = parent[key]
     if site.kind == "untied":
         arrays = read_arrays(options["model_dir"], "lm_head.")
-        head = _checkpoint_head(arrays, embedding)
+        head = checkpoint_head(arrays, embedding)
     else:
-        head = _tied_head(embedding)
+        head = tied_head(embedding)
     new = rebuilt(embedding, headed_class(type(embedding)))
     new.lm_head = head
     parent[key] = new
@@ -243,36 +121,13 @@ def applied(model: nn.Module) -> list[str]:
     return [p for p, m in walk(model) if isinstance(m, Headed)]
 
 
-class _Reached(Exception):
-    pass
-
-
-class _Sentinel(nn.Module):
-    def __call__(self, x):
-        raise _Reached
-
-
-def consults(model: nn.Module, parent: nn.Module, key: str) -> bool:
-    """Whether the model's forward reaches ``parent[key]``: it is swapped for
-    a sentinel that raises while the lazy graph is built (nothing evaluated)."""
-    held = parent[key]
-    parent[key] = _Sentinel()
-    try:
-        model(mx.array(PROBE_TOKENS)[:1, :4])
-    except _Reached:
-        return True
-    finally:
-        parent[key] = held
-    return False
-
-
 def probe(model: nn.Module, site: Site, dtype, options: dict):
-    dims = _dims(module_at(model, site.path))
+    dims = dims_of(module_at(model, site.path))
     h = mx.random.normal((2, 5, dims), key=mx.random.key(7)).astype(dtype)
     expected = None
     if site.kind == "untied":
         arrays = read_arrays(options["model_dir"], "lm_head.")
-        checkpoint = _checkpoint_head(arrays, module_at(model, site.path))
+        checkpoint = checkpoint_head(arrays, module_at(model, site.path))
         # Independent of the module: dequantized weights and a plain matmul.
         expected = (h.astype(mx.float32) @ dense_weight(checkpoint).T).astype(dtype)
 

@@ -98,7 +98,8 @@ def test_unknown_pass_is_one_clear_line(zoo_dir):
     result = run("apply", "--passes", "fuse_glu,fuse_all", zoo_dir("llama"))
     assert result.exit_code == 2
     assert result.output.strip() == (
-        "error: unknown pass 'fuse_all' (known: untied_head, fuse_glu, last_token, elide_head)"
+        "error: unknown pass 'fuse_all' "
+        "(known: untied_head, fuse_glu, last_token, elide_head)"
     )
 
 

@@ -1,0 +1,56 @@
+"""One fused matmul serving two callers: what fuse_glu puts in place of a
+GLU's gate_proj and up_proj, so the GLU's own ``__call__`` runs unchanged.
+"""
+
+import weakref
+
+import mlx.core as mx
+import mlx.nn as nn
+
+
+class FusedCall:
+    """The one fused matmul behind a GLU's two halves.
+
+    The first half called computes ``owner.gate_up_proj`` once and keeps the
+    other half until the sibling asks for it with the very same arguments; any
+    other call computes its own fused matmul, so a ``__call__`` that feeds gate
+    and up different inputs stays correct, only slower. The owner is looked up
+    on each call, so a later ``nn.quantize`` of ``gate_up_proj`` is honoured.
+    """
+
+    def __init__(self, owner: nn.Module, split: int):
+        self.owner = weakref.ref(owner)
+        self.split = split
+        self.pending = None
+
+    def half(self, index: int, args: tuple, kwargs: dict) -> mx.array:
+        pending, self.pending = self.pending, None
+        if pending is not None and _same_call(pending, index, args, kwargs):
+            return pending[3]
+        out = self.owner().gate_up_proj(*args, **kwargs)
+        halves = mx.split(out, [self.split], axis=-1)
+        self.pending = (1 - index, args, kwargs, halves[1 - index])
+        return halves[index]
+
+
+def _same_call(pending: tuple, index: int, args: tuple, kwargs: dict) -> bool:
+    want, old_args, old_kwargs, _ = pending
+    return (
+        want == index
+        and len(args) == len(old_args)
+        and all(a is b for a, b in zip(args, old_args, strict=True))
+        and old_kwargs.keys() == kwargs.keys()
+        and all(old_kwargs[k] is v for k, v in kwargs.items())
+    )
+
+
+class GLUHalf(nn.Module):
+    """Stands where gate_proj (index 0) or up_proj (index 1) stood."""
+
+    def __init__(self, call: FusedCall, index: int):
+        super().__init__()
+        self.call = call
+        self.index = index
+
+    def __call__(self, *args, **kwargs) -> mx.array:
+        return self.call.half(self.index, args, kwargs)

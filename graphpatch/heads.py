@@ -1,0 +1,157 @@
+"""The LM head: where it is, how to build one from arrays, and whether the
+model's forward really reaches it. Shared by untied_head, last_token and
+elide_head.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
+
+from graphpatch.contract import GraphpatchError, walk
+from graphpatch.verify import PROBE_TOKENS
+
+HEADS = (nn.Linear, nn.QuantizedLinear)
+EMBEDDINGS = (nn.Embedding, nn.QuantizedEmbedding)
+
+
+class CheckpointHeadError(GraphpatchError):
+    """The checkpoint's lm_head.* arrays are missing pieces or have wrong shapes."""
+
+
+class StandIn:
+    """Marks a module another pass put where a top-level head was (it holds
+    no vocabulary weight, only ``vocab``)."""
+
+    vocab: int
+
+
+def _vocab_size(module: nn.Module) -> int | None:
+    if isinstance(module, HEADS):
+        return module.weight.shape[0]
+    return module.vocab if isinstance(module, StandIn) else None
+
+
+class Headed:
+    """Marks the embedding classes untied_head makes (their ``as_linear``
+    runs ``self.lm_head``); ``original`` names the class each was made from."""
+
+    original: type
+
+
+def find_embedding(model: nn.Module) -> tuple[str, nn.Module] | None:
+    for path, module in walk(model):
+        if isinstance(module, EMBEDDINGS):
+            return path, module
+    return None
+
+
+def head_path(model: nn.Module) -> str | None:
+    """Where the explicit head is: a top-level vocabulary linear, or the
+    ``lm_head`` this pass gave the embedding; None when there is none."""
+    embedding = find_embedding(model)
+    if embedding is None:
+        return None
+    path, module = embedding
+    for key, child in model.items():
+        if _vocab_size(child) == module.weight.shape[0]:
+            return key
+    return f"{path}.lm_head" if isinstance(module, Headed) else None
+
+
+def tied_head(embedding: nn.Module) -> nn.Module:
+    """A Linear / QuantizedLinear holding the embedding's own arrays."""
+    vocab, dims = embedding.weight.shape[0], dims_of(embedding)
+    if isinstance(embedding, nn.QuantizedEmbedding):
+        head = nn.QuantizedLinear(
+            dims, vocab, False, embedding.group_size, embedding.bits, embedding.mode
+        )
+    else:
+        head = nn.Linear(dims, vocab, bias=False)
+    # Lazy random init above is never evaluated: replaced before use.
+    head.update({k: v for k, v in embedding.items() if k in head})
+    return head
+
+
+def dims_of(embedding: nn.Module) -> int:
+    if isinstance(embedding, nn.QuantizedEmbedding):
+        return embedding.dims
+    return embedding.weight.shape[1]
+
+
+def checkpoint_head(arrays: dict[str, mx.array], embedding: nn.Module) -> nn.Module:
+    """A head holding the checkpoint's lm_head.* arrays, checked against the
+    shapes a head for this embedding must have."""
+    vocab, dims = embedding.weight.shape[0], dims_of(embedding)
+    given = {k.removeprefix("lm_head."): v for k, v in arrays.items()}
+    if "scales" in given:
+        if not isinstance(embedding, nn.QuantizedEmbedding):
+            raise CheckpointHeadError(
+                "lm_head.scales in the checkpoint, but the embedding is not "
+                "quantized: cannot tell the head's bits and group size"
+            )
+        head = tied_head(embedding)
+    else:
+        head = nn.Linear(dims, vocab, bias="bias" in given)
+    wanted = dict(tree_flatten(head.parameters()))
+    if given.keys() != wanted.keys():
+        raise CheckpointHeadError(
+            f"checkpoint lm_head.* holds {sorted(given)}, a head for this "
+            f"embedding needs {sorted(wanted)}"
+        )
+    for key, value in given.items():
+        if value.shape != wanted[key].shape:
+            raise CheckpointHeadError(
+                f"checkpoint lm_head.{key} has shape {tuple(value.shape)}, "
+                f"expected {tuple(wanted[key].shape)}"
+            )
+    head.update(tree_unflatten(list(given.items())))
+    return head
+
+
+def dense_weight(head: nn.Module, rows: slice = slice(None)) -> mx.array:
+    """The head's weight rows as float32, dequantized when quantized."""
+    if not isinstance(head, nn.QuantizedLinear):
+        return head.weight[rows].astype(mx.float32)
+    biases = head.get("biases")
+    return mx.dequantize(
+        head.weight[rows],
+        head.scales[rows],
+        None if biases is None else biases[rows],
+        head.group_size,
+        head.bits,
+        mode=head.mode,
+        dtype=mx.float32,
+    )
+
+
+def max_difference(a: nn.Module, b: nn.Module, chunk: int = 8192) -> float:
+    # Row chunks: a dequantized 150k-vocabulary head would be gigabytes at once.
+    worst = 0.0
+    for start in range(0, a.weight.shape[0], chunk):
+        rows = slice(start, start + chunk)
+        diff = mx.abs(dense_weight(a, rows) - dense_weight(b, rows)).max()
+        worst = max(worst, diff.item())
+    return worst
+
+
+class _Reached(Exception):
+    pass
+
+
+class _Sentinel(nn.Module):
+    def __call__(self, x):
+        raise _Reached
+
+
+def consults(model: nn.Module, parent: nn.Module, key: str) -> bool:
+    """Whether the model's forward reaches ``parent[key]``: it is swapped for
+    a sentinel that raises while the lazy graph is built (nothing evaluated)."""
+    held = parent[key]
+    parent[key] = _Sentinel()
+    try:
+        model(mx.array(PROBE_TOKENS)[:1, :4])
+    except _Reached:
+        return True
+    finally:
+        parent[key] = held
+    return False
