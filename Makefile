@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo/qwen3_moe
 
-.PHONY: install test lint demo bench clean
+.PHONY: install test lint demo bench golden clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,11 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/fuse_glu.py
+	$(PY) benchmarks/last_token.py
+
+# Re-record golden/ on purpose (new mlx, mlx-lm or pass); review the diff.
+golden: install
+	$(PY) -c "from graphpatch.golden import record_zoo; record_zoo('golden', 'build/golden-zoo')"
 
 clean:
 	rm -rf $(VENV) demo build *.egg-info

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 import graphpatch
+from graphpatch import golden
 from graphpatch.contract import GraphpatchError, VerificationError
 from graphpatch.loading import load
 
@@ -123,3 +124,49 @@ def run_cmd(
         p for p in (startup, env.get("PYTHONPATH")) if p
     )
     os.execvpe(command[0], command, env)
+
+
+golden_app = typer.Typer(no_args_is_help=True, help="Record and check golden logits.")
+app.add_typer(golden_app, name="golden")
+
+
+@golden_app.command("record")
+def golden_record(
+    model_dir: Annotated[Path, typer.Argument(help="a local mlx-lm model directory")],
+    out_file: Annotated[
+        Path, typer.Argument(metavar="OUT", help="the golden .safetensors to write")
+    ],
+    passes: Annotated[str, typer.Option(help="passes to apply first")] = "",
+    prompts: Annotated[
+        Path | None, typer.Option(help="a text file, one prompt per line")
+    ] = None,
+) -> None:
+    """Write the logits of fixed prompts (and their metadata) to OUT."""
+    try:
+        texts = None
+        if prompts is not None:
+            if not prompts.is_file():
+                fail(f"{prompts}: no such file")
+            texts = [line for line in prompts.read_text().splitlines() if line]
+        file = golden.record(model_dir, out_file, passes, texts)
+    except GraphpatchError as e:
+        fail(str(e))
+    out.print(f"wrote {file}", highlight=False)
+
+
+@golden_app.command("check")
+def golden_check(
+    model_dir: Annotated[Path, typer.Argument(help="the model the file is of")],
+    file: Annotated[Path, typer.Argument(help="a golden file from golden record")],
+    passes: Annotated[
+        str | None, typer.Option(help="default: the passes it was recorded with")
+    ] = None,
+) -> None:
+    """Recompute and compare: exit 0 within tolerance, 1 with the diff."""
+    try:
+        result = golden.check(model_dir, file, passes)
+    except GraphpatchError as e:
+        fail(str(e))
+    for line in result.lines:
+        out.print(line, highlight=False, soft_wrap=True)
+    raise typer.Exit(0 if result.ok else 1)

@@ -1,0 +1,234 @@
+"""Golden logits: record a model's logits once, check every later build.
+
+A golden file is a small safetensors file: per prompt its token ids, the
+float32 logits of its last position and their top-k ids, plus metadata
+(graphpatch, mlx and mlx-lm versions, platform and device, hashes of the
+model's config and weights, dtype, passes, tolerance). ``check`` recomputes
+and compares, and refuses a file recorded from another model.
+"""
+
+import hashlib
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlx.core as mx
+import mlx_lm
+
+import graphpatch
+from graphpatch.contract import GraphpatchError
+from graphpatch.loading import load, read_config
+from graphpatch.verify import PROBE_TOKENS, TOLERANCE, compute_dtype, dtype_name
+
+TOP_K = 8
+DEFAULT_PROMPTS = [*PROBE_TOKENS, [5, 9, 33, 2, 17, 41, 8, 3, 12, 60, 1, 7, 22, 48, 19]]
+# Metadata that names the model: a file recorded from another is refused.
+IDENTITY = ("config_hash", "weights_hash")
+
+
+class GoldenError(GraphpatchError):
+    """A golden file that cannot be checked here (another model, bad file)."""
+
+
+def config_hash(model_dir: Path) -> str:
+    config = json.loads((model_dir / "config.json").read_text())
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+def weights_hash(model_dir: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(model_dir.glob("model*.safetensors")):
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _logits(model, prompts: list[list[int]]) -> list[mx.array]:
+    rows = [model(mx.array([p]))[0, -1].astype(mx.float32) for p in prompts]
+    mx.eval(rows)
+    return rows
+
+
+def _model(model_dir: Path, passes: str):
+    model, tokenizer, _ = load(model_dir)
+    if passes:
+        graphpatch.apply(model, passes, model_dir=str(model_dir))
+    return model, tokenizer
+
+
+def _metadata(model_dir: Path, model, passes: str) -> dict[str, str]:
+    dtype = compute_dtype(model)
+    atol, rtol = TOLERANCE.get(dtype, TOLERANCE[mx.float32])
+    return {
+        "graphpatch": graphpatch.__version__,
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm.__version__,
+        "platform": platform.platform(),
+        "device": str(mx.default_device()),
+        "config_hash": config_hash(model_dir),
+        "weights_hash": weights_hash(model_dir),
+        "dtype": dtype_name(dtype),
+        "passes": passes,
+        "tolerance": f"{atol},{rtol}",
+    }
+
+
+def record(
+    model_dir: str | Path,
+    out: str | Path,
+    passes: str = "",
+    prompts: list[str] | None = None,
+    extra: dict[str, str] | None = None,
+) -> Path:
+    """Write the golden file of ``model_dir`` (patched with ``passes``).
+
+    Args:
+        model_dir: a local mlx-lm model directory.
+        out: the safetensors file to write.
+        passes: pass specs, comma-separated ("" for the unpatched model).
+        prompts: texts to tokenize; default: fixed token ids.
+        extra: more metadata to store (e.g. how to rebuild a zoo model).
+    """
+    model_dir, out = Path(model_dir), Path(out)
+    read_config(model_dir)
+    model, tokenizer = _model(model_dir, passes)
+    ids = [tokenizer.encode(p) for p in prompts] if prompts else DEFAULT_PROMPTS
+    arrays = {}
+    for i, (tokens, logits) in enumerate(zip(ids, _logits(model, ids), strict=True)):
+        arrays[f"tokens.{i}"] = mx.array(tokens, mx.int32)
+        arrays[f"logits.{i}"] = logits
+        arrays[f"top.{i}"] = mx.argsort(-logits)[:TOP_K].astype(mx.int32)
+    metadata = _metadata(model_dir, model, passes) | (extra or {})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out), arrays, metadata)
+    return out
+
+
+@dataclass
+class GoldenResult:
+    ok: bool
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def diff(self) -> str:
+        return "\n".join(self.lines)
+
+
+def read(file: str | Path) -> tuple[dict[str, mx.array], dict[str, str]]:
+    try:
+        return mx.load(str(file), return_metadata=True)
+    except Exception as e:
+        raise GoldenError(f"{file}: not a golden file ({e})") from None
+
+
+def check(
+    model_dir: str | Path, file: str | Path, passes: str | None = None
+) -> GoldenResult:
+    """Recompute the golden file's logits and compare.
+
+    Args:
+        model_dir: the model directory the file was recorded from.
+        file: a golden file written by ``record``.
+        passes: pass specs to apply; default: the ones it was recorded with.
+
+    Raises:
+        GoldenError: the file is unreadable or was recorded from another model.
+    """
+    model_dir = Path(model_dir)
+    read_config(model_dir)
+    arrays, recorded = read(file)
+    passes = recorded.get("passes", "") if passes is None else passes
+    here = {
+        "config_hash": config_hash(model_dir),
+        "weights_hash": weights_hash(model_dir),
+    }
+    for key in IDENTITY:
+        if recorded.get(key) != here[key]:
+            raise GoldenError(
+                f"{file} was recorded from another model: its {key.replace('_', ' ')} "
+                f"differs from {model_dir}'s"
+            )
+    model, _ = _model(model_dir, passes)
+    now = _metadata(model_dir, model, passes)
+    atol, rtol = (float(x) for x in recorded["tolerance"].split(","))
+    count = len([k for k in arrays if k.startswith("tokens.")])
+    prompts = [arrays[f"tokens.{i}"].tolist() for i in range(count)]
+    result = GoldenResult(True)
+    for i, logits in enumerate(_logits(model, prompts)):
+        line, ok = _compare(i, arrays, logits, atol, rtol)
+        result.lines.append(line)
+        result.ok &= ok
+    changed = [
+        f"{key}: {recorded.get(key) or '(none)'} -> {now[key] or '(none)'}"
+        for key in now
+        if key not in IDENTITY and recorded.get(key) != now[key]
+    ]
+    if changed:
+        result.lines.append("metadata changed: " + "; ".join(changed))
+    return result
+
+
+def _compare(i: int, arrays: dict, logits: mx.array, atol: float, rtol: float):
+    golden = arrays[f"logits.{i}"]
+    error = mx.abs(logits - golden)
+    worst, at = error.max().item(), int(mx.argmax(error).item())
+    tolerance = atol + rtol * mx.abs(golden).max().item()
+    top1 = int(mx.argmax(logits).item())
+    golden_top1 = int(arrays[f"top.{i}"][0].item())
+    ok = worst <= tolerance
+    line = (
+        f"prompt {i} ({arrays[f'tokens.{i}'].size} tokens): max abs error "
+        f"{worst:.3g} at vocab id {at} (tolerance {tolerance:.3g}), top-1 "
+        + ("same" if top1 == golden_top1 else f"{golden_top1} -> {top1}")
+        + (": ok" if ok else ": FAILED")
+    )
+    return line, ok
+
+
+def assert_matches(
+    model_dir: str | Path, file: str | Path, passes: str | None = None
+) -> None:
+    """A pytest helper: raise AssertionError with the diff when logits moved."""
+    result = check(model_dir, file, passes)
+    assert result.ok, f"golden logits moved ({file}):\n{result.diff}"
+
+
+# The zoo models whose golden files live in golden/: (name, build, passes).
+ZOO = [
+    ("llama", {}, ""),
+    ("llama", {}, "untied_head"),
+    ("llama", {}, "fuse_glu"),
+    ("llama", {}, "last_token"),
+    ("llama", {}, "fuse_glu,last_token"),
+    ("llama", {"head": "negated"}, "untied_head"),
+    ("qwen3_moe", {"quant": "affine4"}, ""),
+    ("qwen3_moe", {"quant": "affine4"}, "fuse_glu"),
+    ("qwen3_moe", {"quant": "affine4"}, "fuse_glu,last_token"),
+    ("gemma2", {}, ""),
+    ("gemma2", {}, "last_token"),
+]
+
+
+def zoo_file_name(name: str, build: dict, passes: str) -> str:
+    parts = [name, *(f"{k}-{v}" for k, v in sorted(build.items()))]
+    parts.append(passes.replace(",", "+").replace(":", "-") or "unpatched")
+    return "_".join(parts) + ".safetensors"
+
+
+def record_zoo(out_dir: str | Path, work_dir: str | Path) -> list[Path]:
+    """Re-record every golden file of the zoo (a reviewed change: the diff of
+    golden/ is what a reviewer reads)."""
+    from graphpatch import zoo
+
+    written = []
+    for name, build, passes in ZOO:
+        key = name + "".join(f"-{k}={v}" for k, v in sorted(build.items()))
+        model_dir = Path(work_dir) / key
+        if not model_dir.is_dir():
+            zoo.build(name, model_dir, **build)
+        out = Path(out_dir) / zoo_file_name(name, build, passes)
+        extra = {"zoo": json.dumps({"name": name, "build": build})}
+        written.append(record(model_dir, out, passes, extra=extra))
+    return written
