@@ -55,10 +55,20 @@ def apply_cmd(
     verify: Annotated[
         bool, typer.Option(help="check every site and the logits")
     ] = True,
+    save: Annotated[
+        Path | None, typer.Option(help="write the patched model to this directory")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="replace an existing --save")] = False,
+    max_shard_mb: Annotated[
+        float, typer.Option(help="largest safetensors file --save writes")
+    ] = 5120,
 ) -> None:
-    """Load MODEL_DIR with mlx-lm, rewrite it, verify it, print the report."""
+    """Load MODEL_DIR with mlx-lm, rewrite it, verify it, print the report,
+    and with --save write the patched model."""
     try:
         graphpatch.resolve(passes or None)
+        if save is not None and save.exists() and not force:
+            fail(f"{save} exists (use --force to replace it)")
         with err.status(f"loading {model_dir}"):
             model, _, _ = load(model_dir, lazy=not verify)
         with err.status("applying and verifying") as status:
@@ -76,6 +86,21 @@ def apply_cmd(
     except GraphpatchError as e:
         fail(str(e))
     _print(report, json)
+    if save is not None:
+        try:
+            with err.status(f"saving {save}") as status:
+                graphpatch.save(
+                    model,
+                    model_dir,
+                    save,
+                    passes or None,
+                    force,
+                    int(max_shard_mb * 2**20),
+                    status.update,
+                )
+        except GraphpatchError as e:
+            fail(str(e))
+        err.print(f"saved {save}", highlight=False)
 
 
 def _print(report: graphpatch.Report, as_json: bool) -> None:

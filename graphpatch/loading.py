@@ -35,8 +35,11 @@ def read_config(model_dir: Path) -> dict:
         raise LoadError(f"{config_file}: not valid JSON ({e})") from None
     if not isinstance(config, dict) or "model_type" not in config:
         raise LoadError(f"{config_file}: no model_type")
+    saved = config.get("graphpatch")
     try:
-        _get_classes(config)
+        _get_classes(
+            {**config, **({"model_type": saved["model_type"]} if saved else {})}
+        )
     except ValueError:
         raise LoadError(
             f"{config_file}: model_type '{config['model_type']}' is not an "
@@ -118,7 +121,8 @@ def read_arrays(model_dir: str | Path, prefix: str) -> dict[str, mx.array]:
 
 
 def load(model_dir: str | Path, lazy: bool = False) -> tuple[nn.Module, object, dict]:
-    """Load a local model directory with ``mlx_lm.load``.
+    """Load a local model directory with ``mlx_lm.load``, or a directory
+    written by ``graphpatch.save`` straight into its patched structure.
 
     Args:
         model_dir: a directory with config.json, safetensors and a tokenizer.
@@ -131,8 +135,15 @@ def load(model_dir: str | Path, lazy: bool = False) -> tuple[nn.Module, object, 
         LoadError: the directory cannot be loaded; the message says why.
     """
     model_dir = Path(model_dir)
-    read_config(model_dir)
+    config = read_config(model_dir)
     check_weights(model_dir)
+    if "graphpatch" in config:
+        from graphpatch import saving
+
+        try:
+            return saving.load(model_dir, lazy)
+        except (ValueError, KeyError) as e:
+            raise LoadError(f"{model_dir}: cannot open the saved model: {e}") from None
     try:
         return mlx_lm_load(str(model_dir), lazy=lazy, return_config=True)
     except ValueError as e:
