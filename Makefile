@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo/qwen3_moe
 
-.PHONY: install test lint demo bench golden clean
+.PHONY: install test lint demo bench golden coverage clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,6 +28,10 @@ demo: install
 bench: install
 	$(PY) benchmarks/fuse_glu.py
 	$(PY) benchmarks/last_token.py
+
+# Regenerate docs/COVERAGE.md (every architecture of the installed mlx-lm).
+coverage: install
+	$(VENV)/bin/graphpatch coverage --write docs/COVERAGE.md > /dev/null
 
 # Re-record golden/ on purpose (new mlx, mlx-lm or pass); review the diff.
 golden: install

@@ -1,7 +1,9 @@
 """The graphpatch command: parses, calls the library, prints. Nothing else."""
 
+import json as _json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -130,7 +132,24 @@ def run_cmd(
 ) -> None:
     """Run a program (after --) so that every model it loads through mlx-lm's
     loaders is patched, in its child processes too."""
-    command = ctx.args
+    _run(ctx.args, passes)
+
+
+@app.command("serve")
+def serve_cmd(
+    model_dir: Annotated[Path, typer.Argument(help="a local mlx-lm model directory")],
+    passes: Annotated[
+        str, typer.Option(help="comma-separated; default: GRAPHPATCH_PASSES")
+    ] = "",
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8080,
+) -> None:
+    """mlx-lm's own server with the patched model: run -- mlx_lm server."""
+    server = [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir)]
+    _run([*server, "--host", host, "--port", str(port)], passes)
+
+
+def _run(command: list[str], passes: str) -> None:
     if not command:
         fail("no command: graphpatch run [--passes a,b] -- CMD ARGS...")
     env = dict(os.environ)
@@ -149,6 +168,36 @@ def run_cmd(
         p for p in (startup, env.get("PYTHONPATH")) if p
     )
     os.execvpe(command[0], command, env)
+
+
+@app.command("coverage")
+def coverage_cmd(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="architectures (default: all)")
+    ] = None,
+    json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    write: Annotated[
+        Path | None, typer.Option(help="also write the markdown table here")
+    ] = None,
+) -> None:
+    """Build every architecture of the installed mlx-lm from a small config,
+    apply each pass, verify, and print what was rewritten or skipped, and why."""
+    from graphpatch import coverage
+
+    known = coverage.architectures()
+    unknown = [n for n in names or [] if n not in known]
+    if unknown:
+        fail(f"not an mlx-lm architecture: {', '.join(unknown)}")
+    with err.status("building architectures") as status:
+        results = coverage.run(names or None, progress=status.update)
+    table = coverage.markdown(results)
+    if write is not None:
+        write.parent.mkdir(parents=True, exist_ok=True)
+        write.write_text(table)
+    if json:
+        print(_json.dumps(coverage.as_dicts(results), indent=2))
+    else:
+        out.print(table, highlight=False, markup=False)
 
 
 golden_app = typer.Typer(no_args_is_help=True, help="Record and check golden logits.")

@@ -38,21 +38,44 @@ class Headed:
     original: type
 
 
+def logits_width(model: nn.Module) -> int | None:
+    """The last dimension of the model's output, from the shapes of a forward
+    that is built but never evaluated; None when the model cannot run."""
+    try:
+        return model(mx.array(PROBE_TOKENS)[:1, :2]).shape[-1]
+    except Exception:
+        return None
+
+
 def find_embedding(model: nn.Module) -> tuple[str, nn.Module] | None:
-    for path, module in walk(model):
-        if isinstance(module, EMBEDDINGS):
+    """The token embedding: the first embedding with one row per logit (a
+    position embedding, like gpt2's wpe, has other rows)."""
+    embeddings = [(p, m) for p, m in walk(model) if isinstance(m, EMBEDDINGS)]
+    width = logits_width(model) if len(embeddings) > 1 else None
+    for path, module in embeddings:
+        if width in (None, module.weight.shape[0]):
             return path, module
-    return None
+    return embeddings[0] if embeddings else None
+
+
+def _near_top(model: nn.Module):
+    """Children of the model and of its direct sub-modules (``lm_head``,
+    ``model.embed_out``), never inside layer lists."""
+    for key, child in model.items():
+        yield key, child
+        if isinstance(child, nn.Module):
+            for name, grandchild in child.items():
+                yield f"{key}.{name}", grandchild
 
 
 def head_path(model: nn.Module) -> str | None:
-    """Where the explicit head is: a top-level vocabulary linear, or the
-    ``lm_head`` this pass gave the embedding; None when there is none."""
+    """Where the explicit head is: a vocabulary linear at the top (or one
+    level down), or the ``lm_head`` untied_head gave the embedding."""
     embedding = find_embedding(model)
     if embedding is None:
         return None
     path, module = embedding
-    for key, child in model.items():
+    for key, child in _near_top(model):
         if _vocab_size(child) == module.weight.shape[0]:
             return key
     return f"{path}.lm_head" if isinstance(module, Headed) else None

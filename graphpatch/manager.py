@@ -127,12 +127,18 @@ def _agree(plan) -> None:
 
 def _reference(model: nn.Module, tokens: mx.array) -> mx.array:
     try:
-        return last_logits(model, tokens)
+        logits = last_logits(model, tokens)
     except Exception as e:
         raise GraphpatchError(
             f"cannot run the model on probe tokens of shape {tuple(tokens.shape)} "
             f"to take reference logits: {e!r}"
         ) from e
+    if not mx.isfinite(logits).all().item():
+        raise GraphpatchError(
+            "the model's logits on the probe tokens are not finite (NaN or inf): "
+            "nothing can be verified against them"
+        )
+    return logits
 
 
 def _check_model(

@@ -39,7 +39,10 @@ from graphpatch.loading import read_arrays
 ALREADY_APPLIED = "already applied"
 ALREADY_EXPLICIT = "already explicit: a top-level {cls} producing the vocabulary"
 NO_HEAD = "no LM head found: no vocabulary-sized top-level linear and no embedding"
-NOT_CONSULTED = "the model's __call__ does not run its head through {path}"
+NOT_CONSULTED = (
+    "the model's __call__ does not run its head through {path}.as_linear "
+    "(it computes the head inline, e.g. h @ embed.weight.T)"
+)
 NOT_READ = "tied to the embedding; checkpoint not read (no model directory given)"
 NO_CHECKPOINT_HEAD = "tied to the embedding; the checkpoint has no lm_head.*"
 SAME_AS_EMBEDDING = "tied to the embedding; the checkpoint's lm_head.* equals it"
@@ -64,7 +67,7 @@ def find(model: nn.Module, options: dict) -> list[Site]:
         return [Site("", "none")]
     path, module = embedding
     explicit = head_path(model)
-    if explicit is not None and not explicit.endswith(".lm_head"):
+    if explicit is not None and not isinstance(module, Headed):
         return [Site(explicit, "linear")]
     if isinstance(module, Headed) or not options.get("model_dir"):
         return [Site(path, "tied", {"note": NOT_READ})]

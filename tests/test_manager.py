@@ -205,3 +205,12 @@ def test_progress_is_reported(load_zoo):
 def test_a_module_that_is_not_a_language_model_is_refused_cleanly():
     with pytest.raises(GraphpatchError, match="cannot run the model on probe tokens"):
         graphpatch.apply(nn.Linear(4, 4), ["fuse_glu"])
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3_moe", "gemma2"])
+def test_the_patched_forward_compiles(load_zoo, name):
+    model, _ = load_zoo(name)
+    graphpatch.apply(model, "untied_head,fuse_glu,last_token:keep=2")
+    compiled = mx.compile(model)
+    assert mx.array_equal(compiled(TOKENS), model(TOKENS))
+    assert compiled(TOKENS).shape == (1, 2, 512)

@@ -99,6 +99,18 @@ def post(port: int, route: str, body: dict) -> dict:
         return json.loads(response.read())
 
 
+def wait_until_up(port: int, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1)
+            return
+        except OSError:
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.2)
+
+
 @contextmanager
 def server(model_dir: Path, *prefix: str):
     port = free_port()
@@ -110,15 +122,7 @@ def server(model_dir: Path, *prefix: str):
         text=True,
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1)
-                break
-            except OSError:
-                assert process.poll() is None, process.stderr.read()
-                assert time.monotonic() < deadline, "server did not start"
-                time.sleep(0.2)
+        wait_until_up(port, process)
         yield port, process
     finally:
         process.terminate()
@@ -142,3 +146,27 @@ def test_mlx_lm_server_answers_the_same_patched(zoo_dir):
         assert answers(port) == expected
         p.terminate()
         assert "last_token: 1 rewritten" in p.communicate(timeout=30)[1]
+
+
+def test_graphpatch_serve_is_the_patched_mlx_lm_server(zoo_dir):
+    model_dir = zoo_dir("llama")
+    with server(model_dir) as (port, _):
+        expected = answers(port)
+    port = free_port()
+    command = [GRAPHPATCH, "serve", str(model_dir), "--passes", "fuse_glu,last_token"]
+    process = subprocess.Popen(
+        [*command, "--port", str(port)], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_until_up(port, process)
+        assert answers(port) == expected
+    finally:
+        process.terminate()
+        assert "fuse_glu: 2 rewritten" in process.communicate(timeout=30)[1]
+
+
+def test_serve_refuses_a_bad_pass_list_before_the_port_opens(zoo_dir):
+    port = free_port()
+    args = [GRAPHPATCH, "serve", str(zoo_dir("llama")), "--passes", "fuse_al"]
+    result = run(*args, "--port", str(port), timeout=60)
+    assert result.returncode == 2 and "unknown pass 'fuse_al'" in result.stderr

@@ -1,0 +1,291 @@
+"""Coverage: every architecture of the installed mlx-lm, rewritten and
+verified, or skipped with a reason.
+
+Each module of ``mlx_lm.models`` that defines ``Model`` and ``ModelArgs`` is
+built from a small config derived from its ``ModelArgs`` fields (small sizes
+for the fields every architecture shares, the dataclass defaults for the
+rest), with seeded float32 weights. Then every pass is applied alone, and
+all together, to a fresh copy, each verified against the unpatched model by
+the manager. What cannot be built or run says why.
+"""
+
+import dataclasses
+import importlib
+import json
+import pkgutil
+import subprocess
+import sys
+import traceback
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx_lm.models
+from mlx.utils import tree_flatten
+
+import graphpatch
+from graphpatch.passes import PASSES
+
+VOCAB = 256
+# Small values for the fields the architectures share; the rest keep defaults.
+SMALL = {
+    "hidden_size": 256,
+    "dim": 256,
+    "d_model": 256,
+    "n_embd": 256,
+    "num_hidden_layers": 2,
+    "n_layers": 2,
+    "n_layer": 2,
+    "num_layers": 2,
+    "intermediate_size": 512,
+    "ffn_dim": 512,
+    "hidden_dim": 512,
+    "moe_intermediate_size": 64,
+    "shared_expert_intermediate_size": 64,
+    "num_attention_heads": 4,
+    "n_heads": 4,
+    "n_head": 4,
+    "num_heads": 4,
+    "num_key_value_heads": 2,
+    "n_kv_heads": 2,
+    "num_kv_heads": 2,
+    "head_dim": 64,
+    "vocab_size": VOCAB,
+    "n_vocab": VOCAB,
+    "num_experts": 8,
+    "num_local_experts": 8,
+    "n_routed_experts": 8,
+    "moe_num_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_topk": 2,
+    "n_shared_experts": 1,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "layer_norm_eps": 1e-5,
+    "norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+}
+# Plain values for required fields of other names, by type.
+BY_TYPE = {int: 2, float: 1.0, bool: False, str: "", list: [], dict: {}}
+TOKENS = [[1, 7, 42, 5, 60, 3, 11, 2]]
+MAX_PARAMETERS = 20_000_000
+
+
+@dataclass
+class PassCoverage:
+    rewritten: int = 0
+    skipped: list[str] = field(default_factory=list)
+    max_error: float | None = None
+    failed: str | None = None  # a verification error: a wrong rewrite caught
+
+
+@dataclass
+class Architecture:
+    name: str
+    built: bool = False
+    reason: str | None = None  # why it could not be built or run
+    passes: dict[str, PassCoverage] = field(default_factory=dict)
+
+
+def architectures() -> list[str]:
+    names = []
+    for info in pkgutil.iter_modules(mlx_lm.models.__path__):
+        source = importlib.util.find_spec(f"mlx_lm.models.{info.name}").origin
+        with open(source) as f:
+            text = f.read()
+        if "class Model(" in text and "class ModelArgs(" in text:
+            names.append(info.name)
+    return sorted(names)
+
+
+def small_config(name: str, args_class: type) -> dict:
+    config = {"model_type": name}
+    for f in dataclasses.fields(args_class):
+        if f.name in SMALL:
+            config[f.name] = SMALL[f.name]
+        elif f.default is dataclasses.MISSING and (
+            f.default_factory is dataclasses.MISSING
+        ):
+            config[f.name] = _plain_value(f.name, f.type)
+    return config
+
+
+def _plain_value(name: str, annotation):
+    if "eps" in name:
+        return 1e-5
+    text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    text = text.replace("typing.", "").removeprefix("Optional[")
+    for kind, words in (
+        (bool, ("bool",)),
+        (int, ("int",)),
+        (float, ("float",)),
+        (str, ("str",)),
+        (list, ("list", "List", "tuple", "Tuple")),
+        (dict, ("dict", "Dict")),
+    ):
+        if any(text.startswith(word) for word in words):
+            return BY_TYPE[kind]
+    return None
+
+
+def build(name: str) -> nn.Module:
+    module = importlib.import_module(f"mlx_lm.models.{name}")
+    config = small_config(name, module.ModelArgs)
+    args = module.ModelArgs.from_dict(config)
+    mx.random.seed(0)
+    model = module.Model(args)
+    size = sum(v.size for _, v in tree_flatten(model.parameters()))
+    if size > MAX_PARAMETERS:  # still lazy: nothing allocated yet
+        raise ValueError(f"{size / 1e6:.0f}M parameters from its defaults")
+    model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+    return model
+
+
+def _short(e: BaseException) -> str:
+    frame = traceback.extract_tb(e.__traceback__)[-1]
+    where = f"{frame.filename.rpartition('/')[2]}:{frame.lineno}"
+    first = str(e).splitlines()[0][:120] if str(e) else ""
+    return f"{type(e).__name__}: {first} ({where})"
+
+
+def cover(name: str) -> Architecture:
+    """Build ``name``, run it, apply each pass alone and all of them."""
+    result = Architecture(name)
+    try:
+        model = build(name)
+        out = model(mx.array(TOKENS))
+        mx.eval(out)
+        if out.ndim != 3 or out.shape[-1] != VOCAB:
+            result.reason = f"returns {tuple(out.shape)}, not (B, S, vocab) logits"
+            return result
+        if not mx.isfinite(out).all().item():
+            result.reason = "its small config gives non-finite logits"
+            return result
+        if not mx.array_equal(build(name)(mx.array(TOKENS)), out).item():
+            result.reason = "two builds from the same seed give different logits here"
+            return result
+    except (Exception, SystemExit) as e:  # some modules exit when a dep is missing
+        result.reason = f"cannot build or run from a small config: {_short(e)}"
+        return result
+    result.built = True
+    for spec in [*PASSES, "all"]:
+        passes = list(PASSES) if spec == "all" else [spec]
+        result.passes[spec] = _apply(build(name), passes, spec)
+    return result
+
+
+def _apply(model: nn.Module, passes: list[str], spec: str) -> PassCoverage:
+    coverage = PassCoverage()
+    try:
+        report = graphpatch.apply(model, passes, probe=TOKENS)
+    except graphpatch.VerificationError as e:
+        coverage.failed = str(e)
+        return coverage
+    except Exception as e:
+        coverage.failed = _short(e)
+        return coverage
+    names = passes if spec == "all" else [spec]
+    sites = [s for s in report.sites if s.pass_name in names]
+    coverage.rewritten = sum(s.status == "rewritten" for s in sites)
+    coverage.skipped = sorted(
+        {
+            f"{s.pass_name}: {s.reason}"
+            for s in sites
+            if s.reason and s.status != "rewritten"
+        }
+    )
+    errors = [s.max_error for s in sites if s.max_error is not None]
+    coverage.max_error = max(errors) if errors else None
+    return coverage
+
+
+def cover_in_child(name: str, timeout: float = 300) -> Architecture:
+    """``cover`` in a child process: an architecture that crashes the
+    interpreter (a segfault, an exit on a missing dependency) or hangs is
+    reported, not fatal."""
+    command = [sys.executable, "-m", "graphpatch.coverage", "--child", name]
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return Architecture(name, reason=f"cannot build or run: timed out ({timeout}s)")
+    if done.returncode != 0 or not done.stdout.strip():
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:120]
+        return Architecture(
+            name, reason=f"cannot build or run: exit {done.returncode} ({tail})"
+        )
+    data = json.loads(done.stdout.strip().splitlines()[-1])
+    passes = {k: PassCoverage(**v) for k, v in data.pop("passes").items()}
+    return Architecture(**data, passes=passes)
+
+
+def run(
+    names: list[str] | None = None, workers: int = 2, progress=None
+) -> list[Architecture]:
+    """Cover ``names`` (default: every architecture), ``workers`` at a time."""
+    progress = progress or (lambda line: None)
+    names = names or architectures()
+    with ThreadPoolExecutor(workers) as pool:
+        futures = {pool.submit(cover_in_child, name): name for name in names}
+        for done, future in enumerate(as_completed(futures), 1):
+            progress(f"[{done}/{len(names)}] {futures[future]}")
+    return [future.result() for future in futures]
+
+
+def as_dicts(results: list[Architecture]) -> list[dict]:
+    return [asdict(r) for r in results]
+
+
+def markdown(results: list[Architecture]) -> str:
+    import mlx_lm
+
+    columns = [*PASSES, "all"]
+    lines = [
+        "# Coverage",
+        "",
+        f"Generated by `graphpatch coverage` for mlx-lm {mlx_lm.__version__} "
+        f"(mlx {mx.__version__}, {mx.default_device()}). Each architecture is "
+        "built from a small config with seeded float32 weights; each pass is "
+        "applied alone and all together, verified against the unpatched model. "
+        "A cell gives the sites rewritten and the max error; `-` means none "
+        "rewritten (the reasons are listed below the table); `FAILED` would "
+        "be a wrong rewrite caught and rolled back.",
+        "",
+        "| architecture | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for r in results:
+        if not r.built:
+            continue
+        cells = [_cell(r.passes[c]) for c in columns]
+        lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
+    built = [r for r in results if r.built]
+    lines += ["", f"{len(built)} of {len(results)} architectures built and run.", ""]
+    lines += ["## Skipped sites, by reason", ""]
+    reasons: dict[str, list[str]] = {}
+    for r in built:
+        for reason in r.passes["all"].skipped:
+            reasons.setdefault(reason, []).append(r.name)
+    for reason, names in sorted(reasons.items()):
+        lines.append(f"- {reason}: {', '.join(names)}")
+    lines += ["", "## Not built", ""]
+    lines += [f"- {r.name}: {r.reason}" for r in results if not r.built]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(c: PassCoverage) -> str:
+    if c.failed:
+        return "FAILED"
+    if not c.rewritten:
+        return "-"
+    error = "" if c.max_error is None else f" ({c.max_error:.2g})"
+    return f"{c.rewritten}{error}"
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:
+        print(json.dumps(asdict(cover(sys.argv[2]))))
+    else:
+        progress = lambda line: print(line, file=sys.stderr)  # noqa: E731
+        print(markdown(run(sys.argv[1:] or None, progress=progress)))

@@ -1,0 +1,55 @@
+"""The coverage table: docs/COVERAGE.md stays true for the pinned mlx-lm.
+
+CI re-runs a subset that spans the cases (dense, MoE, tied, inline head,
+already fused, recurrent, a module that cannot be built); ``make coverage``
+regenerates the whole table (about a minute on 2 cores).
+"""
+
+from pathlib import Path
+
+from test_cli import run
+
+from graphpatch import coverage
+
+TABLE = Path(__file__).parent.parent / "docs" / "COVERAGE.md"
+SUBSET = [
+    "llama",
+    "qwen3_moe",
+    "gemma2",
+    "phi3",
+    "seed_oss",
+    "mamba",
+    "deepseek_v3",
+    "gpt_neox",
+    "olmo",
+]
+
+
+def entries(text: str) -> dict[str, str]:
+    """architecture -> its table row or its "Not built" line."""
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("| ") and not line.startswith("| architecture"):
+            found[line.split(" | ")[0][2:]] = line
+        elif line.startswith("- ") and ": " in line and "," not in line[:40]:
+            found.setdefault(line[2:].split(":")[0], line)
+    return found
+
+
+def test_the_checked_in_table_is_true_for_a_subset():
+    checked_in = entries(TABLE.read_text())
+    now = entries(coverage.markdown(coverage.run(SUBSET)))
+    for name in SUBSET:
+        assert now[name] == checked_in[name], name
+
+
+def test_no_architecture_has_a_wrong_rewrite():
+    rows = [line for line in TABLE.read_text().splitlines() if line.startswith("| ")]
+    assert len(rows) > 60
+    assert not [row for row in rows if "FAILED" in row]
+
+
+def test_unknown_architectures_are_one_line():
+    result = run("coverage", "llama", "not_a_model")
+    assert result.exit_code == 2
+    assert "not an mlx-lm architecture: not_a_model" in result.output
