@@ -170,3 +170,20 @@ def test_serve_refuses_a_bad_pass_list_before_the_port_opens(zoo_dir):
     args = [GRAPHPATCH, "serve", str(zoo_dir("llama")), "--passes", "fuse_al"]
     result = run(*args, "--port", str(port), timeout=60)
     assert result.returncode == 2 and "unknown pass 'fuse_al'" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["tensor", "pipeline"])
+def test_a_ring_launch_under_graphpatch_run_patches_every_rank(zoo_dir, kind):
+    from graphpatch import ring
+
+    model_dir = str(zoo_dir("qwen2", shards=2))
+    script = [PYTHON, str(Path(__file__).parent / "ranks" / "sharded_load.py")]
+    command = [*script, model_dir, kind]
+    plain = ring.launch(command, timeout=120)
+    patched = ring.launch([GRAPHPATCH, "run", "--passes", "fuse_glu", "--", *command])
+    for before, after in zip(plain, patched, strict=True):
+        assert after.returncode == 0, after.stderr
+        assert f"graphpatch[rank {after.rank}]: {model_dir}: fuse_glu: " in after.stderr
+        ours, theirs = (json.loads(r.stdout.strip()) for r in (after, before))
+        assert ours["argmax"] == theirs["argmax"]
+        assert theirs["fused"] == [] and ours["fused"]

@@ -1,0 +1,155 @@
+"""elide_head: decode step time and memory per rank of a 2-rank pipeline,
+with the head on every rank (unpatched) and on rank 0 only (elided).
+
+Qwen2.5-0.5B widths (hidden 896, vocab 151936), an untied head (as the larger
+Qwen2.5 models have), affine 4-bit, float32 activations, a few layers. Starts
+2 ranks of an MLX ring group on localhost (graphpatch.ring) that alternate the
+two variants in rounds (apply / revert between them) and report median wall
+and CPU time per decode step, the head's own time, and active memory. On one
+machine the two ranks share its cores and wait for each other every step, so
+wall time moves little; CPU time and memory say what the rank no longer does.
+Then the seed's scale on paper: the head bytes a 400B-class MoE reads per
+token on each rank that does not sample.
+
+    python benchmarks/elide_head.py [--layers N] [--steps N] [--rounds N]
+"""
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+QWEN25_05B = {
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "tie_word_embeddings": False,
+    "rope_theta": 1e6,
+    "max_position_embeddings": 32768,
+}
+
+
+def rank_main(model_dir: str, steps: int, rounds: int) -> None:
+    import mlx.core as mx
+    import mlx_lm
+    from mlx_lm.models.cache import make_prompt_cache
+
+    import graphpatch
+    from graphpatch.passes import elide_head
+
+    group = mx.distributed.init(backend="ring", strict=True)
+    model, _ = mlx_lm.load(model_dir)
+    model.model.pipeline(group)
+    mx.eval(model.parameters())
+    prompt = mx.array([[3, 17, 42, 5, 60, 7, 11, 2] * 4])
+
+    def decode(elided: bool) -> tuple[list[float], list[float]]:
+        sample = elide_head.sampler() if elided else (lambda x: mx.argmax(x, -1))
+        cache = make_prompt_cache(model)
+        token = sample(model(prompt, cache=cache)[:, -1])
+        mx.eval(token)
+        walls, cpus = [], []
+        for _ in range(steps):
+            wall, cpu = time.perf_counter(), time.process_time()
+            token = sample(model(token[:, None], cache=cache)[:, -1])
+            mx.eval(token)
+            walls.append(time.perf_counter() - wall)
+            cpus.append(time.process_time() - cpu)
+        return walls, cpus
+
+    def active() -> int:
+        mx.clear_cache()
+        return mx.get_active_memory()
+
+    samples = {"unpatched": ([], []), "elided": ([], [])}
+    memory = {"unpatched": active()}
+    for _ in range(rounds):
+        for name in ("unpatched", "elided"):
+            if name == "elided":
+                graphpatch.apply(model, ["elide_head"], model_dir=model_dir)
+                memory["elided"] = active()
+            decode(name == "elided")  # warm: a reverted head reloads here
+            walls, cpus = decode(name == "elided")
+            samples[name][0].extend(walls)
+            samples[name][1].extend(cpus)
+            if name == "elided":
+                graphpatch.revert(model)
+    h = mx.random.normal((1, 1, 896))
+    head_times = []
+    for _ in range(20):
+        start = time.perf_counter()
+        mx.eval(model.lm_head(h))
+        head_times.append(time.perf_counter() - start)
+    result = {
+        "rank": group.rank(),
+        "memory_mib": {k: v / 2**20 for k, v in memory.items()},
+        "head_ms": 1e3 * statistics.median(head_times),
+    }
+    for name, (walls, cpus) in samples.items():
+        result[name] = {
+            "wall_ms": 1e3 * statistics.median(walls),
+            "cpu_ms": 1e3 * statistics.median(cpus),
+        }
+    print(json.dumps(result))
+
+
+def on_paper() -> list[str]:
+    # DeepSeek-V3-class (671B MoE): vocab 129280, hidden 7168, 4-bit affine
+    # with group 64 (a bf16 scale and bias per 64 weights).
+    vocab, hidden = 129280, 7168
+    head_bytes = vocab * hidden * (0.5 + 4 / 64)
+    lines = [f"400B-class MoE head (4-bit): {head_bytes / 1e6:.0f} MB read per token"]
+    for name, bandwidth in (("M3 Ultra, 819 GB/s", 819e9), ("M4 Max, 546 GB/s", 546e9)):
+        lines.append(f"  at {name}: {1e3 * head_bytes / bandwidth:.2f} ms per token")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rank", help=argparse.SUPPRESS)  # a rank's model dir
+    args = parser.parse_args()
+    if args.rank:
+        return rank_main(args.rank, args.steps, args.rounds)
+
+    from graphpatch import ring, zoo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = Path(tmp) / "qwen2"
+        config = {**QWEN25_05B, "num_hidden_layers": args.layers}
+        zoo.build("qwen2", model_dir, quant="affine4", **config)
+        command = [sys.executable, __file__, "--rank", str(model_dir)]
+        command += ["--steps", str(args.steps), "--rounds", str(args.rounds)]
+        results = ring.launch(command, n=2, timeout=1800)
+    print(f"2 ranks on one machine, {args.layers} layers, decode steps, medians")
+    print(f"{'rank':>4} {'variant':>10} {'wall ms':>8} {'cpu ms':>8} {'MiB':>7}")
+    for r in results:
+        if r.returncode != 0:
+            sys.exit(f"rank {r.rank} failed ({r.returncode}):\n{r.stderr}")
+        data = json.loads(r.stdout.strip().splitlines()[-1])
+        for name in ("unpatched", "elided"):
+            v = data[name]
+            print(
+                f"{r.rank:>4} {name:>10} {v['wall_ms']:8.2f} {v['cpu_ms']:8.2f} "
+                f"{data['memory_mib'][name]:7.1f}"
+            )
+        u, e = data["unpatched"], data["elided"]
+        wall, cpu = u["wall_ms"] / e["wall_ms"], u["cpu_ms"] / e["cpu_ms"]
+        share = data["head_ms"] / u["wall_ms"]
+        print(
+            f"     rank {r.rank}: unpatched/elided wall {wall:.3f}, cpu {cpu:.3f}; "
+            f"head alone {data['head_ms']:.2f} ms ({share:.0%} of a step)"
+        )
+    for line in on_paper():
+        print(line)
+
+
+if __name__ == "__main__":
+    main()
