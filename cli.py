@@ -163,11 +163,10 @@ def _run(command: list[str], passes: str) -> None:
         err.print("warning: no passes chosen (--passes or GRAPHPATCH_PASSES)")
     if shutil.which(command[0]) is None:
         fail(f"command not found: {command[0]}", code=127)
+    from graphpatch import hook
+
     startup = str(Path(graphpatch.__file__).parent / "_startup")
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (startup, env.get("PYTHONPATH")) if p
-    )
-    os.execvpe(command[0], command, env)
+    raise typer.Exit(hook.run(command, env, startup))
 
 
 @app.command("coverage")

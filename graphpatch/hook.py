@@ -11,19 +11,20 @@ the file named by ``GRAPHPATCH_REPORT``. A failed check ends the program
 before it can serve anything.
 """
 
-import atexit
 import functools
 import importlib.abc
 import importlib.util
 import json
 import os
+import signal
+import subprocess
 import sys
+import tempfile
 import threading
 from pathlib import Path
 
 LOADERS = ("load", "load_model", "sharded_load")
 _state = threading.local()  # loader nesting depth: patch once, outermost
-_patched: list[str] = []
 
 
 def install() -> None:
@@ -32,7 +33,6 @@ def install() -> None:
         _wrap_loaders(sys.modules["mlx_lm.utils"])
     else:
         sys.meta_path.insert(0, _AfterImport())
-    atexit.register(_say_if_nothing_loaded)
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
@@ -87,8 +87,10 @@ def _patch(model, path_or_repo) -> None:
         _die(f"verification failed, stopping: {e}")
     except graphpatch.GraphpatchError as e:
         _die(str(e))
-    _patched.append(str(path_or_repo))
     _emit(report, path_or_repo)
+    run_dir = os.environ.get("GRAPHPATCH_RUN_DIR")
+    if run_dir and os.path.isdir(run_dir):  # tells graphpatch run a model was patched
+        Path(run_dir, f"{os.getpid()}-{threading.get_ident()}").touch()
 
 
 def _prefix() -> str:
@@ -117,11 +119,25 @@ def _die(message: str) -> None:
     os._exit(1)  # also from a server's loader thread: nothing may be served
 
 
-def _say_if_nothing_loaded() -> None:
-    if not _patched:
-        print(
-            f"{_prefix()}: the program loaded no model through mlx-lm; "
-            "nothing was patched",
-            file=sys.stderr,
-            flush=True,
+def run(command: list[str], env: dict[str, str], startup: str) -> int:
+    """Run ``command`` with the hook on its PYTHONPATH (and its children's),
+    wait, and return its exit code; say so when no process patched a model.
+    SIGTERM and SIGHUP are passed on; SIGINT reaches it from the terminal."""
+    with tempfile.TemporaryDirectory(prefix="graphpatch-run-") as run_dir:
+        env = {**env, "GRAPHPATCH_RUN_DIR": run_dir}
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (startup, env.get("PYTHONPATH")) if p
         )
+        child = subprocess.Popen(command, env=env)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, lambda number, frame: child.send_signal(number))
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        code = child.wait()
+        if not os.listdir(run_dir):
+            print(
+                "graphpatch: the program loaded no model through mlx-lm; "
+                "nothing was patched",
+                file=sys.stderr,
+                flush=True,
+            )
+    return 128 - code if code < 0 else code
