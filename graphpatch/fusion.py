@@ -1,11 +1,14 @@
 """One fused matmul serving two callers: what fuse_glu puts in place of a
-GLU's gate_proj and up_proj, so the GLU's own ``__call__`` runs unchanged.
+GLU's gate_proj and up_proj, so the GLU's own ``__call__`` runs unchanged;
+and joining two layers on the output axis, and splitting them back.
 """
 
 import weakref
 
 import mlx.core as mx
 import mlx.nn as nn
+
+from graphpatch.contract import rebuilt
 
 
 class FusedCall:
@@ -54,3 +57,34 @@ class GLUHalf(nn.Module):
 
     def __call__(self, *args, **kwargs) -> mx.array:
         return self.call.half(self.index, args, kwargs)
+
+
+def output_axis(key: str, array: mx.array) -> int:
+    # bias is (..., out); weight, scales, biases are (..., out, in)
+    return array.ndim - 1 if key == "bias" else array.ndim - 2
+
+
+def without(shape: tuple, axis: int) -> tuple:
+    return shape[:axis] + shape[axis + 1 :]
+
+
+def joined(gate: nn.Module, up: nn.Module) -> nn.Module:
+    """One layer of ``gate``'s kind holding [gate; up] on the output axis."""
+    fused = rebuilt(gate)
+    for key in gate:
+        if key != "global_scale":
+            fused[key] = mx.concatenate(
+                [gate[key], up[key]], axis=output_axis(key, gate[key])
+            )
+    return fused
+
+
+def part(fused: nn.Module, start: int, stop: int | None) -> nn.Module:
+    """The output rows ``start:stop`` of a joined layer, as a layer."""
+    part = rebuilt(fused)
+    for key in fused:
+        if key != "global_scale":
+            index = [slice(None)] * fused[key].ndim
+            index[output_axis(key, fused[key])] = slice(start, stop)
+            part[key] = fused[key][tuple(index)]
+    return part

@@ -17,8 +17,9 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedLinear
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from graphpatch.contract import Pass, Site, module_at, rebuilt, walk
-from graphpatch.fusion import FusedCall, GLUHalf
+from graphpatch.contract import Pass, Site, module_at, walk
+from graphpatch.fusion import FusedCall, GLUHalf, output_axis, part, without
+from graphpatch.fusion import joined as _joined  # looked up per call: tests swap it
 from graphpatch.timing import interleaved_ratio
 
 LAYERS = (
@@ -40,6 +41,16 @@ BIAS_DIFFERS = "one of gate and up has a bias and the other has none"
 DTYPE_DIFFERS = "gate and up {key} differ in dtype ({gate} vs {up})"
 SHAPE_DIFFERS = "gate and up {key} shapes {gate} and {up} do not concatenate"
 GLOBAL_SCALES = "nvfp4 experts with different global scales for gate and up"
+# MLPs reported rather than passed over in silence: a GLU named otherwise,
+# and MLPs with one up projection.
+OTHER_MLPS = [
+    ("w1", "w2", "w3"),
+    ("c_fc", "c_proj"),
+    ("fc1", "fc2"),
+    ("dense_h_to_4h", "dense_4h_to_h"),
+]
+OTHER_NAMES = "a GLU named w1/w2/w3: fuse_glu does not guess which is the gate"
+NOT_GLU = "an MLP with one up projection ({kind}): nothing to fuse"
 SLOWER = (
     "fused measured slower (unfused/fused {decode:.3f} decode, {prefill:.3f} "
     "prefill), kept unfused"
@@ -60,7 +71,16 @@ def find(model: nn.Module, options: dict) -> list[Site]:
             sites.append(Site(path, kind))
         elif "gate_up_proj" in module and "down_proj" in module:
             sites.append(Site(path, "fused"))
+        elif names := _other_mlp(module):
+            sites.append(Site(path, names))
     return sites
+
+
+def _other_mlp(module: nn.Module) -> str | None:
+    for names in OTHER_MLPS:
+        if all(isinstance(module.get(k), nn.Module) for k in names):
+            return "/".join(names)
+    return None
 
 
 def _is_experts(layer: nn.Module, module: nn.Module) -> bool:
@@ -70,6 +90,8 @@ def _is_experts(layer: nn.Module, module: nn.Module) -> bool:
 
 
 def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
+    if "/" in site.kind:
+        return OTHER_NAMES if "w1" in site.kind else NOT_GLU.format(kind=site.kind)
     module = module_at(model, site.path)
     if isinstance(module.get("gate_proj"), GLUHalf):
         return ALREADY_APPLIED
@@ -110,39 +132,10 @@ def _arrays_differ(gate: nn.Module, up: nn.Module) -> str | None:
             if a.shape != b.shape or not mx.array_equal(a, b).item():
                 return GLOBAL_SCALES
             continue
-        axis = _axis(key, a)
-        if a.ndim != b.ndim or _without(a.shape, axis) != _without(b.shape, axis):
+        axis = output_axis(key, a)
+        if a.ndim != b.ndim or without(a.shape, axis) != without(b.shape, axis):
             return SHAPE_DIFFERS.format(key=key, gate=a.shape, up=b.shape)
     return None
-
-
-def _axis(key: str, array: mx.array) -> int:
-    # bias is (..., out); weight, scales, biases are (..., out, in)
-    return array.ndim - 1 if key == "bias" else array.ndim - 2
-
-
-def _without(shape: tuple, axis: int) -> tuple:
-    return shape[:axis] + shape[axis + 1 :]
-
-
-def _joined(gate: nn.Module, up: nn.Module) -> nn.Module:
-    fused = rebuilt(gate)
-    for key in gate:
-        if key != "global_scale":
-            fused[key] = mx.concatenate(
-                [gate[key], up[key]], axis=_axis(key, gate[key])
-            )
-    return fused
-
-
-def _part(fused: nn.Module, start: int, stop: int | None) -> nn.Module:
-    part = rebuilt(fused)
-    for key in fused:
-        if key != "global_scale":
-            index = [slice(None)] * fused[key].ndim
-            index[_axis(key, fused[key])] = slice(start, stop)
-            part[key] = fused[key][tuple(index)]
-    return part
 
 
 def rewrite(model: nn.Module, site: Site, options: dict) -> None:
@@ -158,8 +151,8 @@ def rewrite(model: nn.Module, site: Site, options: dict) -> None:
 def undo(model: nn.Module, path: str) -> None:
     module = module_at(model, path)
     fused, split = module["gate_up_proj"], module["gate_proj"].call.split
-    module.gate_proj = _part(fused, 0, split)
-    module.up_proj = _part(fused, split, None)
+    module.gate_proj = part(fused, 0, split)
+    module.up_proj = part(fused, split, None)
     del module["gate_up_proj"]
 
 
@@ -206,8 +199,8 @@ def tune(model: nn.Module, site: Site, dtype) -> tuple[dict, str | None]:
     fused = {"gate_proj": module["gate_proj"], "up_proj": module["up_proj"]}
     split = fused["gate_proj"].call.split
     unfused = {
-        "gate_proj": _part(module["gate_up_proj"], 0, split),
-        "up_proj": _part(module["gate_up_proj"], split, None),
+        "gate_proj": part(module["gate_up_proj"], 0, split),
+        "up_proj": part(module["gate_up_proj"], split, None),
     }
     mx.eval([m.parameters() for m in unfused.values()])
     ratios = {}
