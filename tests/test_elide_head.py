@@ -36,6 +36,16 @@ def test_every_rank_gets_the_same_tokens(zoo_dir, name, temp, note):
     assert final["logits"] == other["logits"] == [1, 3, 512]
 
 
+def test_three_ranks_all_get_rank_0s_token(zoo_dir):
+    model_dir = str(zoo_dir("qwen3_moe", num_hidden_layers=3))
+    plain = launch("pipeline_generate.py", model_dir, "0.8", "plain", n=3)
+    elided = launch("pipeline_generate.py", model_dir, "0.8", "elided", n=3)
+    expected = plain[0]["tokens"]
+    assert [r["tokens"] for r in plain + elided] == [expected] * 6
+    assert [r["kind"] for r in elided] == ["final", "elided", "elided"]
+    assert [abs(r["freed"] - HEAD_BYTES) < 1024 for r in elided] == [False, True, True]
+
+
 def test_ranks_that_disagree_on_the_passes_both_fail_cleanly(zoo_dir):
     ranks = launch("pipeline_generate.py", str(zoo_dir("qwen2")), "0", "disagree")
     for r in ranks:
