@@ -181,45 +181,54 @@ def _apply_site(
         return result
     result.bytes_before = nbytes(module_at(model, site.path))
     if verify:
-        try:
-            run = p.probe(model, site, dtype, options)
-            reference = run()
-            mx.eval(reference)
-        except Exception as e:
-            result.reason = f"cannot run the site on a probe: {e}"
+        result.reason = _rewrite_verified(model, p, site, options, dtype, result)
+    else:
+        p.rewrite(model, site, options)
+    if result.reason:
+        return result
+    if verify and options.get("tune") and p.tune:
+        result.speedup, result.reason = p.tune(model, site, dtype)
+        if result.reason:
             return result
-    held = _hold(model, site.path) if verify else None
-    p.rewrite(model, site, options)
-    if verify:
-        mx.eval(module_at(model, site.path).parameters())
-        try:
-            cmp = compare(reference, run())
-        except Exception as e:
-            _restore(held)
-            result.reason = f"rewritten site failed on the probe, restored: {e}"
-            return result
-        result.max_error, result.tolerance, result.top1 = (
-            cmp.max_error,
-            cmp.tolerance,
-            cmp.top1,
-        )
-        if not cmp.ok:
-            _restore(held)
-            result.reason = (
-                f"rewrite off by {cmp.max_error:.3g} (tolerance "
-                f"{cmp.tolerance:.3g}), restored"
-            )
-            return result
-        result.verified = True
-        if options.get("tune") and p.tune:
-            result.speedup, result.reason = p.tune(model, site, dtype)
-            if result.reason:
-                return result
     result.status = REWRITTEN
     result.note = site.detail.get("note")  # what the rewrite found
     result.bytes_after = nbytes(module_at(model, site.path))
     result.seconds = time.perf_counter() - start
     return result
+
+
+def _rewrite_verified(
+    model: nn.Module, p: Pass, site: Site, options: dict, dtype, result: SiteResult
+) -> str | None:
+    """Probe, rewrite, probe again and compare; on a failure restore the held
+    originals and return the reason the site stays as it was."""
+    try:
+        run = p.probe(model, site, dtype, options)
+        reference = run()
+        mx.eval(reference)
+    except Exception as e:
+        return f"cannot run the site on a probe: {e}"
+    held = _hold(model, site.path)
+    p.rewrite(model, site, options)
+    mx.eval(module_at(model, site.path).parameters())
+    try:
+        cmp = compare(reference, run())
+    except Exception as e:
+        _restore(held)
+        return f"rewritten site failed on the probe, restored: {e}"
+    result.max_error, result.tolerance, result.top1 = (
+        cmp.max_error,
+        cmp.tolerance,
+        cmp.top1,
+    )
+    if not cmp.ok:
+        _restore(held)
+        return (
+            f"rewrite off by {cmp.max_error:.3g} (tolerance {cmp.tolerance:.3g}), "
+            "restored"
+        )
+    result.verified = True
+    return None
 
 
 def _hold(model: nn.Module, path: str) -> tuple:

@@ -1,0 +1,127 @@
+"""Small configs for every mlx-lm architecture, derived from its ModelArgs.
+
+The fields every architecture shares get small values; other required fields
+get a plain value of their type; a wrapper's nested language-model config is
+small as well, and the fields it turns out to need are filled in when the
+wrapper asks for them. What still cannot be built raises, and the coverage
+table says why.
+"""
+
+import dataclasses
+import importlib
+import re
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+VOCAB = 256
+# Small values for the fields the architectures share; the rest keep defaults.
+SMALL = {
+    "hidden_size": 256,
+    "dim": 256,
+    "d_model": 256,
+    "n_embd": 256,
+    "num_hidden_layers": 2,
+    "n_layers": 2,
+    "n_layer": 2,
+    "num_layers": 2,
+    "intermediate_size": 512,
+    "ffn_dim": 512,
+    "hidden_dim": 512,
+    "moe_intermediate_size": 64,
+    "shared_expert_intermediate_size": 64,
+    "num_attention_heads": 4,
+    "n_heads": 4,
+    "n_head": 4,
+    "num_heads": 4,
+    "num_key_value_heads": 2,
+    "n_kv_heads": 2,
+    "num_kv_heads": 2,
+    "head_dim": 64,
+    "vocab_size": VOCAB,
+    "n_vocab": VOCAB,
+    "num_experts": 8,
+    "num_local_experts": 8,
+    "n_routed_experts": 8,
+    "moe_num_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_topk": 2,
+    "n_shared_experts": 1,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "layer_norm_eps": 1e-5,
+    "norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+}
+# Plain values for required fields of other names, by type.
+BY_TYPE = {int: 2, float: 1.0, bool: False, str: "", list: [], dict: {}}
+MAX_PARAMETERS = 20_000_000
+NESTED = ("text_config", "language_config", "llm_config")
+
+
+def small_config(name: str, args_class: type) -> dict:
+    config = {"model_type": name}
+    for f in dataclasses.fields(args_class):
+        if f.name in SMALL:
+            config[f.name] = SMALL[f.name]
+        elif f.name in NESTED:  # a wrapper's language model: small as well
+            config[f.name] = {"model_type": name, **SMALL}
+        elif f.name == "layer_types":
+            config[f.name] = ["full_attention"] * SMALL["num_hidden_layers"]
+        elif f.default is dataclasses.MISSING and (
+            f.default_factory is dataclasses.MISSING
+        ):
+            config[f.name] = _plain_value(f.name, f.type)
+    return config
+
+
+def _plain_value(name: str, annotation):
+    if "eps" in name:
+        return 1e-5
+    if annotation is None:  # known by name only
+        if name.endswith("layers") or name.endswith("_types"):
+            return []
+        return False if name.startswith(("tie_", "use_")) or "bias" in name else 2
+    text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
+    text = text.replace("typing.", "").removeprefix("Optional[")
+    for kind, words in (
+        (bool, ("bool",)),
+        (int, ("int",)),
+        (float, ("float",)),
+        (str, ("str",)),
+        (list, ("list", "List", "tuple", "Tuple")),
+        (dict, ("dict", "Dict")),
+    ):
+        if any(text.startswith(word) for word in words):
+            return BY_TYPE[kind]
+    return None
+
+
+def build(name: str) -> nn.Module:
+    module = importlib.import_module(f"mlx_lm.models.{name}")
+    config = small_config(name, module.ModelArgs)
+    mx.random.seed(0)
+    model = _construct(module, config)
+    size = sum(v.size for _, v in tree_flatten(model.parameters()))
+    if size > MAX_PARAMETERS:  # still lazy: nothing allocated yet
+        raise ValueError(f"{size / 1e6:.0f}M parameters from its defaults")
+    model.set_dtype(mx.float32)
+    mx.eval(model.parameters())
+    return model
+
+
+def _construct(module, config: dict, tries: int = 3) -> nn.Module:
+    """The model, filling in the fields a nested config turns out to need:
+    its class is only known once the wrapper asks for it."""
+    for _ in range(tries):
+        try:
+            return module.Model(module.ModelArgs.from_dict(config))
+        except TypeError as e:
+            missing = re.findall(r"'(\w+)'", str(e).partition("argument")[2])
+            if "required positional argument" not in str(e) or not missing:
+                raise
+            for target in [config, *(config[k] for k in NESTED if k in config)]:
+                for key in missing:
+                    target.setdefault(key, _plain_value(key, None))
+    return module.Model(module.ModelArgs.from_dict(config))
