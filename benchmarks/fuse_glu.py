@@ -6,7 +6,7 @@ fused by graphpatch in interleaved rounds (medians), eager and under
 ``mx.compile``. A ratio above 1 means fused is faster. Runs unchanged on any
 mlx backend; say which device a figure came from.
 
-    python benchmarks/fuse_glu.py [--quick]
+    python benchmarks/fuse_glu.py [--quick] [--kinds dense,moe] [--rounds N]
 """
 
 import argparse
@@ -125,8 +125,10 @@ def memory(kind: str, mode: str, dims: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller widths, fewer")
+    parser.add_argument("--kinds", default="dense,moe", help="dense, moe or both")
+    parser.add_argument("--rounds", type=int, help="default: 3 quick, 7 full")
     args = parser.parse_args()
-    rounds = 3 if args.quick else 7
+    rounds = args.rounds or (3 if args.quick else 7)
     dense = {"hidden": 2048, "intermediate": 8192}
     moe = {"hidden": 2048, "intermediate": 768, "experts": 64, "top_k": 8}
     if args.quick:
@@ -137,7 +139,8 @@ def main() -> None:
     print(f"device: {mx.default_device()}, mlx {mx.__version__}")
     print(f"dense {dense}, moe {moe}; ratio = unfused/fused, >1 is a fused win")
     print(f"{'case':44} {'eager':>8} {'compiled':>9} {'fused ms':>9}")
-    for kind, dims in (("dense", dense), ("moe", moe)):
+    kinds = {"dense": dense, "moe": moe}
+    for kind, dims in ((k, kinds[k]) for k in args.kinds.split(",")):
         for mode in MODES:
             print(memory(kind, mode, dims), flush=True)
             for label, shape in shapes.items():

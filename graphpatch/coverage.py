@@ -182,6 +182,12 @@ def markdown(results: list[Architecture]) -> str:
             reasons.setdefault(reason, []).append(r.name)
     for reason, names in sorted(reasons.items()):
         lines.append(f"- {reason}: {', '.join(names)}")
+    lines += [
+        "",
+        "Float16 and bfloat16 MoE models cannot run on the CPU backend (its "
+        "gather_mm is float32 only): `apply` refuses them with that error before "
+        "anything changes; on a GPU they run and are verified like any other.",
+    ]
     lines += ["", "## Not built", ""]
     lines += [f"- {r.name}: {r.reason}" for r in results if not r.built]
     return "\n".join(lines) + "\n"

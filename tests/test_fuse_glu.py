@@ -283,3 +283,14 @@ def test_a_lazy_model_is_loaded_once_already_fused(zoo_dir):
     mx.clear_cache()
     assert abs(mx.get_active_memory() - base - size) <= 0.01 * size
     assert mx.get_peak_memory() - base <= size + site + 4 * 1024 * 1024
+
+
+def test_a_half_precision_moe_on_cpu_is_refused_before_anything_changes():
+    if mx.default_device() != mx.cpu:
+        pytest.skip("the CPU backend's gather_mm is float32 only; GPUs run it")
+    model = zoo.make_model(zoo.config_for("qwen3_moe"))
+    model.set_dtype(mx.float16)
+    before = snapshot(model)
+    with pytest.raises(graphpatch.GraphpatchError, match="only supports float32"):
+        graphpatch.apply(model, ["fuse_glu"])
+    assert_same_bits(before, snapshot(model))
