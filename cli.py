@@ -65,8 +65,10 @@ def apply_cmd(
         float, typer.Option(help="largest safetensors file --save writes")
     ] = 5120,
 ) -> None:
-    """Load MODEL_DIR with mlx-lm, rewrite it, verify it, print the report,
-    and with --save write the patched model."""
+    """Load MODEL_DIR, rewrite it, verify it, print the report.
+
+    With --save, also write the patched model as a directory.
+    """
     try:
         graphpatch.resolve(passes or None)
         if save is not None and save.exists() and not force:
@@ -130,8 +132,10 @@ def run_cmd(
         str, typer.Option(help="comma-separated; default: GRAPHPATCH_PASSES")
     ] = "",
 ) -> None:
-    """Run a program (after --) so that every model it loads through mlx-lm's
-    loaders is patched, in its child processes too."""
+    """Run a program (after --) with every model it loads patched.
+
+    Models loaded through mlx-lm's loaders are patched, in child processes too.
+    """
     _run(ctx.args, passes)
 
 
@@ -184,8 +188,10 @@ def coverage_cmd(
         Path | None, typer.Option(help="also write the markdown table here")
     ] = None,
 ) -> None:
-    """Build every architecture of the installed mlx-lm from a small config,
-    apply each pass, verify, and print what was rewritten or skipped, and why."""
+    """Which architectures each pass rewrites, verified, or why not.
+
+    Builds every architecture of the installed mlx-lm from a small config.
+    """
     from graphpatch import coverage
 
     known = coverage.architectures()
