@@ -68,10 +68,12 @@ def _near_top(model: nn.Module):
                 yield f"{key}.{name}", grandchild
 
 
-def head_path(model: nn.Module) -> str | None:
+def head_path(
+    model: nn.Module, embedding: tuple[str, nn.Module] | None = None
+) -> str | None:
     """Where the explicit head is: a vocabulary linear at the top (or one
     level down), or the ``lm_head`` untied_head gave the embedding."""
-    embedding = find_embedding(model)
+    embedding = embedding or find_embedding(model)
     if embedding is None:
         return None
     path, module = embedding
@@ -145,6 +147,17 @@ def dense_weight(head: nn.Module, rows: slice = slice(None)) -> mx.array:
         mode=head.mode,
         dtype=mx.float32,
     )
+
+
+def dense_matmul(h: mx.array, head: nn.Module, chunk: int = 8192) -> mx.array:
+    """``h @ W.T`` in float32 with W dequantized a block of rows at a time,
+    each evaluated before the next: never the whole float head at once."""
+    parts = []
+    for start in range(0, head.weight.shape[0], chunk):
+        part = h.astype(mx.float32) @ dense_weight(head, slice(start, start + chunk)).T
+        mx.eval(part)
+        parts.append(part)
+    return mx.concatenate(parts, axis=-1)
 
 
 def max_difference(a: nn.Module, b: nn.Module, chunk: int = 8192) -> float:

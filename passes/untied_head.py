@@ -27,7 +27,7 @@ from graphpatch.heads import (
     Headed,
     checkpoint_head,
     consults,
-    dense_weight,
+    dense_matmul,
     dims_of,
     find_embedding,
     head_path,
@@ -66,7 +66,7 @@ def find(model: nn.Module, options: dict) -> list[Site]:
     if embedding is None:
         return [Site("", "none")]
     path, module = embedding
-    explicit = head_path(model)
+    explicit = head_path(model, embedding)
     if explicit is not None and not isinstance(module, Headed):
         return [Site(explicit, "linear")]
     if isinstance(module, Headed) or not options.get("model_dir"):
@@ -132,7 +132,7 @@ def probe(model: nn.Module, site: Site, dtype, options: dict):
         arrays = read_arrays(options["model_dir"], "lm_head.")
         checkpoint = checkpoint_head(arrays, module_at(model, site.path))
         # Independent of the module: dequantized weights and a plain matmul.
-        expected = (h.astype(mx.float32) @ dense_weight(checkpoint).T).astype(dtype)
+        expected = dense_matmul(h, checkpoint).astype(dtype)
 
     def run():
         embedding = module_at(model, site.path)

@@ -186,3 +186,15 @@ def test_a_quantized_head_for_a_float_embedding_is_refused(zoo_dir, load_zoo):
     model, _ = load_zoo("llama")
     with pytest.raises(GraphpatchError, match="the embedding is not quantized"):
         apply_untied(model, zoo_dir("llama", head="negated", quant="affine4"))
+
+
+def test_the_reference_matmul_works_a_block_of_rows_at_a_time(load_zoo):
+    from graphpatch.heads import dense_matmul, tied_head
+
+    model, _ = load_zoo("qwen2", quant="affine4")
+    head = tied_head(model.model.embed_tokens)
+    h = mx.random.normal((2, 3, 128), key=mx.random.key(1))
+    whole = dense_matmul(h, head, chunk=512)
+    assert whole.shape == (2, 3, 512)
+    assert mx.array_equal(dense_matmul(h, head, chunk=100), whole)
+    assert mx.allclose(whole, head(h), atol=1e-4)
