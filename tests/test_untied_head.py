@@ -5,9 +5,12 @@ import json
 import re
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from conftest import TOKENS, assert_same_bits, snapshot
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.numpy import load_file, save_file
 
 import graphpatch
@@ -198,3 +201,37 @@ def test_the_reference_matmul_works_a_block_of_rows_at_a_time(load_zoo):
     assert whole.shape == (2, 3, 512)
     assert mx.array_equal(dense_matmul(h, head, chunk=100), whole)
     assert mx.allclose(whole, head(h), atol=1e-4)
+
+
+MODES = {
+    "affine": [(2, 32), (3, 64), (4, 64), (5, 128), (6, 32), (8, 64)],
+    "mxfp4": [(4, 32)],
+    "mxfp8": [(8, 32)],
+    "nvfp4": [(4, 16)],
+}
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    mode=st.sampled_from([None, *MODES]),
+    setting=st.integers(0, 5),
+    vocab=st.integers(1, 40).map(lambda n: 8 * n),
+    dims=st.sampled_from([128, 256]),
+    dtype=st.sampled_from([mx.float32, mx.float16, mx.bfloat16]),
+    positions=st.integers(1, 6),
+)
+def test_tied_head_property(mode, setting, vocab, dims, dtype, positions):
+    """The explicit tied head is the embedding's as_linear, bit for bit, for
+    every quantization mode, width and dtype, and holds its very arrays."""
+    from graphpatch.heads import tied_head
+
+    mx.random.seed(vocab + dims)
+    embedding = nn.Embedding(vocab, dims)
+    embedding.set_dtype(dtype)
+    if mode is not None:
+        bits, group_size = MODES[mode][setting % len(MODES[mode])]
+        embedding = embedding.to_quantized(group_size, bits, mode=mode)
+    head = tied_head(embedding)
+    h = mx.random.normal((2, positions, dims)).astype(dtype)
+    assert mx.array_equal(head(h), embedding.as_linear(h))
+    assert all(head[k] is embedding[k] for k in head)
