@@ -5,6 +5,8 @@ import mlx.nn as nn
 import mlx_lm
 import pytest
 from conftest import TOKENS, assert_same_bits, snapshot
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from mlx_lm.models.cache import make_prompt_cache
 
 import graphpatch
@@ -161,3 +163,35 @@ def test_speculative_decoding_with_keep_above_num_draft(load_zoo):
         return "".join(r.text for r in responses)
 
     assert [speculative(n) for n in (1, 2, 3)] == [expected] * 3
+
+
+_MODELS: dict = {}
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    name=st.sampled_from(["llama", "llama_untied", "gemma2"]),
+    quant=st.sampled_from([None, "affine4", "mxfp4"]),
+    batch=st.integers(1, 3),
+    length=st.integers(1, 20),
+    keep=st.integers(1, 8),
+)
+def test_last_positions_property(name, quant, batch, length, keep):
+    """Any batch, length and keep: the last keep positions are the unpatched
+    model's, bit for bit, and S <= keep is left as it was."""
+    key = (name, quant)
+    if key not in _MODELS:
+        model = zoo.make_model(zoo.config_for(name))
+        if quant:
+            nn.quantize(model, **zoo.QUANTIZATIONS[quant])
+        _MODELS[key] = model
+    model = _MODELS[key]
+    tokens = mx.random.randint(0, 512, (batch, length), key=mx.random.key(length))
+    reference = model(tokens)
+    graphpatch.apply(model, [f"last_token:keep={keep}"], verify=False)
+    try:
+        out = model(tokens)
+    finally:
+        graphpatch.revert(model)
+    assert out.shape == (batch, min(keep, length), 512)
+    assert mx.array_equal(out, reference[:, -keep:])
