@@ -15,12 +15,15 @@ token on each rank that does not sample.
 """
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import mlx.core as mx
 
 QWEN25_05B = {
     "hidden_size": 896,
@@ -35,7 +38,6 @@ QWEN25_05B = {
 
 
 def rank_main(model_dir: str, steps: int, rounds: int) -> None:
-    import mlx.core as mx
     import mlx_lm
     from mlx_lm.models.cache import make_prompt_cache
 
@@ -48,36 +50,40 @@ def rank_main(model_dir: str, steps: int, rounds: int) -> None:
     mx.eval(model.parameters())
     prompt = mx.array([[3, 17, 42, 5, 60, 7, 11, 2] * 4])
 
-    def decode(elided: bool) -> tuple[list[float], list[float]]:
+    def decode(name: str) -> tuple[list[float], list[float], list[int]]:
+        elided = name != "unpatched"
         sample = elide_head.sampler() if elided else (lambda x: mx.argmax(x, -1))
         cache = make_prompt_cache(model)
-        token = sample(model(prompt, cache=cache)[:, -1])
-        mx.eval(token)
-        walls, cpus = [], []
-        for _ in range(steps):
-            wall, cpu = time.perf_counter(), time.process_time()
-            token = sample(model(token[:, None], cache=cache)[:, -1])
+        with local_gather(name == "no gather", group):
+            token = sample(model(prompt, cache=cache)[:, -1])
             mx.eval(token)
-            walls.append(time.perf_counter() - wall)
-            cpus.append(time.process_time() - cpu)
-        return walls, cpus
+            walls, cpus, tokens = [], [], []
+            for _ in range(steps):
+                wall, cpu = time.perf_counter(), time.process_time()
+                token = sample(model(token[:, None], cache=cache)[:, -1])
+                mx.eval(token)
+                walls.append(time.perf_counter() - wall)
+                cpus.append(time.process_time() - cpu)
+                tokens.append(token.item())
+        return walls, cpus, tokens
 
     def active() -> int:
         mx.clear_cache()
         return mx.get_active_memory()
 
-    samples = {"unpatched": ([], []), "elided": ([], [])}
+    samples = {name: ([], []) for name in VARIANTS}
     memory = {"unpatched": active()}
+    tokens = {}
     for _ in range(rounds):
-        for name in ("unpatched", "elided"):
+        for name in VARIANTS:
             if name == "elided":
                 graphpatch.apply(model, ["elide_head"], model_dir=model_dir)
-                memory["elided"] = active()
-            decode(name == "elided")  # warm: a reverted head reloads here
-            walls, cpus = decode(name == "elided")
+                memory["elided"] = memory["no gather"] = active()
+            decode(name)  # warm: a reverted head reloads here
+            walls, cpus, tokens[name] = decode(name)
             samples[name][0].extend(walls)
             samples[name][1].extend(cpus)
-            if name == "elided":
+            if name == "no gather":
                 graphpatch.revert(model)
     h = mx.random.normal((1, 1, 896))
     head_times = []
@@ -87,6 +93,7 @@ def rank_main(model_dir: str, steps: int, rounds: int) -> None:
         head_times.append(time.perf_counter() - start)
     result = {
         "rank": group.rank(),
+        "same_tokens": len({tuple(t) for t in tokens.values()}) == 1,
         "memory_mib": {k: v / 2**20 for k, v in memory.items()},
         "head_ms": 1e3 * statistics.median(head_times),
     }
@@ -96,6 +103,26 @@ def rank_main(model_dir: str, steps: int, rounds: int) -> None:
             "cpu_ms": 1e3 * statistics.median(cpus),
         }
     print(json.dumps(result))
+
+
+VARIANTS = ("unpatched", "elided", "no gather")
+
+
+@contextlib.contextmanager
+def local_gather(enabled: bool, group):
+    """Benchmark only, never in the library: sizes what a flag in mlx-lm to
+    skip the pipeline's all-gather would save once the token is broadcast.
+    Rank 0's own h is the gather's first slot, so its logits are unchanged;
+    the other ranks' heads are elided and only need the edge to their send."""
+    if not enabled:
+        yield
+        return
+    real = mx.distributed.all_gather
+    mx.distributed.all_gather = lambda x, **kw: mx.concatenate([x] * group.size())
+    try:
+        yield
+    finally:
+        mx.distributed.all_gather = real
 
 
 def on_paper() -> list[str]:
@@ -130,23 +157,27 @@ def main() -> None:
         results = ring.launch(command, n=2, timeout=1800)
     print(f"2 ranks on one machine, {args.layers} layers, decode steps, medians")
     print(f"{'rank':>4} {'variant':>10} {'wall ms':>8} {'cpu ms':>8} {'MiB':>7}")
+    print("(tokens identical across the three variants on every rank)")
     for r in results:
         if r.returncode != 0:
             sys.exit(f"rank {r.rank} failed ({r.returncode}):\n{r.stderr}")
         data = json.loads(r.stdout.strip().splitlines()[-1])
-        for name in ("unpatched", "elided"):
+        assert data["same_tokens"], f"rank {r.rank}: the variants' tokens differ"
+        for name in VARIANTS:
             v = data[name]
             print(
                 f"{r.rank:>4} {name:>10} {v['wall_ms']:8.2f} {v['cpu_ms']:8.2f} "
                 f"{data['memory_mib'][name]:7.1f}"
             )
-        u, e = data["unpatched"], data["elided"]
-        wall, cpu = u["wall_ms"] / e["wall_ms"], u["cpu_ms"] / e["cpu_ms"]
+        u = data["unpatched"]
+        for name in VARIANTS[1:]:
+            wall = u["wall_ms"] / data[name]["wall_ms"]
+            cpu = u["cpu_ms"] / data[name]["cpu_ms"]
+            print(
+                f"     rank {r.rank}: unpatched/{name} wall {wall:.3f}, cpu {cpu:.3f}"
+            )
         share = data["head_ms"] / u["wall_ms"]
-        print(
-            f"     rank {r.rank}: unpatched/elided wall {wall:.3f}, cpu {cpu:.3f}; "
-            f"head alone {data['head_ms']:.2f} ms ({share:.0%} of a step)"
-        )
+        print(f"     head alone {data['head_ms']:.2f} ms ({share:.0%} of a step)")
     for line in on_paper():
         print(line)
 
