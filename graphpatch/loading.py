@@ -9,6 +9,7 @@ truncated or missing safetensors) say what is wrong instead of a traceback.
 import json
 import re
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -98,6 +99,30 @@ def check_weights(model_dir: Path) -> None:
     if not sorted(model_dir.glob("model*.safetensors")):
         raise LoadError(f"{model_dir}: no model*.safetensors files")
     _shards(model_dir)
+
+
+def write_safetensors(
+    out: Path,
+    shards: list[dict[str, mx.array]],
+    progress: Callable[[str], None] | None = None,
+) -> None:
+    """Write weights as mlx-lm does: one model.safetensors, or one file per
+    shard with a ``model.safetensors.index.json`` weight map."""
+    if len(shards) == 1:
+        mx.save_safetensors(
+            str(out / "model.safetensors"), shards[0], {"format": "mlx"}
+        )
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        if progress:
+            progress(f"writing {name}")
+        mx.save_safetensors(str(out / name), shard, {"format": "mlx"})
+        weight_map.update(dict.fromkeys(shard, name))
+    total = sum(v.nbytes for shard in shards for v in shard.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def read_arrays(model_dir: str | Path, prefix: str) -> dict[str, mx.array]:

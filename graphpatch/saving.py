@@ -25,6 +25,7 @@ from mlx_lm.utils import _get_classes, infer_quant_config, load_tokenizer
 
 import graphpatch
 from graphpatch.contract import GraphpatchError
+from graphpatch.loading import write_safetensors
 from graphpatch.passes import PASSES
 from graphpatch.plan import resolve
 
@@ -58,24 +59,6 @@ def _shards(weights: dict[str, mx.array], max_bytes: int) -> list[dict]:
         current[name] = array
         size += array.nbytes
     return [*shards, current] if current else shards
-
-
-def _write_weights(out: Path, weights: dict, max_bytes: int, progress) -> None:
-    shards = _shards(weights, max_bytes)
-    if len(shards) == 1:
-        mx.save_safetensors(
-            str(out / "model.safetensors"), shards[0], {"format": "mlx"}
-        )
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        progress(f"writing {name}")
-        mx.save_safetensors(str(out / name), shard, {"format": "mlx"})
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(v.nbytes for v in weights.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def _record(model: nn.Module, passes: list[str] | str | None) -> list[dict]:
@@ -129,7 +112,7 @@ def save(
     tmp.mkdir(parents=True)
     try:
         weights, aliases = _weights(model)
-        _write_weights(tmp, weights, max_shard_bytes, progress)
+        write_safetensors(tmp, _shards(weights, max_shard_bytes), progress)
         config["graphpatch"] = {
             "version": graphpatch.__version__,
             "model_type": config["model_type"],

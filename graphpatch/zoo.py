@@ -17,6 +17,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import _get_classes, quantize_model
 
+from graphpatch.loading import write_safetensors
+
 VOCAB = 512
 _BASE = {
     "hidden_size": 128,
@@ -193,21 +195,10 @@ def _checkpoint_head(embedding: nn.Module, negated: bool) -> dict[str, mx.array]
 
 
 def write_weights(out: Path, weights: dict[str, mx.array], shards: int = 1) -> None:
-    """Save weights as mlx-lm does: one model.safetensors, or ``shards`` files
-    with a ``model.safetensors.index.json`` weight map."""
-    if shards == 1:
-        mx.save_safetensors(str(out / "model.safetensors"), weights, {"format": "mlx"})
-        return
+    """Save weights as mlx-lm does, in ``shards`` files (an index above one)."""
     names = sorted(weights)
-    weight_map = {}
-    for i in range(shards):
-        file = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: weights[k] for k in names[i::shards]}
-        mx.save_safetensors(str(out / file), part, {"format": "mlx"})
-        weight_map.update({k: file for k in part})
-    total = sum(v.nbytes for v in weights.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    parts = [{k: weights[k] for k in names[i::shards]} for i in range(shards)]
+    write_safetensors(out, parts if shards > 1 else [weights])
 
 
 def write_tokenizer(out: Path) -> None:
