@@ -26,7 +26,8 @@ class RankResult:
     stderr: str
 
 
-def _free_ports(n: int) -> list[int]:
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free on 127.0.0.1 right now."""
     sockets = [socket.socket() for _ in range(n)]
     try:
         for s in sockets:
@@ -53,7 +54,7 @@ def launch(
     """
     with tempfile.TemporaryDirectory(prefix="graphpatch-ring-") as tmp:
         hostfile = Path(tmp) / "hostfile.json"
-        hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in _free_ports(n)]))
+        hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in free_ports(n)]))
         outputs = [(Path(tmp) / f"{r}.out", Path(tmp) / f"{r}.err") for r in range(n)]
         ranks = []
         for rank, (out, err) in enumerate(outputs):

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -12,6 +11,8 @@ from pathlib import Path
 
 import pytest
 from safetensors.numpy import load_file, save_file
+
+from graphpatch import ring
 
 GRAPHPATCH = str(Path(sys.executable).parent / "graphpatch")
 PYTHON = sys.executable
@@ -85,9 +86,7 @@ def test_bad_input_is_one_line_and_exit_codes_pass_through(command, env, code, l
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return ring.free_ports(1)[0]
 
 
 def post(port: int, route: str, body: dict) -> dict:
@@ -175,8 +174,6 @@ def test_serve_refuses_a_bad_pass_list_before_the_port_opens(zoo_dir):
 
 @pytest.mark.parametrize("kind", ["tensor", "pipeline"])
 def test_a_ring_launch_under_graphpatch_run_patches_every_rank(zoo_dir, kind):
-    from graphpatch import ring
-
     model_dir = str(zoo_dir("qwen2", shards=2))
     script = [PYTHON, str(Path(__file__).parent / "ranks" / "sharded_load.py")]
     command = [*script, model_dir, kind]
