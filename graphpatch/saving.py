@@ -25,7 +25,7 @@ from mlx_lm.utils import _get_classes, infer_quant_config, load_tokenizer
 
 import graphpatch
 from graphpatch.contract import GraphpatchError
-from graphpatch.loading import write_safetensors
+from graphpatch.loading import read_arrays, write_safetensors
 from graphpatch.passes import PASSES
 from graphpatch.plan import resolve
 
@@ -154,9 +154,7 @@ def load(model_dir: str | Path, lazy: bool = False) -> tuple[nn.Module, object, 
         raise GraphpatchError(f"{model_dir} was not written by graphpatch save")
     saved = config.pop("graphpatch")
     config["model_type"] = saved["model_type"]
-    weights = {}
-    for file in sorted(model_dir.glob("model*.safetensors")):
-        weights.update(mx.load(str(file)))
+    weights = read_arrays(model_dir, "")
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
     _quantize(model, config, weights)
