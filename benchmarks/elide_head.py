@@ -1,10 +1,12 @@
 """elide_head: decode step time and memory per rank of a 2-rank pipeline,
-with the head on every rank (unpatched) and on rank 0 only (elided).
+with the head on every rank (unpatched), on rank 0 only with mlx-lm's
+all-gather of h kept (elide_head:keep_gather), and on rank 0 only without the
+gather (elide_head, its default).
 
 Qwen2.5-0.5B widths (hidden 896, vocab 151936), an untied head (as the larger
 Qwen2.5 models have), affine 4-bit, float32 activations, a few layers. Starts
 2 ranks of an MLX ring group on localhost (graphpatch.ring) that alternate the
-two variants in rounds (apply / revert between them) and report median wall
+three variants in rounds (apply / revert between them) and report median wall
 and CPU time per decode step, the head's own time, and active memory. On one
 machine the two ranks share its cores and wait for each other every step, so
 wall time moves little; CPU time and memory say what the rank no longer does.
@@ -15,7 +17,6 @@ token on each rank that does not sample.
 """
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
@@ -54,17 +55,16 @@ def rank_main(model_dir: str, steps: int, rounds: int) -> None:
         elided = name != "unpatched"
         sample = elide_head.sampler() if elided else (lambda x: mx.argmax(x, -1))
         cache = make_prompt_cache(model)
-        with local_gather(name == "no gather", group):
-            token = sample(model(prompt, cache=cache)[:, -1])
+        token = sample(model(prompt, cache=cache)[:, -1])
+        mx.eval(token)
+        walls, cpus, tokens = [], [], []
+        for _ in range(steps):
+            wall, cpu = time.perf_counter(), time.process_time()
+            token = sample(model(token[:, None], cache=cache)[:, -1])
             mx.eval(token)
-            walls, cpus, tokens = [], [], []
-            for _ in range(steps):
-                wall, cpu = time.perf_counter(), time.process_time()
-                token = sample(model(token[:, None], cache=cache)[:, -1])
-                mx.eval(token)
-                walls.append(time.perf_counter() - wall)
-                cpus.append(time.process_time() - cpu)
-                tokens.append(token.item())
+            walls.append(time.perf_counter() - wall)
+            cpus.append(time.process_time() - cpu)
+            tokens.append(token.item())
         return walls, cpus, tokens
 
     def active() -> int:
@@ -75,16 +75,17 @@ def rank_main(model_dir: str, steps: int, rounds: int) -> None:
     memory = {"unpatched": active()}
     tokens = {}
     for _ in range(rounds):
-        for name in VARIANTS:
-            if name == "elided":
-                graphpatch.apply(model, ["elide_head"], model_dir=model_dir)
-                memory["elided"] = memory["no gather"] = active()
+        for name, spec in VARIANTS.items():
+            if spec:
+                report = graphpatch.apply(model, [spec], model_dir=model_dir)
+                gather = report.for_pass("elide_head")[-1]
+                assert gather.status == ("skipped" if "keep" in spec else "rewritten")
+                memory[name] = active()
             decode(name)  # warm: a reverted head reloads here
             walls, cpus, tokens[name] = decode(name)
             samples[name][0].extend(walls)
             samples[name][1].extend(cpus)
-            if name == "no gather":
-                graphpatch.revert(model)
+            graphpatch.revert(model)
     h = mx.random.normal((1, 1, 896))
     head_times = []
     for _ in range(20):
@@ -105,24 +106,12 @@ def rank_main(model_dir: str, steps: int, rounds: int) -> None:
     print(json.dumps(result))
 
 
-VARIANTS = ("unpatched", "elided", "no gather")
-
-
-@contextlib.contextmanager
-def local_gather(enabled: bool, group):
-    """Benchmark only, never in the library: sizes what a flag in mlx-lm to
-    skip the pipeline's all-gather would save once the token is broadcast.
-    Rank 0's own h is the gather's first slot, so its logits are unchanged;
-    the other ranks' heads are elided and only need the edge to their send."""
-    if not enabled:
-        yield
-        return
-    real = mx.distributed.all_gather
-    mx.distributed.all_gather = lambda x, **kw: mx.concatenate([x] * group.size())
-    try:
-        yield
-    finally:
-        mx.distributed.all_gather = real
+# The names the table prints, and the pass spec each applies.
+VARIANTS = {
+    "unpatched": None,
+    "gathered": "elide_head:keep_gather",
+    "elided": "elide_head",
+}
 
 
 def on_paper() -> list[str]:
@@ -155,12 +144,15 @@ def main() -> None:
         command = [sys.executable, __file__, "--rank", str(model_dir)]
         command += ["--steps", str(args.steps), "--rounds", str(args.rounds)]
         results = ring.launch(command, n=2, timeout=1800)
+    failed = [r for r in results if r.returncode != 0]
+    if failed:
+        sys.exit(
+            "\n".join(f"rank {r.rank} ({r.returncode}):\n{r.stderr}" for r in failed)
+        )
     print(f"2 ranks on one machine, {args.layers} layers, decode steps, medians")
     print(f"{'rank':>4} {'variant':>10} {'wall ms':>8} {'cpu ms':>8} {'MiB':>7}")
     print("(tokens identical across the three variants on every rank)")
     for r in results:
-        if r.returncode != 0:
-            sys.exit(f"rank {r.rank} failed ({r.returncode}):\n{r.stderr}")
         data = json.loads(r.stdout.strip().splitlines()[-1])
         assert data["same_tokens"], f"rank {r.rank}: the variants' tokens differ"
         for name in VARIANTS:
@@ -170,7 +162,7 @@ def main() -> None:
                 f"{data['memory_mib'][name]:7.1f}"
             )
         u = data["unpatched"]
-        for name in VARIANTS[1:]:
+        for name in list(VARIANTS)[1:]:
             wall = u["wall_ms"] / data[name]["wall_ms"]
             cpu = u["cpu_ms"] / data[name]["cpu_ms"]
             print(

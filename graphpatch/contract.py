@@ -78,6 +78,13 @@ class Pass:
         warnings: optional ``warnings(model, options) -> list[str]`` for the report.
         validate: optional ``validate(options) -> str | None``: what is wrong
             with the options, raised as an error before anything is touched.
+        confirm: optional ``confirm(model, site, options) -> str | None``:
+            after a passed check, proof that the rewrite took effect, or the
+            reason the site is restored.
+
+    A site whose ``detail["collective"]`` is true exists on every rank of the
+    distributed group and its probe runs collectives: the ranks agree on
+    whether to rewrite it and on its check, so that none waits for another.
     """
 
     name: str
@@ -93,6 +100,7 @@ class Pass:
     tune: Callable[[nn.Module, Site, mx.Dtype], tuple] | None = None
     warnings: Callable[[nn.Module, dict], list[str]] | None = None
     validate: Callable[[dict], str | None] | None = None
+    confirm: Callable[[nn.Module, Site, dict], str | None] | None = None
 
     @property
     def env(self) -> str:

@@ -8,6 +8,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from graphpatch.contract import GraphpatchError, walk
+from graphpatch.loading import read_arrays
 from graphpatch.verify import PROBE_TOKENS
 
 HEADS = (nn.Linear, nn.QuantizedLinear)
@@ -191,3 +192,37 @@ def consults(model: nn.Module, parent: nn.Module, key: str) -> bool:
     finally:
         parent[key] = held
     return False
+
+
+def is_tied(model: nn.Module, head: nn.Module) -> bool:
+    """Whether the head's arrays are an embedding's (a tied head)."""
+    arrays = {id(v) for _, v in tree_flatten(head.parameters())}
+    return any(
+        id(v) in arrays
+        for path, m in walk(model)
+        if isinstance(m, EMBEDDINGS)
+        for _, v in tree_flatten(m.parameters())
+        if not path.endswith("lm_head")
+    )
+
+
+def release_to_checkpoint(head: nn.Module, model_dir: str | None) -> bool:
+    """Swap the head's arrays for unevaluated reads of the checkpoint's equal
+    ``lm_head.*``, so they take no memory until undo puts the head back."""
+    if not model_dir:
+        return False
+    held = dict(tree_flatten(head.parameters()))
+    on_disk = {
+        k.removeprefix("lm_head."): v
+        for k, v in read_arrays(model_dir, "lm_head.").items()
+    }
+    if on_disk.keys() != held.keys() or not all(
+        on_disk[k].shape == v.shape and mx.array_equal(on_disk[k], v).item()
+        for k, v in held.items()
+    ):
+        return False
+    lazy = read_arrays(model_dir, "lm_head.")  # fresh, never evaluated
+    head.update(
+        tree_unflatten([(k.removeprefix("lm_head."), v) for k, v in lazy.items()])
+    )
+    return True

@@ -34,6 +34,8 @@ from graphpatch.verify import (
     probe_tokens,
 )
 
+ANOTHER_RANK = "skipped: another rank of the group could not rewrite this site"
+
 
 def nbytes(module: nn.Module) -> int:
     """Bytes of the module's arrays, each counted once (a tied head shares)."""
@@ -98,8 +100,7 @@ def apply(
                     done.append((p, site.path))
             if verify and report.rewritten(p.name):
                 progress(f"{p.name}: checking the model")
-                rebase = any(s.detail.get("changes_logits") for s in sites)
-                reference = _check_model(model, p, tokens, reference, report, rebase)
+                reference = _check_model(model, p, tokens, reference, report, sites)
     except BaseException:
         _roll_back(model, done)
         report.rolled_back = True
@@ -141,12 +142,23 @@ def _reference(model: nn.Module, tokens: mx.array) -> mx.array:
     return logits
 
 
+def _everywhere(ok: bool) -> bool:
+    """Whether ``ok`` holds on every rank of the global group."""
+    group = mx.distributed.init()
+    if group.size() == 1:
+        return ok
+    failed = mx.distributed.all_sum(mx.array(0 if ok else 1), group=group)
+    return failed.item() == 0
+
+
 def _check_model(
-    model, p: Pass, tokens, reference, report: Report, rebase: bool
+    model, p: Pass, tokens, reference, report: Report, sites: list[Site]
 ) -> mx.array:
     """Compare the model's logits with the reference and return the reference
     the next pass is checked against: a new one after a pass whose sites
     change the logits by design (each proven against its own site probe)."""
+    rebase = any(s.detail.get("changes_logits") for s in sites)
+    collective = any(s.detail.get("collective") for s in sites)
     try:
         logits = last_logits(model, tokens)
         cmp = compare([reference], [logits])
@@ -154,11 +166,14 @@ def _check_model(
         raise VerificationError(
             p.name, f"the model failed to run after it: {e!r}", report
         ) from e
+    ok = cmp.ok or rebase
     report.checks.append(
-        ModelCheck(
-            p.name, cmp.max_error, cmp.tolerance, cmp.top1, cmp.ok or rebase, rebase
-        )
+        ModelCheck(p.name, cmp.max_error, cmp.tolerance, cmp.top1, ok, rebase)
     )
+    if collective and not _everywhere(ok):
+        raise VerificationError(
+            p.name, "the model check failed on another rank; rolled back", report
+        )
     if rebase:
         return logits
     if not cmp.ok:
@@ -177,6 +192,8 @@ def _apply_site(
     start = time.perf_counter()
     result = SiteResult(p.name, site.path, site.kind, SKIPPED)
     result.reason = p.why_not(model, site, options)
+    if site.detail.get("collective") and not _everywhere(result.reason is None):
+        result.reason = result.reason or ANOTHER_RANK
     if result.reason:
         return result
     result.bytes_before = nbytes(module_at(model, site.path))
@@ -221,12 +238,19 @@ def _rewrite_verified(
         cmp.tolerance,
         cmp.top1,
     )
-    if not cmp.ok:
+    ok = _everywhere(cmp.ok) if site.detail.get("collective") else cmp.ok
+    if not ok:
         _restore(held)
+        if cmp.ok:
+            return ANOTHER_RANK
         return (
             f"rewrite off by {cmp.max_error:.3g} (tolerance {cmp.tolerance:.3g}), "
             "restored"
         )
+    reason = p.confirm(model, site, options) if p.confirm else None
+    if reason:
+        _restore(held)
+        return reason
     result.verified = True
     return None
 

@@ -5,7 +5,8 @@ rank) and starts each rank with ``MLX_RANK`` and ``MLX_HOSTFILE`` set. Its
 launcher spins a core while it relays output; on a small machine that core is
 one the ranks need. ``launch`` starts the ranks itself with the same hostfile
 and environment, on loopback only, and kills every rank at the deadline, so
-no rank can hang a test or a benchmark.
+no rank can hang a test or a benchmark. Once a rank fails, the others get a
+few seconds to fail too before they are killed: they would only wait for it.
 """
 
 import json
@@ -38,6 +39,20 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
+FAILED_RANK_GRACE = 5.0  # seconds
+
+
+def _wait(ranks: list[subprocess.Popen], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        codes = [process.poll() for process in ranks]
+        if None not in codes:
+            return
+        if any(code not in (None, 0) for code in codes):
+            deadline = min(deadline, time.monotonic() + FAILED_RANK_GRACE)
+        time.sleep(0.05)
+
+
 def launch(
     command: list[str], n: int = 2, timeout: float = 120, env: dict | None = None
 ) -> list[RankResult]:
@@ -46,7 +61,8 @@ def launch(
     Args:
         command: the program each rank runs (e.g. ``[python, script.py]``).
         n: the number of ranks.
-        timeout: seconds until every rank still running is killed.
+        timeout: seconds until every rank still running is killed (a few
+            seconds after one rank fails).
         env: variables to add to each rank's environment.
 
     Returns:
@@ -66,13 +82,8 @@ def launch(
                         command, env=rank_env, stdout=stdout, stderr=stderr
                     )
                 )
-        deadline = time.monotonic() + timeout
-        codes = []
-        for process in ranks:
-            try:
-                codes.append(process.wait(max(0.0, deadline - time.monotonic())))
-            except subprocess.TimeoutExpired:
-                codes.append(None)
+        _wait(ranks, timeout)
+        codes = [process.poll() for process in ranks]
         for process in ranks:
             if process.poll() is None:
                 process.kill()

@@ -3,24 +3,28 @@
 Rewrite:       on a pipelined model (mlx-lm's PipelineMixin after
                ``model.model.pipeline(group)``; rank 0 runs the last layers),
                ranks other than 0: head(h) -> zeros of the logits' shape that
-               depend on h, so mlx-lm's all-gather of h (and any edge a
-               runtime hangs on the logits) still runs. Rank 0 keeps its head.
-               ``sampler(...)`` wraps an mlx-lm sampler: rank 0 samples, the
-               token reaches every rank through an all_sum of B integers.
-               An untied head's arrays are released on the elided ranks when
-               they can be re-read from the checkpoint (undo reloads them).
+               depend on h, so any edge a runtime hangs on the logits still
+               runs. Rank 0 keeps its head. ``sampler(...)`` wraps an mlx-lm
+               sampler: rank 0 samples, the token reaches every rank through
+               an all_sum of B integers. Then, on every rank, the body's
+               all-gather of h -> nothing (graphpatch.pipeline.Ungathered);
+               ``elide_head:keep_gather`` keeps it. An untied head's arrays
+               are released on the elided ranks when they can be re-read
+               from the checkpoint (undo reloads them).
 Preconditions: a pipeline group of more than one rank, the global group the
-               pipeline was built on, and an explicit head (untied_head).
+               pipeline was built on, and an explicit head (untied_head). The
+               gather goes only once the head is elided on every rank, and
+               only if the body then really stops gathering (proven).
 Equivalence:   the sampled token on every rank equals the unpatched model's;
-               logits on ranks other than 0 are zeros (by design).
+               rank 0's logits are unchanged; logits on the other ranks are
+               zeros (by design).
 """
 
 import functools
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
-from mlx_lm.models.pipeline import PipelineMixin
+from mlx.utils import tree_flatten
 
 from graphpatch.contract import (
     GraphpatchError,
@@ -31,8 +35,15 @@ from graphpatch.contract import (
     rebuilt,
     walk,
 )
-from graphpatch.heads import EMBEDDINGS, StandIn, head_path
-from graphpatch.loading import read_arrays
+from graphpatch.heads import StandIn, head_path, is_tied, release_to_checkpoint
+from graphpatch.pipeline import (
+    Ungathered,
+    broadcast_token,
+    gather_taken,
+    pipelined,
+    ungathered_class,
+)
+from graphpatch.pipeline import sampler as sampler  # the documented name
 from graphpatch.verify import PROBE_TOKENS
 
 ALREADY_APPLIED = "already applied"
@@ -47,6 +58,11 @@ WRONG_GROUP = (
 RELEASED = "head skipped; its {mib:.1f} MiB released (re-read from the checkpoint)"
 TIED = "head skipped; its arrays stay: they are the embedding's"
 KEPT = "head skipped; its arrays stay in memory (no checkpoint copy to reload)"
+GATHER_KEPT = "all-gather kept (elide_head:keep_gather)"
+HEAD_NOT_ELIDED = "the head is not elided, so the logits still need the gathered h"
+STILL_GATHERS = (
+    "the body still all-gathers h without its `pipeline_size > 1` test; restored"
+)
 
 
 SAMPLER = (
@@ -58,26 +74,6 @@ SAMPLER = (
 
 class ElideError(GraphpatchError):
     """The pipeline and the distributed group do not match."""
-
-
-def broadcast_token(token: mx.array, group: mx.distributed.Group | None = None):
-    """Rank 0's token on every rank: an all_sum in which the others add zeros."""
-    group = group or mx.distributed.init()
-    # Times 0, not zeros_like: the sum must wait for this rank's forward (its
-    # send and all-gather), or the ranks would meet in different collectives.
-    mine = token.astype(mx.uint32) * (1 if group.rank() == 0 else 0)
-    return mx.distributed.all_sum(mine, group=group)
-
-
-def sampler(sample=None, group: mx.distributed.Group | None = None):
-    """An mlx-lm ``sampler=`` for elided models: ``sample`` (default greedy)
-    runs on every rank, rank 0's result is the one every rank returns."""
-    sample = sample or (lambda logprobs: mx.argmax(logprobs, axis=-1))
-
-    def sample_on_rank_0(logprobs: mx.array) -> mx.array:
-        return broadcast_token(sample(logprobs), group)
-
-    return sample_on_rank_0
 
 
 class ElidedHead(StandIn, nn.Module):
@@ -110,17 +106,11 @@ def kept_class(cls: type) -> type:
     return type(f"Kept{cls.__name__}", (Kept, cls), {"original": cls})
 
 
-def _pipelined(model: nn.Module) -> PipelineMixin | None:
-    for _, module in walk(model):
-        if isinstance(module, PipelineMixin):
-            return module
-    return None
-
-
 def find(model: nn.Module, options: dict) -> list[Site]:
-    body = _pipelined(model)
-    if body is None:
+    found = pipelined(model)
+    if found is None:
         return [Site("", "none", {"why": NOT_PIPELINED})]
+    body_path, body = found
     if body.pipeline_size == 1:
         return [Site("", "none", {"why": ONE_RANK})]
     group = mx.distributed.init()
@@ -136,95 +126,89 @@ def find(model: nn.Module, options: dict) -> list[Site]:
     path = head_path(model)
     if path is None:
         return [Site("", "none", {"why": NO_HEAD})]
+    # Every rank has these two sites: their checks are collectives.
     if body.pipeline_rank == 0:
-        return [Site(path, "final")]
-    return [Site(path, "elided", {"changes_logits": True})]
+        head = Site(path, "final", {"collective": True})
+    else:
+        head = Site(path, "elided", {"collective": True, "changes_logits": True})
+    return [head, Site(body_path, "gather", {"collective": True, "head": path})]
 
 
 def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
     if site.kind == "none":
         return site.detail["why"]
-    if isinstance(module_at(model, site.path), (Kept, ElidedHead)):
+    if isinstance(module_at(model, site.path), (Kept, ElidedHead, Ungathered)):
         return ALREADY_APPLIED
+    if site.kind != "gather":
+        return None
+    if options["keep_gather"]:
+        return GATHER_KEPT
+    if not isinstance(module_at(model, site.detail["head"]), (Kept, ElidedHead)):
+        return HEAD_NOT_ELIDED
     return None
-
-
-def _is_tied(model: nn.Module, head: nn.Module) -> bool:
-    arrays = {id(v) for _, v in tree_flatten(head.parameters())}
-    return any(
-        id(v) in arrays
-        for path, m in walk(model)
-        if isinstance(m, EMBEDDINGS)
-        for _, v in tree_flatten(m.parameters())
-        if not path.endswith("lm_head")
-    )
-
-
-def _release(head: nn.Module, model_dir: str | None) -> bool:
-    """Swap the head's arrays for unevaluated reads of the checkpoint's equal
-    ``lm_head.*``, so they take no memory until undo puts the head back."""
-    if not model_dir:
-        return False
-    held = dict(tree_flatten(head.parameters()))
-    on_disk = {
-        k.removeprefix("lm_head."): v
-        for k, v in read_arrays(model_dir, "lm_head.").items()
-    }
-    if on_disk.keys() != held.keys() or not all(
-        on_disk[k].shape == v.shape and mx.array_equal(on_disk[k], v).item()
-        for k, v in held.items()
-    ):
-        return False
-    lazy = read_arrays(model_dir, "lm_head.")  # fresh, never evaluated
-    head.update(
-        tree_unflatten([(k.removeprefix("lm_head."), v) for k, v in lazy.items()])
-    )
-    return True
 
 
 def rewrite(model: nn.Module, site: Site, options: dict) -> None:
     parent, key = parent_and_key(model, site.path)
-    head = parent[key]
-    if site.kind == "final":
-        parent[key] = rebuilt(head, kept_class(type(head)))
-        return
+    module = parent[key]
+    if site.kind == "gather":
+        parent[key] = rebuilt(module, ungathered_class(type(module)))
+    elif site.kind == "final":
+        parent[key] = rebuilt(module, kept_class(type(module)))
+    else:
+        parent[key] = _elided(model, module, options.get("model_dir"), site)
+
+
+def _elided(model: nn.Module, head: nn.Module, model_dir, site: Site) -> nn.Module:
     mib = sum(v.nbytes for _, v in tree_flatten(head.parameters())) / 2**20
     released = False
-    if _is_tied(model, head):
+    if is_tied(model, head):
         site.detail["note"] = TIED
-    elif released := _release(head, options.get("model_dir")):
+    elif released := release_to_checkpoint(head, model_dir):
         site.detail["note"] = RELEASED.format(mib=mib)
     else:
         site.detail["note"] = KEPT
-    parent[key] = ElidedHead(head, head.weight.shape[0], released)
+    return ElidedHead(head, head.weight.shape[0], released)
 
 
 def undo(model: nn.Module, path: str) -> None:
     parent, key = parent_and_key(model, path)
-    head = parent[key]
-    if isinstance(head, ElidedHead):
-        parent[key] = head.held
+    module = parent[key]
+    if isinstance(module, ElidedHead):
+        parent[key] = module.held
     else:
-        parent[key] = rebuilt(head, type(head).original)
+        parent[key] = rebuilt(module, type(module).original)
 
 
 def applied(model: nn.Module) -> list[str]:
-    return [p for p, m in walk(model) if isinstance(m, (Kept, ElidedHead))]
+    done = (Kept, ElidedHead, Ungathered)
+    return [p for p, m in walk(model) if isinstance(m, done)]
 
 
 def probe(model: nn.Module, site: Site, dtype, options: dict):
     tokens = mx.array(PROBE_TOKENS)
 
     def run():
-        token = broadcast_token(mx.argmax(model(tokens)[:, -1, :], axis=-1))
-        return [token.astype(mx.float32)]
+        logits = model(tokens)[:, -1, :]
+        token = broadcast_token(mx.argmax(logits, axis=-1)).astype(mx.float32)
+        # Rank 0's logits must not move when the gather goes (the others'
+        # are zeros on both sides); the head's own check can only ask for
+        # the token, since it turns the others' logits into zeros.
+        return [token, logits] if site.kind == "gather" else [token]
 
     return run
 
 
+def confirm(model: nn.Module, site: Site, options: dict) -> str | None:
+    if site.kind != "gather":
+        return None
+    tokens = mx.array(PROBE_TOKENS)
+    return STILL_GATHERS if gather_taken(module_at(model, site.path), tokens) else None
+
+
 def warnings(model: nn.Module, options: dict) -> list[str]:
-    body = _pipelined(model)
-    return [SAMPLER] if body is not None and body.pipeline_size > 1 else []
+    found = pipelined(model)
+    return [SAMPLER] if found and found[1].pipeline_size > 1 else []
 
 
 PASS = Pass(
@@ -236,6 +220,8 @@ PASS = Pass(
     undo=undo,
     applied=applied,
     probe=probe,
+    options={"keep_gather": False},
     requires=("untied_head",),
+    confirm=confirm,
     warnings=warnings,
 )

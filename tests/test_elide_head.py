@@ -32,8 +32,25 @@ def test_every_rank_gets_the_same_tokens(zoo_dir, name, temp, note):
     assert (other["kind"], other["note"]) == ("elided", note)
     freed = 0 if note == elide_head.TIED else HEAD_BYTES
     assert abs(final["freed"]) < 1024 and abs(other["freed"] - freed) < 1024
-    assert final["again"] == other["again"] == [elide_head.ALREADY_APPLIED]
+    assert final["gather"] == other["gather"] == ["gather", "rewritten", None]
+    assert final["again"] == other["again"] == [elide_head.ALREADY_APPLIED] * 2
     assert final["logits"] == other["logits"] == [1, 3, 512]
+
+
+@pytest.mark.parametrize(
+    "mode, reason",
+    [("gathered", elide_head.GATHER_KEPT), ("stubborn", elide_head.STILL_GATHERS)],
+)
+def test_the_gather_stays_when_asked_or_when_it_cannot_be_dropped(
+    zoo_dir, mode, reason
+):
+    model_dir = str(zoo_dir("qwen2", tie_word_embeddings=False))
+    plain = launch("pipeline_generate.py", model_dir, "0.8", "plain")
+    elided = launch("pipeline_generate.py", model_dir, "0.8", mode)
+    expected = plain[0]["tokens"]
+    assert [r["tokens"] for r in plain + elided] == [expected] * 4
+    assert [r["status"] for r in elided] == ["rewritten"] * 2
+    assert [r["gather"] for r in elided] == [["gather", "skipped", reason]] * 2
 
 
 def test_three_ranks_all_get_rank_0s_token(zoo_dir):
@@ -43,6 +60,7 @@ def test_three_ranks_all_get_rank_0s_token(zoo_dir):
     expected = plain[0]["tokens"]
     assert [r["tokens"] for r in plain + elided] == [expected] * 6
     assert [r["kind"] for r in elided] == ["final", "elided", "elided"]
+    assert [r["gather"] for r in elided] == [["gather", "rewritten", None]] * 3
     assert [abs(r["freed"] - HEAD_BYTES) < 1024 for r in elided] == [False, True, True]
 
 

@@ -1,7 +1,9 @@
 """One rank of the elide_head test: pipeline the model, maybe elide, generate.
 
-argv: MODEL_DIR TEMP MODE, MODE ``plain``, ``elided`` or ``disagree`` (the
-ranks name different passes). Prints one JSON line with this rank's tokens,
+argv: MODEL_DIR TEMP MODE, MODE ``plain``, ``elided``, ``gathered``
+(elide_head:keep_gather), ``stubborn`` (elided, on a body whose forward
+gathers whatever its pipeline_size says) or ``disagree`` (the ranks name
+different passes). Prints one JSON line with this rank's tokens,
 what the pass did and the active memory it freed, or the error it got.
 One generation per process: mlx-lm 0.32's pipelined stream_generate can leave
 one rank a decode step ahead when it returns (seen unpatched as well), so a
@@ -16,6 +18,7 @@ import mlx_lm
 from mlx_lm.sample_utils import make_sampler
 
 import graphpatch
+from graphpatch.contract import rebuilt
 from graphpatch.passes import elide_head
 
 PROMPT = "Hello world! Numbers like 1234 and"
@@ -25,6 +28,16 @@ model_dir, temp, mode = sys.argv[1], float(sys.argv[2]), sys.argv[3]
 model, tokenizer = mlx_lm.load(model_dir)
 model.model.pipeline(group)
 mx.eval(model.parameters())
+
+
+class Stubborn(type(model.model)):
+    def __call__(self, *args, **kwargs):
+        self.pipeline_size = int(self.pipeline_size)
+        return super().__call__(*args, **kwargs)
+
+
+if mode == "stubborn":
+    model.model = rebuilt(model.model, Stubborn)
 
 
 def active() -> int:
@@ -40,13 +53,15 @@ if mode == "disagree":
     except graphpatch.PassSpecError as e:
         print(json.dumps(result | {"error": str(e)}))
     sys.exit(0)
-if mode == "elided":
+if mode in ("elided", "gathered", "stubborn"):
+    spec = "elide_head:keep_gather" if mode == "gathered" else "elide_head"
     before = active()
-    report = graphpatch.apply(model, ["elide_head"], model_dir=model_dir)
+    report = graphpatch.apply(model, [spec], model_dir=model_dir)
     result["freed"] = before - active()
-    again = graphpatch.apply(model, ["elide_head"], model_dir=model_dir)
-    (site,) = report.for_pass("elide_head")
-    result |= {"kind": site.kind, "status": site.status, "note": site.note}
+    again = graphpatch.apply(model, [spec], model_dir=model_dir)
+    head, gather = report.for_pass("elide_head")
+    result |= {"kind": head.kind, "status": head.status, "note": head.note}
+    result["gather"] = [gather.kind, gather.status, gather.reason]
     result["again"] = [s.reason for s in again.skipped("elide_head")]
     result["logits"] = list(model(mx.array([[1, 2, 3]])).shape)
     sampler = elide_head.sampler(sampler)

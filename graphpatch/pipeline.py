@@ -1,0 +1,92 @@
+"""mlx-lm's pipeline parallelism (``PipelineMixin``) from the outside: find the
+pipelined body, hand rank 0's token to every rank, and run the body without
+its all-gather of the final hidden state.
+
+Every PipelineMixin body in mlx-lm ends its forward with
+``if pipeline_size > 1: h = mx.distributed.all_gather(h)[: h.shape[0]]`` so
+that every rank can run the head on rank 0's h. Once rank 0's token is
+broadcast, no rank needs that h. ``Ungathered`` bodies answer ``> 1`` with
+False for the length of their own forward only; their recv, send and the
+cache edges that keep the ranks in step are untouched. ``gather_taken``
+proves it worked: a rank that still gathers sees rank 0's h exactly.
+"""
+
+import functools
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.pipeline import PipelineMixin
+
+from graphpatch.contract import walk
+
+
+def pipelined(model: nn.Module) -> tuple[str, PipelineMixin] | None:
+    """The path and module of the model's PipelineMixin body, if it has one."""
+    for path, module in walk(model):
+        if isinstance(module, PipelineMixin):
+            return path, module
+    return None
+
+
+def broadcast_token(token: mx.array, group: mx.distributed.Group | None = None):
+    """Rank 0's token on every rank: an all_sum in which the others add zeros."""
+    group = group or mx.distributed.init()
+    # Times 0, not zeros_like: the sum must wait for this rank's forward (its
+    # send), or the ranks would meet in different collectives.
+    mine = token.astype(mx.uint32) * (1 if group.rank() == 0 else 0)
+    return mx.distributed.all_sum(mine, group=group)
+
+
+def sampler(sample=None, group: mx.distributed.Group | None = None):
+    """An mlx-lm ``sampler=`` for elided models: ``sample`` (default greedy)
+    runs on every rank, rank 0's result is the one every rank returns."""
+    sample = sample or (lambda logprobs: mx.argmax(logprobs, axis=-1))
+
+    def sample_on_rank_0(logprobs: mx.array) -> mx.array:
+        return broadcast_token(sample(logprobs), group)
+
+    return sample_on_rank_0
+
+
+class NoGather(int):
+    """The pipeline size, except that ``size > 1`` (mlx-lm's test for the
+    gather) is False. Arithmetic gives plain ints, so recv and send still
+    address the real neighbours."""
+
+    def __gt__(self, other):
+        return False if other == 1 else int(self) > other
+
+    def __repr__(self):
+        return f"NoGather({int(self)})"
+
+
+class Ungathered:
+    """A pipelined body whose forward skips the final all-gather."""
+
+    original: type
+
+    def __call__(self, *args, **kwargs):
+        size = self.pipeline_size
+        self.pipeline_size = NoGather(size)
+        try:
+            return super().__call__(*args, **kwargs)
+        finally:
+            self.pipeline_size = size
+
+
+@functools.cache
+def ungathered_class(cls: type) -> type:
+    return type(f"Ungathered{cls.__name__}", (Ungathered, cls), {"original": cls})
+
+
+def gather_taken(body: nn.Module, tokens: mx.array) -> bool:
+    """Whether any rank's body output is still rank 0's (the gather ran).
+
+    Runs the body once on every rank (a collective): after the gather every
+    rank holds rank 0's h bit for bit; without it each holds its own."""
+    group = mx.distributed.init()
+    h = body(tokens).astype(mx.float32)
+    mine = h * (1.0 if group.rank() == 0 else 0.0)
+    rank_0 = mx.distributed.all_sum(mine, group=group)
+    same = mx.array_equal(h, rank_0) & (group.rank() != 0)
+    return mx.distributed.all_sum(same.astype(mx.int32), group=group).item() > 0
