@@ -163,7 +163,10 @@ def markdown(results: list[Architecture]) -> str:
         "applied alone and all together, verified against the unpatched model. "
         "A cell gives the sites rewritten and the max error; `-` means none "
         "rewritten (the reasons are listed below the table); `FAILED` would "
-        "be a wrong rewrite caught and rolled back.",
+        "be a wrong rewrite caught and rolled back. Here every model runs on "
+        "one rank, so elide_head finds no pipeline to elide; "
+        "`tests/test_elide_head.py` runs it on a 2-rank ring pipeline for "
+        "every pipelined architecture below.",
         "",
         "| architecture | " + " | ".join(columns) + " |",
         "|---|" + "---|" * len(columns),

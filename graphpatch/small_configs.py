@@ -58,6 +58,43 @@ SMALL = {
 BY_TYPE = {int: 2, float: 1.0, bool: False, str: "", list: [], dict: {}}
 MAX_PARAMETERS = 20_000_000
 NESTED = ("text_config", "language_config", "llm_config")
+# Values no type can guess: rope dicts read by key, a layer pattern that needs
+# more than 2 layers, MLA ranks whose defaults are too large.
+YARN = {
+    "type": "yarn",
+    "factor": 1.0,
+    "mscale": 1,
+    "mscale_all_dim": 0,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "original_max_position_embeddings": 512,
+}
+LLAMA4_ROPE = {
+    "rope_type": "default",
+    "rope_theta": 10000.0,
+    "llama_4_scaling_beta": 0.1,
+    "original_max_position_embeddings": 512,
+}
+HYBRID = {"full_attention_interval": 2, "num_hidden_layers": 4}
+HINTS = {
+    "deepseek_v2": {"rope_scaling": YARN},
+    "deepseek_v32": {
+        "rope_scaling": YARN,
+        "kv_lora_rank": 32,
+        "q_lora_rank": 32,
+        "qk_rope_head_dim": 16,
+        "qk_nope_head_dim": 32,
+        "v_head_dim": 32,
+        "index_head_dim": 32,
+        "index_n_heads": 4,
+        "index_topk": 16,
+    },
+    "ministral3": {"rope_parameters": LLAMA4_ROPE},
+    "mistral4": {"rope_parameters": LLAMA4_ROPE},
+    "qwen3_next": HYBRID,
+    "qwen3_5": {"text_config": HYBRID},
+    "qwen3_5_moe": {"text_config": HYBRID},
+}
 
 
 def small_config(name: str, args_class: type) -> dict:
@@ -98,9 +135,15 @@ def _plain_value(name: str, annotation):
     return None
 
 
-def build(name: str) -> nn.Module:
+def build(name: str, **overrides) -> nn.Module:
+    """The architecture ``name`` from its small config (plus ``HINTS`` and
+    ``overrides``), with seeded float32 weights, evaluated."""
     module = importlib.import_module(f"mlx_lm.models.{name}")
     config = small_config(name, module.ModelArgs)
+    # A nested config is merged into, not replaced.
+    for key, value in (HINTS.get(name, {}) | overrides).items():
+        nested = isinstance(value, dict) and isinstance(config.get(key), dict)
+        config[key] = config[key] | value if nested else value
     mx.random.seed(0)
     model = _construct(module, config)
     size = sum(v.size for _, v in tree_flatten(model.parameters()))

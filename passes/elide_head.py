@@ -213,7 +213,8 @@ def warnings(model: nn.Module, options: dict) -> list[str]:
 
 PASS = Pass(
     name="elide_head",
-    summary="pipeline ranks other than 0 skip the LM head; use elide_head.sampler",
+    summary="pipeline ranks other than 0 skip the LM head, every rank the gather; "
+    "use elide_head.sampler",
     find=find,
     why_not=why_not,
     rewrite=rewrite,

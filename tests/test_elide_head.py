@@ -1,7 +1,12 @@
 """elide_head: pipeline ranks other than 0 skip the LM head, every rank still
 gets the token. Distributed cases run 2 ranks of a ring group on localhost."""
 
+import importlib
+import pkgutil
+from pathlib import Path
+
 import mlx.core as mx
+import mlx_lm.models
 import pytest
 from test_distributed import launch
 
@@ -62,6 +67,53 @@ def test_three_ranks_all_get_rank_0s_token(zoo_dir):
     assert [r["kind"] for r in elided] == ["final", "elided", "elided"]
     assert [r["gather"] for r in elided] == [["gather", "rewritten", None]] * 3
     assert [abs(r["freed"] - HEAD_BYTES) < 1024 for r in elided] == [False, True, True]
+
+
+# Every architecture of the installed mlx-lm with a PipelineMixin body, and
+# the wrappers around one, built from the coverage's small configs.
+PIPELINED = {
+    "bailing_hybrid": 4,  # layers: each rank needs a whole group of 2
+    "deepseek_v2": None,
+    "deepseek_v3": None,
+    "deepseek_v32": None,
+    "deepseek_v41": None,
+    "glm4_moe": None,
+    "glm4_moe_lite": None,
+    "kimi_k25": None,
+    "kimi_vl": None,
+    "minimax_m3_vl": None,
+    "ministral3": None,
+    "mistral4": None,
+    "qwen2": None,
+    "qwen2_vl": None,
+    "qwen3_5": None,
+    "qwen3_5_moe": None,
+    "qwen3_moe": None,
+    "qwen3_next": None,
+    "qwen3_vl_moe": None,
+}
+METAL_ONLY = {"muse_spark"}  # its qk_norm_rope kernel has no CPU path
+
+
+def test_the_table_names_every_pipelined_architecture():
+    pipelined = set()
+    for info in pkgutil.iter_modules(mlx_lm.models.__path__):
+        origin = importlib.util.find_spec(f"mlx_lm.models.{info.name}").origin
+        if "(PipelineMixin" in Path(origin).read_text():
+            pipelined.add(info.name)
+    assert pipelined - METAL_ONLY <= PIPELINED.keys()
+
+
+@pytest.mark.parametrize("name", PIPELINED)
+def test_every_pipelined_architecture_drops_head_and_gather(name):
+    layers = [str(PIPELINED[name])] if PIPELINED[name] else []
+    ranks = launch("pipeline_zoo.py", name, *layers)
+    expected = ranks[0]["plain"]
+    assert [r["plain"] for r in ranks] == [r["elided"] for r in ranks] == [expected] * 2
+    assert [r["sites"] for r in ranks] == [
+        [["final", "rewritten", None], ["gather", "rewritten", None]],
+        [["elided", "rewritten", None], ["gather", "rewritten", None]],
+    ]
 
 
 def test_ranks_that_disagree_on_the_passes_both_fail_cleanly(zoo_dir):
