@@ -163,10 +163,11 @@ def _run(command: list[str], passes: str) -> None:
         plan, _ = graphpatch.resolve(None, env)
     except GraphpatchError as e:
         fail(str(e))
-    if any(p.name == "elide_head" for p, _ in plan):
+    if any(p.name == "elide_head" and not o["logits"] for p, o in plan):
         fail(
             "elide_head needs elide_head.sampler(...) where the program samples, "
-            "which graphpatch run cannot add: apply it from your runtime"
+            "which graphpatch run cannot add: use elide_head:logits (rank 0's "
+            "logits reach every rank), or apply it from your runtime"
         )
     if not plan:
         err.print("warning: no passes chosen (--passes or GRAPHPATCH_PASSES)")

@@ -1,6 +1,7 @@
 """mlx-lm's pipeline parallelism (``PipelineMixin``) from the outside: find the
-pipelined body, hand rank 0's token to every rank, and run the body without
-its all-gather of the final hidden state.
+pipelined body, hand rank 0's token or logits to every rank, stand in for the
+head on the others, and run the body without its all-gather of the final
+hidden state.
 
 Every PipelineMixin body in mlx-lm ends its forward with
 ``if pipeline_size > 1: h = mx.distributed.all_gather(h)[: h.shape[0]]`` so
@@ -18,6 +19,7 @@ import mlx.nn as nn
 from mlx_lm.models.pipeline import PipelineMixin
 
 from graphpatch.contract import walk
+from graphpatch.heads import StandIn
 
 
 def pipelined(model: nn.Module) -> tuple[str, PipelineMixin] | None:
@@ -46,6 +48,58 @@ def sampler(sample=None, group: mx.distributed.Group | None = None):
         return broadcast_token(sample(logprobs), group)
 
     return sample_on_rank_0
+
+
+def broadcast_logits(logits: mx.array) -> mx.array:
+    """Rank 0's logits on every rank: the others add zeros (float32, so the
+    ranks agree on the dtype whatever their head would have returned)."""
+    return mx.distributed.all_sum(logits.astype(mx.float32))
+
+
+class ElidedHead(StandIn, nn.Module):
+    """Stands where the head was on ranks that do not produce the output."""
+
+    def __init__(self, held: nn.Module, vocab: int, released: bool, share: bool):
+        super().__init__()
+        self.vocab = vocab
+        self.share = share
+        if released:
+            vars(self)["held"] = held  # not a child: its arrays are unevaluated
+        else:
+            self.held = held  # still in memory, so still counted
+
+    def __call__(self, h: mx.array) -> mx.array:
+        keep = getattr(self.held, "keep", None)  # last_token's, when applied
+        positions = h.shape[-2] if keep is None else min(keep, h.shape[-2])
+        shape = (*h.shape[:-2], positions, self.vocab)
+        zeros = mx.broadcast_to(mx.zeros((1,) * len(shape), h.dtype), shape)
+        zeros = mx.depends(zeros, h)
+        return broadcast_logits(zeros).astype(h.dtype) if self.share else zeros
+
+
+class Kept:
+    """Marks rank 0's head; ``original`` names the class it was made from."""
+
+    original: type
+
+
+class Shared(Kept):
+    """Rank 0's head, whose logits every rank receives (``logits``)."""
+
+    def __call__(self, h: mx.array) -> mx.array:
+        logits = super().__call__(h)
+        return broadcast_logits(logits).astype(logits.dtype)
+
+
+def is_elided(head: nn.Module) -> bool:
+    """Whether elide_head stands in for this head, or marks it as rank 0's."""
+    return isinstance(head, (ElidedHead, Kept))
+
+
+@functools.cache
+def kept_class(cls: type, marker: type = Kept) -> type:
+    name = f"{marker.__name__}{cls.__name__}"
+    return type(name, (marker, cls), {"original": cls})
 
 
 class NoGather(int):

@@ -6,8 +6,11 @@ Rewrite:       on a pipelined model (mlx-lm's PipelineMixin after
                depend on h, so any edge a runtime hangs on the logits still
                runs. Rank 0 keeps its head. ``sampler(...)`` wraps an mlx-lm
                sampler: rank 0 samples, the token reaches every rank through
-               an all_sum of B integers. Then, on every rank, the body's
-               all-gather of h -> nothing (graphpatch.pipeline.Ungathered);
+               an all_sum of B integers. With ``elide_head:logits`` the
+               others get rank 0's logits instead (one all_sum of the head's
+               output; pair with last_token), so a program's own sampler
+               works unchanged. Then, on every rank, the body's all-gather of
+               h -> nothing (graphpatch.pipeline.Ungathered);
                ``elide_head:keep_gather`` keeps it. An untied head's arrays
                are released on the elided ranks when they can be re-read
                from the checkpoint (undo reloads them).
@@ -17,10 +20,8 @@ Preconditions: a pipeline group of more than one rank, the global group the
                only if the body then really stops gathering (proven).
 Equivalence:   the sampled token on every rank equals the unpatched model's;
                rank 0's logits are unchanged; logits on the other ranks are
-               zeros (by design).
+               zeros by design, or rank 0's with ``logits``.
 """
-
-import functools
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -35,11 +36,15 @@ from graphpatch.contract import (
     rebuilt,
     walk,
 )
-from graphpatch.heads import StandIn, head_path, is_tied, release_to_checkpoint
+from graphpatch.heads import head_path, is_tied, release_to_checkpoint
 from graphpatch.pipeline import (
+    ElidedHead,
+    Kept,
+    Shared,
     Ungathered,
     broadcast_token,
     gather_taken,
+    kept_class,
     pipelined,
     ungathered_class,
 )
@@ -68,42 +73,12 @@ STILL_GATHERS = (
 SAMPLER = (
     "elide_head: ranks other than 0 return zero logits; sample with "
     "graphpatch.passes.elide_head.sampler(...) (mlx-lm's sampler=) so every "
-    "rank gets rank 0's token"
+    "rank gets rank 0's token, or apply elide_head:logits"
 )
 
 
 class ElideError(GraphpatchError):
     """The pipeline and the distributed group do not match."""
-
-
-class ElidedHead(StandIn, nn.Module):
-    """Stands where the head was on ranks that do not produce the output."""
-
-    def __init__(self, held: nn.Module, vocab: int, released: bool):
-        super().__init__()
-        self.vocab = vocab
-        if released:
-            vars(self)["held"] = held  # not a child: its arrays are unevaluated
-        else:
-            self.held = held  # still in memory, so still counted
-
-    def __call__(self, h: mx.array) -> mx.array:
-        keep = getattr(self.held, "keep", None)  # last_token's, when applied
-        positions = h.shape[-2] if keep is None else min(keep, h.shape[-2])
-        shape = (*h.shape[:-2], positions, self.vocab)
-        zeros = mx.broadcast_to(mx.zeros((1,) * len(shape), h.dtype), shape)
-        return mx.depends(zeros, h)
-
-
-class Kept:
-    """Marks rank 0's head; ``original`` names the class it was made from."""
-
-    original: type
-
-
-@functools.cache
-def kept_class(cls: type) -> type:
-    return type(f"Kept{cls.__name__}", (Kept, cls), {"original": cls})
 
 
 def find(model: nn.Module, options: dict) -> list[Site]:
@@ -130,7 +105,8 @@ def find(model: nn.Module, options: dict) -> list[Site]:
     if body.pipeline_rank == 0:
         head = Site(path, "final", {"collective": True})
     else:
-        head = Site(path, "elided", {"collective": True, "changes_logits": True})
+        moves = not options["logits"]  # zeros, unless rank 0's are shared
+        head = Site(path, "elided", {"collective": True, "changes_logits": moves})
     return [head, Site(body_path, "gather", {"collective": True, "head": path})]
 
 
@@ -154,21 +130,23 @@ def rewrite(model: nn.Module, site: Site, options: dict) -> None:
     if site.kind == "gather":
         parent[key] = rebuilt(module, ungathered_class(type(module)))
     elif site.kind == "final":
-        parent[key] = rebuilt(module, kept_class(type(module)))
+        marker = Shared if options["logits"] else Kept
+        parent[key] = rebuilt(module, kept_class(type(module), marker))
     else:
-        parent[key] = _elided(model, module, options.get("model_dir"), site)
+        parent[key] = _elided(model, module, options, site)
 
 
-def _elided(model: nn.Module, head: nn.Module, model_dir, site: Site) -> nn.Module:
+def _elided(model: nn.Module, head: nn.Module, options: dict, site: Site):
     mib = sum(v.nbytes for _, v in tree_flatten(head.parameters())) / 2**20
     released = False
     if is_tied(model, head):
         site.detail["note"] = TIED
-    elif released := release_to_checkpoint(head, model_dir):
+    elif released := release_to_checkpoint(head, options.get("model_dir")):
         site.detail["note"] = RELEASED.format(mib=mib)
     else:
         site.detail["note"] = KEPT
-    return ElidedHead(head, head.weight.shape[0], released)
+    vocab = head.weight.shape[0]
+    return ElidedHead(head, vocab, released, share=options["logits"])
 
 
 def undo(model: nn.Module, path: str) -> None:
@@ -191,10 +169,12 @@ def probe(model: nn.Module, site: Site, dtype, options: dict):
     def run():
         logits = model(tokens)[:, -1, :]
         token = broadcast_token(mx.argmax(logits, axis=-1)).astype(mx.float32)
-        # Rank 0's logits must not move when the gather goes (the others'
-        # are zeros on both sides); the head's own check can only ask for
-        # the token, since it turns the others' logits into zeros.
-        return [token, logits] if site.kind == "gather" else [token]
+        # Every rank's logits must stay when the gather goes, and when the
+        # head goes with ``logits``; without it the others' turn to zeros,
+        # so the head's own check can only ask for the token.
+        if site.kind == "gather" or options["logits"]:
+            return [token, logits]
+        return [token]
 
     return run
 
@@ -208,7 +188,9 @@ def confirm(model: nn.Module, site: Site, options: dict) -> str | None:
 
 def warnings(model: nn.Module, options: dict) -> list[str]:
     found = pipelined(model)
-    return [SAMPLER] if found and found[1].pipeline_size > 1 else []
+    if options["logits"] or not found or found[1].pipeline_size == 1:
+        return []
+    return [SAMPLER]
 
 
 PASS = Pass(
@@ -221,7 +203,7 @@ PASS = Pass(
     undo=undo,
     applied=applied,
     probe=probe,
-    options={"keep_gather": False},
+    options={"keep_gather": False, "logits": False},
     requires=("untied_head",),
     confirm=confirm,
     warnings=warnings,

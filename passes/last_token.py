@@ -19,9 +19,14 @@ import mlx.nn as nn
 
 from graphpatch.contract import Pass, Site, module_at, parent_and_key, rebuilt, walk
 from graphpatch.heads import head_path
+from graphpatch.pipeline import is_elided
 
 ALREADY_APPLIED = "already applied"
 NO_HEAD = "no explicit LM head: untied_head made none (see its report)"
+HEAD_ELIDED = (
+    "the head is elided (elide_head): name last_token in the same apply, "
+    "which runs it first"
+)
 NOT_CONSULTED = "the model's __call__ does not run its head through {path}"
 SPECULATIVE = (
     "last_token keeps {keep} position(s): speculative decoding needs "
@@ -53,13 +58,20 @@ def last_token_class(cls: type) -> type:
 
 def find(model: nn.Module, options: dict) -> list[Site]:
     path = head_path(model)
-    return [Site("", "none")] if path is None else [Site(path, "head")]
+    if path is None:
+        return [Site("", "none")]
+    # Every rank of a sharded or pipelined model has its head, and the
+    # probe runs the whole model: its collectives.
+    return [Site(path, "head", {"collective": True})]
 
 
 def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
     if site.kind == "none":
         return NO_HEAD
-    if isinstance(module_at(model, site.path), LastToken):
+    head = module_at(model, site.path)
+    if is_elided(head):
+        return HEAD_ELIDED
+    if isinstance(head, LastToken):
         return ALREADY_APPLIED
     return None
 

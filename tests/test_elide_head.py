@@ -11,7 +11,7 @@ import pytest
 from test_distributed import launch
 
 import graphpatch
-from graphpatch.passes import elide_head
+from graphpatch.passes import elide_head, last_token
 
 HEAD_BYTES = 512 * 128 * 4  # vocab x hidden, float32
 
@@ -56,6 +56,23 @@ def test_the_gather_stays_when_asked_or_when_it_cannot_be_dropped(
     assert [r["tokens"] for r in plain + elided] == [expected] * 4
     assert [r["status"] for r in elided] == ["rewritten"] * 2
     assert [r["gather"] for r in elided] == [["gather", "skipped", reason]] * 2
+
+
+def test_with_logits_each_rank_samples_rank_0s_logits_itself(zoo_dir):
+    model_dir = str(zoo_dir("qwen3_moe"))
+    plain = launch("pipeline_generate.py", model_dir, "0.8", "plain")
+    shared = launch("pipeline_generate.py", model_dir, "0.8", "logits")
+    expected = plain[0]["tokens"]
+    assert [r["tokens"] for r in plain + shared] == [expected] * 4
+    final, other = shared
+    assert other["note"] == elide_head.RELEASED.format(mib=HEAD_BYTES / 2**20)
+    assert abs(other["freed"] - HEAD_BYTES) < 1024
+    assert final["logits"] == other["logits"] == [1, 1, 512]  # last_token's
+    assert final["top"] == other["top"]
+    # a second apply: every rank skips last_token, so none runs its probe alone
+    assert final["again_last_token"] == [last_token.HEAD_ELIDED]
+    assert other["again_last_token"] == [last_token.HEAD_ELIDED]
+    assert final["gather"] == other["gather"] == ["gather", "rewritten", None]
 
 
 def test_three_ranks_all_get_rank_0s_token(zoo_dir):

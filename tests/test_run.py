@@ -185,3 +185,18 @@ def test_a_ring_launch_under_graphpatch_run_patches_every_rank(zoo_dir, kind):
         ours, theirs = (json.loads(r.stdout.strip()) for r in (after, before))
         assert ours["argmax"] == theirs["argmax"]
         assert theirs["fused"] == [] and ours["fused"]
+
+
+def test_elide_head_with_logits_runs_under_graphpatch_run(zoo_dir):
+    model_dir = str(zoo_dir("qwen2", shards=2, tie_word_embeddings=False))
+    script = [PYTHON, str(Path(__file__).parent / "ranks" / "sharded_load.py")]
+    command = [*script, model_dir, "pipeline"]
+    plain = ring.launch(command, timeout=120)
+    passes = "last_token,elide_head:logits"
+    patched = ring.launch([GRAPHPATCH, "run", "--passes", passes, "--", *command])
+    for before, after in zip(plain, patched, strict=True):
+        assert after.returncode == 0, after.stderr
+        line = f"graphpatch[rank {after.rank}]: {model_dir}: elide_head: "
+        assert line in after.stderr
+        ours, theirs = (json.loads(r.stdout.strip()) for r in (after, before))
+        assert ours["argmax"] == theirs["argmax"]

@@ -1,7 +1,8 @@
 """One rank of the elide_head test: pipeline the model, maybe elide, generate.
 
 argv: MODEL_DIR TEMP MODE, MODE ``plain``, ``elided``, ``gathered``
-(elide_head:keep_gather), ``stubborn`` (elided, on a body whose forward
+(elide_head:keep_gather), ``logits`` (last_token,elide_head:logits, sampled
+with mlx-lm's own sampler), ``stubborn`` (elided, on a body whose forward
 gathers whatever its pipeline_size says) or ``disagree`` (the ranks name
 different passes). Prints one JSON line with this rank's tokens,
 what the pass did and the active memory it freed, or the error it got.
@@ -53,18 +54,27 @@ if mode == "disagree":
     except graphpatch.PassSpecError as e:
         print(json.dumps(result | {"error": str(e)}))
     sys.exit(0)
-if mode in ("elided", "gathered", "stubborn"):
-    spec = "elide_head:keep_gather" if mode == "gathered" else "elide_head"
+SPECS = {
+    "elided": ["elide_head"],
+    "gathered": ["elide_head:keep_gather"],
+    "logits": ["last_token", "elide_head:logits"],
+    "stubborn": ["elide_head"],
+}
+if mode in SPECS:
     before = active()
-    report = graphpatch.apply(model, [spec], model_dir=model_dir)
+    report = graphpatch.apply(model, SPECS[mode], model_dir=model_dir)
     result["freed"] = before - active()
-    again = graphpatch.apply(model, [spec], model_dir=model_dir)
+    again = graphpatch.apply(model, SPECS[mode], model_dir=model_dir)
     head, gather = report.for_pass("elide_head")
     result |= {"kind": head.kind, "status": head.status, "note": head.note}
     result["gather"] = [gather.kind, gather.status, gather.reason]
     result["again"] = [s.reason for s in again.skipped("elide_head")]
-    result["logits"] = list(model(mx.array([[1, 2, 3]])).shape)
-    sampler = elide_head.sampler(sampler)
+    result["again_last_token"] = [s.reason for s in again.skipped("last_token")]
+    logits = model(mx.array([[1, 2, 3]]))
+    result["logits"] = list(logits.shape)
+    result["top"] = mx.argmax(logits[0, -1]).item()
+    if mode != "logits":
+        sampler = elide_head.sampler(sampler)
 mx.random.seed(7)
 responses = mlx_lm.stream_generate(
     model, tokenizer, PROMPT, max_tokens=8, sampler=sampler
