@@ -1,12 +1,13 @@
 """elide_head: decode step time and memory per rank of a 2-rank pipeline,
 with the head on every rank (unpatched), on rank 0 only with mlx-lm's
-all-gather of h kept (elide_head:keep_gather), and on rank 0 only without the
-gather (elide_head, its default).
+all-gather of h kept (elide_head:keep_gather), on rank 0 only without the
+gather (elide_head, its default), and the same with rank 0's logits sent to
+every rank instead of its token (elide_head:logits).
 
 Qwen2.5-0.5B widths (hidden 896, vocab 151936), an untied head (as the larger
 Qwen2.5 models have), affine 4-bit, float32 activations, a few layers. Starts
 2 ranks of an MLX ring group on localhost (graphpatch.ring) that alternate the
-three variants in rounds (apply / revert between them) and report median wall
+four variants in rounds (apply / revert between them) and report median wall
 and CPU time per decode step, the head's own time, and active memory. On one
 machine the two ranks share its cores and wait for each other every step, so
 wall time moves little; CPU time and memory say what the rank no longer does.
@@ -52,8 +53,8 @@ def rank_main(model_dir: str, steps: int, rounds: int) -> None:
     prompt = mx.array([[3, 17, 42, 5, 60, 7, 11, 2] * 4])
 
     def decode(name: str) -> tuple[list[float], list[float], list[int]]:
-        elided = name != "unpatched"
-        sample = elide_head.sampler() if elided else (lambda x: mx.argmax(x, -1))
+        token_only = name in ("gathered", "elided")  # the others have logits
+        sample = elide_head.sampler() if token_only else (lambda x: mx.argmax(x, -1))
         cache = make_prompt_cache(model)
         token = sample(model(prompt, cache=cache)[:, -1])
         mx.eval(token)
@@ -92,11 +93,18 @@ def rank_main(model_dir: str, steps: int, rounds: int) -> None:
         start = time.perf_counter()
         mx.eval(model.lm_head(h))
         head_times.append(time.perf_counter() - start)
+    token, logits = mx.array([7], mx.uint32), mx.zeros((1, 1, 151936))
     result = {
         "rank": group.rank(),
         "same_tokens": len({tuple(t) for t in tokens.values()}) == 1,
         "memory_mib": {k: v / 2**20 for k, v in memory.items()},
         "head_ms": 1e3 * statistics.median(head_times),
+        # what the variants trade, each collective alone (ms)
+        "collectives_ms": {
+            "all_gather h": collective_ms(lambda: mx.distributed.all_gather(h)),
+            "all_sum token": collective_ms(lambda: mx.distributed.all_sum(token)),
+            "all_sum logits": collective_ms(lambda: mx.distributed.all_sum(logits)),
+        },
     }
     for name, (walls, cpus) in samples.items():
         result[name] = {
@@ -106,11 +114,21 @@ def rank_main(model_dir: str, steps: int, rounds: int) -> None:
     print(json.dumps(result))
 
 
+def collective_ms(op, times: int = 200) -> float:
+    samples = []
+    for _ in range(times):
+        start = time.perf_counter()
+        mx.eval(op())
+        samples.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(samples)
+
+
 # The names the table prints, and the pass spec each applies.
 VARIANTS = {
     "unpatched": None,
     "gathered": "elide_head:keep_gather",
     "elided": "elide_head",
+    "logits": "elide_head:logits",
 }
 
 
@@ -151,7 +169,7 @@ def main() -> None:
         )
     print(f"2 ranks on one machine, {args.layers} layers, decode steps, medians")
     print(f"{'rank':>4} {'variant':>10} {'wall ms':>8} {'cpu ms':>8} {'MiB':>7}")
-    print("(tokens identical across the three variants on every rank)")
+    print("(tokens identical across the variants on every rank)")
     for r in results:
         data = json.loads(r.stdout.strip().splitlines()[-1])
         assert data["same_tokens"], f"rank {r.rank}: the variants' tokens differ"
@@ -170,6 +188,8 @@ def main() -> None:
             )
         share = data["head_ms"] / u["wall_ms"]
         print(f"     head alone {data['head_ms']:.2f} ms ({share:.0%} of a step)")
+        for name, ms in data["collectives_ms"].items():
+            print(f"     {name} alone {1e3 * ms:.0f} us")
     for line in on_paper():
         print(line)
 

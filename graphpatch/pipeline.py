@@ -30,13 +30,17 @@ def pipelined(model: nn.Module) -> tuple[str, PipelineMixin] | None:
     return None
 
 
-def broadcast_token(token: mx.array, group: mx.distributed.Group | None = None):
-    """Rank 0's token on every rank: an all_sum in which the others add zeros."""
+def from_rank_0(x: mx.array, group: mx.distributed.Group | None = None):
+    """Rank 0's ``x`` on every rank: an all_sum in which the others add x * 0."""
     group = group or mx.distributed.init()
-    # Times 0, not zeros_like: the sum must wait for this rank's forward (its
-    # send), or the ranks would meet in different collectives.
-    mine = token.astype(mx.uint32) * (1 if group.rank() == 0 else 0)
-    return mx.distributed.all_sum(mine, group=group)
+    # Times 0, not zeros_like: the sum must wait for this rank's own x (its
+    # forward, its send), or the ranks would meet in different collectives.
+    return mx.distributed.all_sum(x * (1 if group.rank() == 0 else 0), group=group)
+
+
+def broadcast_token(token: mx.array, group: mx.distributed.Group | None = None):
+    """Rank 0's token on every rank (a few bytes)."""
+    return from_rank_0(token.astype(mx.uint32), group)
 
 
 def sampler(sample=None, group: mx.distributed.Group | None = None):
@@ -51,9 +55,9 @@ def sampler(sample=None, group: mx.distributed.Group | None = None):
 
 
 def broadcast_logits(logits: mx.array) -> mx.array:
-    """Rank 0's logits on every rank: the others add zeros (float32, so the
-    ranks agree on the dtype whatever their head would have returned)."""
-    return mx.distributed.all_sum(logits.astype(mx.float32))
+    """Rank 0's logits on every rank, in float32: the ranks then agree on the
+    dtype whatever their heads would have returned."""
+    return from_rank_0(logits.astype(mx.float32))
 
 
 class ElidedHead(StandIn, nn.Module):
@@ -140,7 +144,5 @@ def gather_taken(body: nn.Module, tokens: mx.array) -> bool:
     rank holds rank 0's h bit for bit; without it each holds its own."""
     group = mx.distributed.init()
     h = body(tokens).astype(mx.float32)
-    mine = h * (1.0 if group.rank() == 0 else 0.0)
-    rank_0 = mx.distributed.all_sum(mine, group=group)
-    same = mx.array_equal(h, rank_0) & (group.rank() != 0)
+    same = mx.array_equal(h, from_rank_0(h)) & (group.rank() != 0)
     return mx.distributed.all_sum(same.astype(mx.int32), group=group).item() > 0

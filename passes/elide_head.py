@@ -44,6 +44,7 @@ from graphpatch.pipeline import (
     Ungathered,
     broadcast_token,
     gather_taken,
+    is_elided,
     kept_class,
     pipelined,
     ungathered_class,
@@ -113,13 +114,14 @@ def find(model: nn.Module, options: dict) -> list[Site]:
 def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
     if site.kind == "none":
         return site.detail["why"]
-    if isinstance(module_at(model, site.path), (Kept, ElidedHead, Ungathered)):
+    module = module_at(model, site.path)
+    if is_elided(module) or isinstance(module, Ungathered):
         return ALREADY_APPLIED
     if site.kind != "gather":
         return None
     if options["keep_gather"]:
         return GATHER_KEPT
-    if not isinstance(module_at(model, site.detail["head"]), (Kept, ElidedHead)):
+    if not is_elided(module_at(model, site.detail["head"])):
         return HEAD_NOT_ELIDED
     return None
 
@@ -159,8 +161,7 @@ def undo(model: nn.Module, path: str) -> None:
 
 
 def applied(model: nn.Module) -> list[str]:
-    done = (Kept, ElidedHead, Ungathered)
-    return [p for p, m in walk(model) if isinstance(m, done)]
+    return [p for p, m in walk(model) if is_elided(m) or isinstance(m, Ungathered)]
 
 
 def probe(model: nn.Module, site: Site, dtype, options: dict):
