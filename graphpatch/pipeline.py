@@ -101,7 +101,8 @@ def is_elided(head: nn.Module) -> bool:
 
 
 @functools.cache
-def kept_class(cls: type, marker: type = Kept) -> type:
+def marked_class(cls: type, marker: type) -> type:
+    """``cls`` with ``marker`` (Kept, Shared or Ungathered) in front of it."""
     name = f"{marker.__name__}{cls.__name__}"
     return type(name, (marker, cls), {"original": cls})
 
@@ -130,11 +131,6 @@ class Ungathered:
             return super().__call__(*args, **kwargs)
         finally:
             self.pipeline_size = size
-
-
-@functools.cache
-def ungathered_class(cls: type) -> type:
-    return type(f"Ungathered{cls.__name__}", (Ungathered, cls), {"original": cls})
 
 
 def gather_taken(body: nn.Module, tokens: mx.array) -> bool:

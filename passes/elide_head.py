@@ -45,9 +45,8 @@ from graphpatch.pipeline import (
     broadcast_token,
     gather_taken,
     is_elided,
-    kept_class,
+    marked_class,
     pipelined,
-    ungathered_class,
 )
 from graphpatch.pipeline import sampler as sampler  # the documented name
 from graphpatch.verify import PROBE_TOKENS
@@ -130,10 +129,10 @@ def rewrite(model: nn.Module, site: Site, options: dict) -> None:
     parent, key = parent_and_key(model, site.path)
     module = parent[key]
     if site.kind == "gather":
-        parent[key] = rebuilt(module, ungathered_class(type(module)))
+        parent[key] = rebuilt(module, marked_class(type(module), Ungathered))
     elif site.kind == "final":
         marker = Shared if options["logits"] else Kept
-        parent[key] = rebuilt(module, kept_class(type(module), marker))
+        parent[key] = rebuilt(module, marked_class(type(module), marker))
     else:
         parent[key] = _elided(model, module, options, site)
 
