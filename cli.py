@@ -114,14 +114,6 @@ def _print(report: graphpatch.Report, as_json: bool) -> None:
         report.print(out)
 
 
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()
-
-
 @app.command(
     "run",
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
@@ -255,3 +247,11 @@ def golden_check(
     for line in result.lines:
         out.print(line, highlight=False, soft_wrap=True)
     raise typer.Exit(0 if result.ok else 1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

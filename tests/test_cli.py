@@ -115,3 +115,14 @@ def test_console_script_has_no_traceback(tmp_path):
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr.strip() == f"error: {tmp_path / 'nowhere'}: no such directory"
+
+
+def test_python_m_knows_every_command():
+    help_text = subprocess.run(
+        [sys.executable, "-m", "graphpatch.cli", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for command in ("list", "apply", "run", "serve", "coverage", "golden"):
+        assert f" {command} " in help_text
