@@ -3,18 +3,23 @@
 import json as _json
 import os
 import shutil
-import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 import graphpatch
-from graphpatch import golden
+from graphpatch import golden, saving
 from graphpatch.contract import GraphpatchError, VerificationError
-from graphpatch.loading import load
+from graphpatch.loading import (
+    check_config,
+    check_weights,
+    load,
+    read_config,
+    regular_file,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -27,8 +32,12 @@ out = Console(width=None if Console().is_terminal else 120)
 err = Console(stderr=True)
 
 
-def fail(message: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+def fail(message: str, code: int = 2) -> NoReturn:
+    """One line on stderr, then exit: 2 for bad input, 1 for a failed check."""
+    line = " ".join(message.split())  # mlx-lm's messages list names a line each
+    if len(line) > 400:
+        line = line[:400] + " ..."
+    err.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True, markup=True)
     raise typer.Exit(code)
 
 
@@ -60,7 +69,9 @@ def apply_cmd(
     save: Annotated[
         Path | None, typer.Option(help="write the patched model to this directory")
     ] = None,
-    force: Annotated[bool, typer.Option(help="replace an existing --save")] = False,
+    force: Annotated[
+        bool, typer.Option(help="replace --save when it is an earlier graphpatch save")
+    ] = False,
     max_shard_mb: Annotated[
         float, typer.Option(help="largest safetensors file --save writes")
     ] = 5120,
@@ -71,8 +82,10 @@ def apply_cmd(
     """
     try:
         graphpatch.resolve(passes or None)
-        if save is not None and save.exists() and not force:
-            fail(f"{save} exists (use --force to replace it)")
+        if save is not None:
+            shard_bytes = saving.max_shard_bytes(max_shard_mb)
+            for line in saving.prepare(model_dir, save, force):
+                err.print(line, highlight=False)
         with err.status(f"loading {model_dir}"):
             model, _, _ = load(model_dir, lazy=not verify)
         with err.status("applying and verifying") as status:
@@ -94,13 +107,7 @@ def apply_cmd(
         try:
             with err.status(f"saving {save}") as status:
                 graphpatch.save(
-                    model,
-                    model_dir,
-                    save,
-                    passes or None,
-                    force,
-                    int(max_shard_mb * 2**20),
-                    status.update,
+                    model, model_dir, save, force, shard_bytes, status.update
                 )
         except GraphpatchError as e:
             fail(str(e))
@@ -131,8 +138,12 @@ def run_cmd(
     _run(ctx.args, passes)
 
 
-@app.command("serve")
+@app.command(
+    "serve",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
 def serve_cmd(
+    ctx: typer.Context,
     model_dir: Annotated[Path, typer.Argument(help="a local mlx-lm model directory")],
     passes: Annotated[
         str, typer.Option(help="comma-separated; default: GRAPHPATCH_PASSES")
@@ -140,9 +151,31 @@ def serve_cmd(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8080,
 ) -> None:
-    """mlx-lm's own server with the patched model: run -- mlx_lm server."""
-    server = [sys.executable, "-m", "mlx_lm", "server", "--model", str(model_dir)]
-    _run([*server, "--host", host, "--port", str(port)], passes)
+    """mlx-lm's server with the model patched and verified before it listens.
+
+    Other flags (--draft-model, --max-tokens, ...) go to mlx_lm server.
+    """
+    from graphpatch import serving
+
+    env = {**os.environ, **({"GRAPHPATCH_PASSES": passes} if passes else {})}
+    try:
+        plan, _ = graphpatch.resolve(None, env)
+        _refuse_elide_without_logits(plan)
+        serving.check_address(host, port)
+        config = read_config(model_dir)
+        check_config(model_dir, config, check_weights(model_dir))
+        serving.serve(model_dir, host, port, passes, ctx.args)
+    except GraphpatchError as e:
+        fail(str(e))
+
+
+def _refuse_elide_without_logits(plan) -> None:
+    if any(p.name == "elide_head" and not o["logits"] for p, o in plan):
+        fail(
+            "elide_head needs elide_head.sampler(...) where the program samples, "
+            "which graphpatch run cannot add: use elide_head:logits (rank 0's "
+            "logits reach every rank), or apply it from your runtime"
+        )
 
 
 def _run(command: list[str], passes: str) -> None:
@@ -155,20 +188,24 @@ def _run(command: list[str], passes: str) -> None:
         plan, _ = graphpatch.resolve(None, env)
     except GraphpatchError as e:
         fail(str(e))
-    if any(p.name == "elide_head" and not o["logits"] for p, o in plan):
-        fail(
-            "elide_head needs elide_head.sampler(...) where the program samples, "
-            "which graphpatch run cannot add: use elide_head:logits (rank 0's "
-            "logits reach every rank), or apply it from your runtime"
-        )
+    _refuse_elide_without_logits(plan)
     if not plan:
         err.print("warning: no passes chosen (--passes or GRAPHPATCH_PASSES)")
     if shutil.which(command[0]) is None:
         fail(f"command not found: {command[0]}", code=127)
+    if report := env.get("GRAPHPATCH_REPORT"):
+        try:
+            open(report, "a").close()
+        except OSError as e:
+            fail(f"GRAPHPATCH_REPORT={report}: cannot be written ({e.strerror})")
     from graphpatch import hook
 
     startup = str(Path(graphpatch.__file__).parent / "_startup")
-    raise typer.Exit(hook.run(command, env, startup))
+    try:
+        code = hook.run(command, env, startup)
+    except hook.CannotRun as e:
+        fail(str(e), code=126)
+    raise typer.Exit(code)
 
 
 @app.command("coverage")
@@ -191,16 +228,26 @@ def coverage_cmd(
     unknown = [n for n in names or [] if n not in known]
     if unknown:
         fail(f"not an mlx-lm architecture: {', '.join(unknown)}")
+    if write is not None and (write.is_dir() or not _writable_dir(write.parent)):
+        fail(f"--write {write}: not a file in a writable directory")
     with err.status("building architectures") as status:
         results = coverage.run(names or None, progress=status.update)
     table = coverage.markdown(results)
     if write is not None:
-        write.parent.mkdir(parents=True, exist_ok=True)
-        write.write_text(table)
+        try:
+            write.parent.mkdir(parents=True, exist_ok=True)
+            write.write_text(table)
+        except OSError as e:
+            fail(f"--write {write}: cannot be written ({e.strerror})")
     if json:
         print(_json.dumps(coverage.as_dicts(results), indent=2))
     else:
         out.print(table, highlight=False, markup=False)
+
+
+def _writable_dir(path: Path) -> bool:
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    return existing.is_dir() and os.access(existing, os.W_OK)
 
 
 golden_app = typer.Typer(no_args_is_help=True, help="Record and check golden logits.")
@@ -220,15 +267,24 @@ def golden_record(
 ) -> None:
     """Write the logits of fixed prompts (and their metadata) to OUT."""
     try:
-        texts = None
-        if prompts is not None:
-            if not prompts.is_file():
-                fail(f"{prompts}: no such file")
-            texts = [line for line in prompts.read_text().splitlines() if line]
+        texts = None if prompts is None else _read_prompts(prompts)
         file = golden.record(model_dir, out_file, passes, texts)
     except GraphpatchError as e:
         fail(str(e))
     out.print(f"wrote {file}", highlight=False)
+
+
+def _read_prompts(file: Path) -> list[str]:
+    try:
+        text = regular_file(file, "prompts file").read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        fail(f"{file}: not UTF-8 text (one prompt per line)")
+    except OSError as e:
+        fail(f"{file}: cannot be read ({e.strerror})")
+    texts = [line for line in text.splitlines() if line.strip()]
+    if not texts or "\0" in text:
+        fail(f"{file}: no prompts (one per line)" if not texts else f"{file}: binary")
+    return texts
 
 
 @golden_app.command("check")

@@ -76,11 +76,15 @@ class Pass:
             times the rewritten site against the original, undoes it when
             slower and returns the reason (only with the ``tune`` option).
         warnings: optional ``warnings(model, options) -> list[str]`` for the report.
-        validate: optional ``validate(options) -> str | None``: what is wrong
-            with the options, raised as an error before anything is touched.
+        validate: optional ``validate(options, model=None) -> str | None``:
+            what is wrong with the options (with a model: for that model, e.g.
+            a size beyond its context), raised before anything is touched.
         confirm: optional ``confirm(model, site, options) -> str | None``:
             after a passed check, proof that the rewrite took effect, or the
             reason the site is restored.
+        options_in: optional ``options_in(model) -> dict``: the options the
+            model's rewritten sites carry, which save records (so a saved
+            model reopens as it was patched, whatever defaults say).
 
     A site whose ``detail["collective"]`` is true exists on every rank of the
     distributed group and its probe runs collectives: the ranks agree on
@@ -99,8 +103,9 @@ class Pass:
     requires: tuple[str, ...] = ()
     tune: Callable[[nn.Module, Site, mx.Dtype], tuple] | None = None
     warnings: Callable[[nn.Module, dict], list[str]] | None = None
-    validate: Callable[[dict], str | None] | None = None
+    validate: Callable[..., str | None] | None = None
     confirm: Callable[[nn.Module, Site, dict], str | None] | None = None
+    options_in: Callable[[nn.Module], dict] | None = None
 
     @property
     def env(self) -> str:

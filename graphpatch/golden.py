@@ -9,6 +9,7 @@ and compares, and refuses a file recorded from another model.
 
 import hashlib
 import json
+import os
 import platform
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,14 @@ import mlx_lm
 
 import graphpatch
 from graphpatch.contract import GraphpatchError
-from graphpatch.loading import load, read_config
+from graphpatch.heads import check_tokens
+from graphpatch.loading import (
+    LoadError,
+    check_safetensors,
+    load,
+    read_config,
+    regular_file,
+)
 from graphpatch.verify import PROBE_TOKENS, TOLERANCE, compute_dtype, dtype_name
 
 TOP_K = 8
@@ -93,17 +101,43 @@ def record(
     """
     model_dir, out = Path(model_dir), Path(out)
     read_config(model_dir)
+    _check_out(out)
+    if prompts is not None and not prompts:
+        raise GoldenError("no prompts given (an empty prompts file?)")
     model, tokenizer = _model(model_dir, passes)
     ids = [tokenizer.encode(p) for p in prompts] if prompts else DEFAULT_PROMPTS
+    check_tokens(model, ids, "golden prompt")
     arrays = {}
     for i, (tokens, logits) in enumerate(zip(ids, _logits(model, ids), strict=True)):
         arrays[f"tokens.{i}"] = mx.array(tokens, mx.int32)
         arrays[f"logits.{i}"] = logits
         arrays[f"top.{i}"] = mx.argsort(-logits)[:TOP_K].astype(mx.int32)
     metadata = _metadata(model_dir, model, passes) | (extra or {})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(out), arrays, metadata)
+    # mx.save_safetensors appends .safetensors to other names: write a
+    # temporary name it keeps, then rename, so OUT is exactly what was asked.
+    tmp = out.parent / f".{out.name}.graphpatch-{os.getpid()}.safetensors"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        mx.save_safetensors(str(tmp), arrays, metadata)
+        os.replace(tmp, out)
+    except (OSError, RuntimeError) as e:
+        tmp.unlink(missing_ok=True)
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise GoldenError(f"cannot write {out}: {reason}") from None
     return out
+
+
+def _check_out(out: Path) -> None:
+    """OUT may be new, or a golden file to record again; nothing else."""
+    if out.is_dir():
+        raise GoldenError(f"{out} is a directory: name the golden file to write")
+    if out.exists() or out.is_symlink():
+        try:
+            read(out)
+        except GoldenError:
+            raise GoldenError(
+                f"{out} exists and is not a golden file: it is never replaced"
+            ) from None
 
 
 @dataclass
@@ -117,10 +151,62 @@ class GoldenResult:
 
 
 def read(file: str | Path) -> tuple[dict[str, mx.array], dict[str, str]]:
+    """A golden file's arrays and metadata, checked for what ``check`` reads.
+
+    Raises:
+        GoldenError: a missing, unreadable or malformed file, in one line.
+    """
+    file = Path(file)
     try:
-        return mx.load(str(file), return_metadata=True)
+        regular_file(file, "golden file")
+        check_safetensors(file)
+    except LoadError as e:
+        reason = str(e).removeprefix(f"{file}: ")
+        raise GoldenError(f"{file}: not a golden file ({reason})") from None
+    try:
+        arrays, metadata = mx.load(
+            str(file), format="safetensors", return_metadata=True
+        )
     except Exception as e:
         raise GoldenError(f"{file}: not a golden file ({e})") from None
+    problem = _problem(arrays, metadata)
+    if problem:
+        raise GoldenError(f"{file}: not a golden file ({problem})")
+    return arrays, metadata
+
+
+def _problem(arrays: dict[str, mx.array], metadata: dict[str, str]) -> str | None:
+    missing = [k for k in (*IDENTITY, "tolerance") if k not in metadata]
+    if missing:
+        return f"no {missing[0]} in its metadata"
+    try:
+        atol, rtol = (float(x) for x in metadata["tolerance"].split(","))
+    except ValueError:
+        return f"tolerance {metadata['tolerance']!r} is not two numbers"
+    if not (0 <= atol < float("inf") and 0 <= rtol < float("inf")):
+        return f"tolerance {metadata['tolerance']!r} is not two finite numbers"
+    count = len([k for k in arrays if k.startswith("tokens.")])
+    if count == 0:
+        return "it holds no prompts (tokens.*)"
+    for i in range(count):
+        tokens, logits, top = (
+            arrays.get(f"{k}.{i}") for k in ("tokens", "logits", "top")
+        )
+        if tokens is None or logits is None or top is None:
+            return f"prompt {i} lacks tokens, logits or top ids"
+        if tokens.ndim != 1 or tokens.size == 0 or not _ints(tokens):
+            return f"tokens.{i} is not a row of token ids"
+        if logits.ndim != 1 or not mx.issubdtype(logits.dtype, mx.floating):
+            return f"logits.{i} is not a row of logits"
+        if top.ndim != 1 or top.size == 0 or not _ints(top):
+            return f"top.{i} is not a row of ids"
+        if not (0 <= top.min().item() and top.max().item() < logits.size):
+            return f"top.{i} holds ids outside logits.{i}"
+    return None
+
+
+def _ints(array: mx.array) -> bool:
+    return mx.issubdtype(array.dtype, mx.integer)
 
 
 def check(
@@ -155,8 +241,14 @@ def check(
     atol, rtol = (float(x) for x in recorded["tolerance"].split(","))
     count = len([k for k in arrays if k.startswith("tokens.")])
     prompts = [arrays[f"tokens.{i}"].tolist() for i in range(count)]
+    check_tokens(model, prompts, f"{file}")
     result = GoldenResult(True)
     for i, logits in enumerate(_logits(model, prompts)):
+        if logits.shape != arrays[f"logits.{i}"].shape:
+            raise GoldenError(
+                f"{file}: logits.{i} has {arrays[f'logits.{i}'].size} entries, the "
+                f"model gives {logits.size}"
+            )
         line, ok = _compare(i, arrays, logits, atol, rtol)
         result.lines.append(line)
         result.ok &= ok

@@ -9,7 +9,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from graphpatch.contract import GraphpatchError, walk
 from graphpatch.loading import read_arrays
-from graphpatch.verify import PROBE_TOKENS
+from graphpatch.verify import PROBE_TOKENS, dtype_name
 
 HEADS = (nn.Linear, nn.QuantizedLinear)
 EMBEDDINGS = (nn.Embedding, nn.QuantizedEmbedding)
@@ -46,6 +46,60 @@ def logits_width(model: nn.Module) -> int | None:
         return model(mx.array(PROBE_TOKENS)[:1, :2]).shape[-1]
     except Exception:
         return None
+
+
+class TokenError(GraphpatchError, ValueError):
+    """Token ids the model cannot take: outside its vocabulary, or more
+    positions than its context (MLX would crash on either, not raise)."""
+
+
+CONTEXT_KEYS = (
+    "max_position_embeddings",
+    "n_positions",
+    "n_ctx",
+    "context_length",
+    "seq_length",
+)
+UNKNOWN_CONTEXT = 8192  # assumed for a model whose args name no context
+
+
+def context_length(model: nn.Module) -> int:
+    """The longest sequence the model's config allows."""
+    args = getattr(model, "args", None)
+    for source in (args, getattr(args, "text_config", None)):
+        values = source if isinstance(source, dict) else getattr(source, "__dict__", {})
+        for key in CONTEXT_KEYS:
+            value = values.get(key)
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+    return UNKNOWN_CONTEXT
+
+
+def vocab_size(model: nn.Module) -> int | None:
+    embedding = find_embedding(model)
+    return embedding[1].weight.shape[0] if embedding else logits_width(model)
+
+
+def check_tokens(model: nn.Module, rows: list[list[int]], what: str) -> None:
+    """Refuse ids outside the vocabulary and rows longer than the context.
+
+    Raises:
+        TokenError: naming ``what`` (the probe, a golden prompt) and the limit.
+    """
+    vocab, context = vocab_size(model), context_length(model)
+    for row in rows:
+        if not row:
+            raise TokenError(f"{what}: an empty row of token ids")
+        if len(row) > context:
+            raise TokenError(
+                f"{what}: {len(row)} tokens, more than the model's context ({context})"
+            )
+        bad = [t for t in row if t < 0 or (vocab is not None and t >= vocab)]
+        if bad:
+            raise TokenError(
+                f"{what}: token id {bad[0]} is outside the vocabulary "
+                f"(0..{(vocab or 1) - 1})"
+            )
 
 
 def find_embedding(model: nn.Module) -> tuple[str, nn.Module] | None:
@@ -130,8 +184,26 @@ def checkpoint_head(arrays: dict[str, mx.array], embedding: nn.Module) -> nn.Mod
                 f"checkpoint lm_head.{key} has shape {tuple(value.shape)}, "
                 f"expected {tuple(wanted[key].shape)}"
             )
+        if value.dtype != wanted[key].dtype and not (
+            mx.issubdtype(value.dtype, mx.floating)
+            and mx.issubdtype(wanted[key].dtype, mx.floating)
+        ):
+            raise CheckpointHeadError(
+                f"checkpoint lm_head.{key} is {dtype_name(value.dtype)}, a head "
+                f"needs {dtype_name(wanted[key].dtype)}"
+            )
     head.update(tree_unflatten(list(given.items())))
+    if not all_finite(head):
+        raise CheckpointHeadError("checkpoint lm_head.* holds NaN or inf values")
     return head
+
+
+def all_finite(head: nn.Module, chunk: int = 8192) -> bool:
+    """Whether every weight of the head (dequantized) is finite."""
+    return all(
+        mx.isfinite(dense_weight(head, slice(start, start + chunk))).all().item()
+        for start in range(0, head.weight.shape[0], chunk)
+    )
 
 
 def dense_weight(head: nn.Module, rows: slice = slice(None)) -> mx.array:
@@ -166,8 +238,8 @@ def max_difference(a: nn.Module, b: nn.Module, chunk: int = 8192) -> float:
     worst = 0.0
     for start in range(0, a.weight.shape[0], chunk):
         rows = slice(start, start + chunk)
-        diff = mx.abs(dense_weight(a, rows) - dense_weight(b, rows)).max()
-        worst = max(worst, diff.item())
+        diff = mx.abs(dense_weight(a, rows) - dense_weight(b, rows)).max().item()
+        worst = diff if not diff <= worst else worst  # NaN must not read as equal
     return worst
 
 

@@ -11,6 +11,7 @@ the file named by ``GRAPHPATCH_REPORT``. A failed check ends the program
 before it can serve anything.
 """
 
+import errno
 import functools
 import importlib.abc
 import importlib.util
@@ -77,6 +78,9 @@ def _wrap(loader):
 def _patch(model, path_or_repo) -> None:
     import graphpatch
 
+    run_dir = os.environ.get("GRAPHPATCH_RUN_DIR")
+    if run_dir and os.path.isdir(run_dir):  # tells graphpatch run a model was loaded
+        Path(run_dir, f"{os.getpid()}-{threading.get_ident()}").touch()
     model_dir = Path(path_or_repo)
     model_dir = str(model_dir) if model_dir.is_dir() else None
     try:
@@ -88,9 +92,6 @@ def _patch(model, path_or_repo) -> None:
     except graphpatch.GraphpatchError as e:
         _die(str(e))
     _emit(report, path_or_repo)
-    run_dir = os.environ.get("GRAPHPATCH_RUN_DIR")
-    if run_dir and os.path.isdir(run_dir):  # tells graphpatch run a model was patched
-        Path(run_dir, f"{os.getpid()}-{threading.get_ident()}").touch()
 
 
 def _prefix() -> str:
@@ -119,19 +120,39 @@ def _die(message: str) -> None:
     os._exit(1)  # also from a server's loader thread: nothing may be served
 
 
+class CannotRun(Exception):
+    """The command exists but cannot be started (what a shell exits 126 for)."""
+
+
+def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen:
+    try:
+        return subprocess.Popen(command, env=env)
+    except OSError as e:
+        if e.errno == errno.ENOEXEC:
+            why = "not a program: no #! line and not a binary this system runs"
+        elif e.errno == errno.ENOENT:
+            why = "its #! interpreter was not found"
+        else:
+            why = e.strerror or str(e)
+        raise CannotRun(f"cannot run {command[0]}: {why}") from None
+
+
 def run(command: list[str], env: dict[str, str], startup: str) -> int:
     """Run ``command`` with the hook on its PYTHONPATH (and its children's),
-    wait, and return its exit code; say so when no process patched a model.
-    SIGTERM and SIGHUP are passed on; SIGINT reaches it from the terminal."""
+    wait, and return its exit code; say so when no process loaded a model.
+    SIGINT, SIGTERM and SIGHUP sent to graphpatch are passed on.
+
+    Raises:
+        CannotRun: the command exists but could not be started.
+    """
     with tempfile.TemporaryDirectory(prefix="graphpatch-run-") as run_dir:
         env = {**env, "GRAPHPATCH_RUN_DIR": run_dir}
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (startup, env.get("PYTHONPATH")) if p
         )
-        child = subprocess.Popen(command, env=env)
-        for sig in (signal.SIGTERM, signal.SIGHUP):
+        child = _start(command, env)
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, lambda number, frame: child.send_signal(number))
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
         code = child.wait()
         if not os.listdir(run_dir):
             print(

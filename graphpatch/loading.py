@@ -6,9 +6,11 @@ faults (no directory, no or broken config.json, an unknown model type,
 truncated or missing safetensors) say what is wrong instead of a traceback.
 """
 
+import dataclasses
 import json
 import re
-import struct
+import stat
+import typing
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.utils import _get_classes, load_model, load_tokenizer
 from mlx_lm.utils import load as mlx_lm_load
+from safetensors import SafetensorError, safe_open
 
 from graphpatch.contract import GraphpatchError
 
@@ -24,57 +27,88 @@ class LoadError(GraphpatchError):
     """A model directory that cannot be loaded; the message says why."""
 
 
+def regular_file(file: Path, what: str = "file") -> Path:
+    """``file`` when it is a regular file (after links); never open a FIFO,
+    a device or a directory, which would hang or fail deep inside a reader."""
+    try:
+        mode = file.stat().st_mode
+    except FileNotFoundError:
+        raise LoadError(f"{file}: no such {what}") from None
+    except OSError as e:
+        raise LoadError(f"{file}: cannot be read ({e.strerror})") from None
+    if stat.S_ISDIR(mode):
+        raise LoadError(f"{file}: is a directory, not a {what}")
+    if not stat.S_ISREG(mode):
+        raise LoadError(f"{file}: not a regular file (a FIFO, socket or device)")
+    return file
+
+
+def _check_entries(model_dir: Path) -> None:
+    """Every file mlx-lm may open in the directory is a regular file."""
+    for entry in sorted(model_dir.iterdir()):
+        if entry.suffix in (".json", ".safetensors", ".model", ".txt", ".jinja"):
+            try:
+                regular_file(entry)
+            except LoadError:
+                if entry.is_dir() and entry.suffix not in (".json", ".safetensors"):
+                    continue
+                raise
+
+
 def read_config(model_dir: Path) -> dict:
     if not model_dir.is_dir():
         raise LoadError(f"{model_dir}: no such directory")
     config_file = model_dir / "config.json"
-    if not config_file.is_file():
+    if not config_file.exists() and not config_file.is_symlink():
         raise LoadError(f"{model_dir}: no config.json")
+    _check_entries(model_dir)
     try:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LoadError(f"{config_file}: not valid JSON ({e})") from None
-    if not isinstance(config, dict) or "model_type" not in config:
-        raise LoadError(f"{config_file}: no model_type")
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise LoadError(f"{config_file}: no model_type string")
+    model_type = config["model_type"]
     saved = config.get("graphpatch")
+    if saved is not None:
+        if not isinstance(saved, dict) or not isinstance(saved.get("model_type"), str):
+            return config  # graphpatch.load says what is wrong with the section
+        model_type = saved["model_type"]
     try:
-        _get_classes(
-            {**config, **({"model_type": saved["model_type"]} if saved else {})}
-        )
+        _get_classes({**config, "model_type": model_type})
     except ValueError:
         raise LoadError(
-            f"{config_file}: model_type '{config['model_type']}' is not an "
+            f"{config_file}: model_type '{model_type}' is not an "
             "architecture the installed mlx-lm knows"
         ) from None
     return config
 
 
-def check_safetensors(file: Path) -> None:
-    """The header parses and the file holds every byte the header promises."""
-    size = file.stat().st_size
-    with open(file, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise LoadError(f"{file}: not a safetensors file (too short)")
-        (length,) = struct.unpack("<Q", head)
-        if length > size - 8:
-            raise LoadError(f"{file}: not a safetensors file (bad header length)")
-        try:
-            header = json.loads(f.read(length))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise LoadError(f"{file}: not a safetensors file (bad header)") from None
-    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-    if 8 + length + max(ends, default=0) > size:
-        raise LoadError(f"{file}: truncated ({size} bytes, header promises more)")
+def check_safetensors(file: Path) -> list[str]:
+    """The header parses and the file holds every byte the header promises
+    (``safetensors.safe_open`` checks both); returns the tensor names."""
+    regular_file(file, "safetensors file")
+    try:
+        with safe_open(file, "numpy") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "not fully covered" in reason or "incomplete" in reason:
+            raise LoadError(f"{file}: truncated ({reason})") from None
+        raise LoadError(f"{file}: not a safetensors file ({reason})") from None
 
 
 def _weight_map(index_file: Path) -> dict[str, str]:
+    regular_file(index_file)
     try:
         weight_map = json.loads(index_file.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
         raise LoadError(f"{index_file}: no weight_map") from None
-    if not isinstance(weight_map, dict):
-        raise LoadError(f"{index_file}: weight_map is not a mapping")
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(v, str) and "/" not in v and v not in ("", ".", "..")
+        for v in weight_map.values()
+    ):
+        raise LoadError(f"{index_file}: weight_map is not a mapping of file names")
     return weight_map
 
 
@@ -86,7 +120,7 @@ def _shards(model_dir: Path, names: set[str] | None = None) -> list[Path]:
         wanted = {f for k, f in weight_map.items() if names is None or k in names}
         files = [model_dir / f for f in sorted(wanted)]
         for file in files:
-            if not file.is_file():
+            if not file.exists() and not file.is_symlink():
                 raise LoadError(f"{index_file}: points at missing shard {file.name}")
     else:
         files = sorted(model_dir.glob("model*.safetensors"))
@@ -95,10 +129,74 @@ def _shards(model_dir: Path, names: set[str] | None = None) -> list[Path]:
     return files
 
 
-def check_weights(model_dir: Path) -> None:
+def check_weights(model_dir: Path) -> list[str]:
+    """Every safetensors file is whole; returns the names of all tensors."""
     if not sorted(model_dir.glob("model*.safetensors")):
         raise LoadError(f"{model_dir}: no model*.safetensors files")
-    _shards(model_dir)
+    return [name for file in _shards(model_dir) for name in check_safetensors(file)]
+
+
+def check_config(model_dir: Path, config: dict, names: list[str]) -> None:
+    """Values mlx-lm would choke on (a crash, a hang building 10^12 layers),
+    named by their key before mlx-lm sees them."""
+    where = model_dir / "config.json"
+    quantization = config.get("quantization")
+    if quantization is not None and not (
+        isinstance(quantization, dict)
+        and all(_is_int(quantization.get(k)) for k in ("bits", "group_size"))
+    ):
+        raise LoadError(f"{where}: quantization must map bits and group_size to ints")
+    _, args_class = _get_classes(config)
+    problem = _args_problem(config, args_class)
+    if problem:
+        raise LoadError(f"{where}: {problem}")
+    in_weights = {
+        int(m) for m in re.findall(r"\.(?:layers|h|blocks)\.(\d+)\.", " ".join(names))
+    }
+    for key in LAYER_KEYS:
+        count = config.get(key)
+        if _is_int(count) and in_weights and count > max(in_weights) + 1:
+            raise LoadError(
+                f"{where}: {key} is {count}, but the weights hold "
+                f"{max(in_weights) + 1} layers"
+            )
+
+
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+LARGEST_INT = 2**31  # no real size, count or id is larger
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _args_problem(config: dict, args_class) -> str | None:
+    """A missing field of mlx-lm's ModelArgs, or a number of the wrong type."""
+    try:
+        hints = typing.get_type_hints(args_class)
+    except Exception:
+        hints = {}
+    for f in (
+        dataclasses.fields(args_class) if dataclasses.is_dataclass(args_class) else []
+    ):
+        required = (
+            f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        )
+        if f.name not in config:
+            if required:
+                return f"{f.name} is missing (mlx-lm's {config['model_type']} needs it)"
+            continue
+        value, hint = config[f.name], hints.get(f.name)
+        if hint is int and not _is_int(value):
+            return f"{f.name} must be an integer, got {value!r}"
+        if hint is float and (
+            isinstance(value, bool) or not isinstance(value, (int, float))
+        ):
+            return f"{f.name} must be a number, got {value!r}"
+        if _is_int(value) and abs(value) >= LARGEST_INT:
+            return f"{f.name} is {value}, larger than any real model's"
+    return None
 
 
 def write_safetensors(
@@ -161,21 +259,25 @@ def load(model_dir: str | Path, lazy: bool = False) -> tuple[nn.Module, object, 
     """
     model_dir = Path(model_dir)
     config = read_config(model_dir)
-    check_weights(model_dir)
+    names = check_weights(model_dir)
     if "graphpatch" in config:
         from graphpatch import saving
 
         try:
             return saving.load(model_dir, lazy)
-        except (ValueError, KeyError) as e:
+        except GraphpatchError:
+            raise
+        except Exception as e:
             raise LoadError(f"{model_dir}: cannot open the saved model: {e}") from None
+    check_config(model_dir, config, names)
     try:
         return mlx_lm_load(str(model_dir), lazy=lazy, return_config=True)
     except ValueError as e:
         if not _only_head_left_over(e):
             raise LoadError(f"{model_dir}: mlx-lm could not load it: {e}") from None
-    except (KeyError, OSError, RuntimeError) as e:
-        raise LoadError(f"{model_dir}: mlx-lm could not load it: {e}") from None
+    except Exception as e:  # what mlx-lm raises for a config it cannot build
+        reason = f"{type(e).__name__}: {e}".splitlines()[0]
+        raise LoadError(f"{model_dir}: mlx-lm could not load it ({reason})") from None
     # A tied architecture pops lm_head.weight but not a quantized head's scales
     # and biases; load the rest as exo does (strict=False): untied_head binds them.
     model, config = load_model(model_dir, lazy, strict=False)

@@ -8,6 +8,7 @@ after each pass, and rolls every rewrite of the call back on a failed check.
 import time
 import zlib
 from collections.abc import Callable
+from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -23,6 +24,8 @@ from graphpatch.contract import (
     module_at,
     parent_and_key,
 )
+from graphpatch.heads import check_tokens
+from graphpatch.loading import LoadError
 from graphpatch.passes import PASSES
 from graphpatch.plan import resolve
 from graphpatch.report import REWRITTEN, SKIPPED, ModelCheck, Report, SiteResult
@@ -75,10 +78,19 @@ def apply(
     """
     if not isinstance(model, nn.Module):
         raise NotAModelError(f"expected an mlx.nn.Module, got {type(model).__name__}")
+    if model_dir is not None and not Path(model_dir, "config.json").is_file():
+        raise LoadError(
+            f"model_dir {model_dir}: not a model directory (no config.json)"
+        )
     start = time.perf_counter()
     plan, warnings = resolve(passes)
+    for p, options in plan:
+        if p.validate and (problem := p.validate(options, model)):
+            raise PassSpecError(problem)
     _agree(plan)
     tokens = probe_tokens(probe) if verify else None
+    if tokens is not None:
+        check_tokens(model, tokens.tolist(), "probe")
     dtype = compute_dtype(model)
     report = Report(
         [p.name for p, _ in plan], dtype_name(dtype), verify, warnings=warnings

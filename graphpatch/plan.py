@@ -52,6 +52,21 @@ def _parse_value(name: str, key: str, default, text: str, has_value: str):
     )
 
 
+def check_options(name: str, options) -> str | None:
+    """What is wrong with a mapping of options for pass ``name`` (a saved
+    one), or None. Types must be the defaults' exactly (a bool is no int)."""
+    p = PASSES[name]
+    if not isinstance(options, dict):
+        return f"{name}: options are not a mapping"
+    for key, value in options.items():
+        if key not in p.options:
+            return f"unknown option '{key}' for {name}"
+        if type(value) is not type(p.options[key]):
+            wanted = type(p.options[key]).__name__
+            return f"option {name}:{key} wants a {wanted}, got {value!r}"
+    return p.validate({**p.options, **options}) if p.validate else None
+
+
 def _switches(env: Mapping[str, str]) -> dict[str, bool]:
     """Per-pass GRAPHPATCH_<NAME>=0/1 switches; anything else is an error."""
     by_env = {p.env: name for name, p in PASSES.items()}

@@ -8,12 +8,13 @@ their sites and the original ``model_type``, and the tokenizer and other files
 of the source directory. ``model_type`` itself reads ``graphpatch``, so
 ``mlx_lm.load`` refuses it with a message naming ``graphpatch.load``.
 
-It is written to a hidden temporary directory next to OUT and renamed, so an
-interrupted save leaves no OUT.
+It is written beside OUT and renamed into place (``outdir``): a killed save
+leaves no OUT or the complete old one, and nothing graphpatch did not write is
+ever replaced.
 """
 
 import json
-import os
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -25,16 +26,19 @@ from mlx_lm.utils import _get_classes, infer_quant_config, load_tokenizer
 
 import graphpatch
 from graphpatch.contract import GraphpatchError
-from graphpatch.loading import read_arrays, write_safetensors
+from graphpatch.loading import LoadError, read_arrays, write_safetensors
+from graphpatch.outdir import (
+    SaveError,
+    check_out,
+    check_room,
+    recover,
+    write_atomically,
+)
 from graphpatch.passes import PASSES
-from graphpatch.plan import resolve
+from graphpatch.plan import check_options
 
 MODEL_TYPE = "graphpatch (a patched model: open it with graphpatch.load)"
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's own limit per safetensors file
-
-
-class SaveError(GraphpatchError):
-    """A model or an OUT that cannot be saved; nothing was written."""
 
 
 def _weights(model: nn.Module) -> tuple[dict[str, mx.array], dict[str, str]]:
@@ -61,74 +65,104 @@ def _shards(weights: dict[str, mx.array], max_bytes: int) -> list[dict]:
     return [*shards, current] if current else shards
 
 
-def _record(model: nn.Module, passes: list[str] | str | None) -> list[dict]:
-    plan, _ = resolve(passes)  # None: the env's, as apply read them
-    options = {p.name: o for p, o in plan}
+def _record(model: nn.Module) -> list[dict]:
+    """Each applied pass with the options its sites really carry."""
     record = []
     for name, p in PASSES.items():
         sites = p.applied(model)
         if sites:
-            record.append(
-                {"name": name, "options": options.get(name, p.options), "sites": sites}
-            )
+            options = {**p.options, **(p.options_in(model) if p.options_in else {})}
+            record.append({"name": name, "options": options, "sites": sites})
     return record
+
+
+def prepare(source_dir: str | Path, out: str | Path, force: bool) -> list[str]:
+    """Recover what killed saves of ``out`` left, then check that ``out`` may
+    be written; returns what was recovered.
+
+    Raises:
+        SaveError: ``out`` must not be written (see ``outdir.check_out``).
+    """
+    out = Path(out)
+    try:
+        done = recover(out)
+    except OSError as e:
+        raise SaveError(f"cannot tidy up beside {out}: {e}") from None
+    check_out(Path(source_dir), out, force)
+    check_room(Path(source_dir), out)
+    return done
 
 
 def save(
     model: nn.Module,
     source_dir: str | Path,
     out: str | Path,
-    passes: list[str] | str | None = None,
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
     """Write ``model`` (patched) as a model directory ``out``.
 
+    The passes and options recorded are read from the model itself.
+
     Args:
         model: a model patched by ``graphpatch.apply``.
         source_dir: the directory it was loaded from (config, tokenizer).
-        out: the directory to create.
-        passes: the pass specs it was patched with (for their options).
-        force: replace an existing ``out``.
+        out: the directory to create, or an earlier graphpatch save to replace.
+        force: replace ``out`` when it is an earlier graphpatch save.
         max_shard_bytes: the largest safetensors file; more get an index.
-        progress: called with a short line per file written.
+        progress: called with a short line per step.
 
     Raises:
-        SaveError: ``out`` exists without ``force``, or the model cannot be saved.
+        SaveError: ``out`` may not be written, or writing failed (then
+            nothing was left behind and an old ``out`` is as it was).
     """
     source_dir, out = Path(source_dir), Path(out)
     progress = progress or (lambda line: None)
-    if out.exists() and not force:
-        raise SaveError(f"{out} exists (use --force to replace it)")
+    if not (isinstance(max_shard_bytes, int) and max_shard_bytes >= 1):
+        raise SaveError(
+            f"the largest shard must be 1 byte or more, got {max_shard_bytes}"
+        )
+    for line in prepare(source_dir, out, force):
+        progress(line)
     if PASSES["elide_head"].applied(model):
         raise SaveError("an elided model is one rank's view: save it before elide_head")
     config = json.loads((source_dir / "config.json").read_text())
     if config.get("model_type") == MODEL_TYPE:
         raise SaveError(f"{source_dir} is already a saved patched model")
-    for stale in out.parent.glob(f".{out.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)  # left by a killed save
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    tmp.mkdir(parents=True)
-    try:
+
+    def write(tmp: Path) -> None:
         weights, aliases = _weights(model)
         write_safetensors(tmp, _shards(weights, max_shard_bytes), progress)
-        config["graphpatch"] = {
+        saved = {**config, "model_type": MODEL_TYPE}
+        saved["graphpatch"] = {
             "version": graphpatch.__version__,
             "model_type": config["model_type"],
-            "passes": _record(model, passes),
+            "passes": _record(model),
             "aliases": aliases,
         }
-        config["model_type"] = MODEL_TYPE
-        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        progress("writing config.json")
+        (tmp / "config.json").write_text(json.dumps(saved, indent=2))
         _copy_other_files(source_dir, tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    try:
+        write_atomically(out, write, progress)
+    except (OSError, RuntimeError) as e:
+        raise SaveError(f"cannot write {out}: {_os_reason(e)}") from None
     return out
+
+
+def _os_reason(error: Exception) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+
+
+def max_shard_bytes(megabytes: float) -> int:
+    """``--max-shard-mb`` as bytes; a finite size of at least one byte."""
+    if not math.isfinite(megabytes) or megabytes * 2**20 < 1:
+        raise SaveError(f"--max-shard-mb must be a positive size, got {megabytes}")
+    return int(megabytes * 2**20)
 
 
 def _copy_other_files(source_dir: Path, out: Path) -> None:
@@ -153,6 +187,9 @@ def load(model_dir: str | Path, lazy: bool = False) -> tuple[nn.Module, object, 
     if not is_saved(config):
         raise GraphpatchError(f"{model_dir} was not written by graphpatch save")
     saved = config.pop("graphpatch")
+    problem = _saved_problem(saved)
+    if problem:
+        raise LoadError(f"{model_dir / 'config.json'}: graphpatch section: {problem}")
     config["model_type"] = saved["model_type"]
     weights = read_arrays(model_dir, "")
     model_class, args_class = _get_classes(config)
@@ -166,6 +203,33 @@ def load(model_dir: str | Path, lazy: bool = False) -> tuple[nn.Module, object, 
         mx.eval(model.parameters())
     model.eval()
     return model, _tokenizer(model_dir, config), config
+
+
+def _saved_problem(saved) -> str | None:
+    """What is wrong with a saved config's graphpatch section (it may have
+    been edited by hand), or None."""
+    if not isinstance(saved, dict):
+        return "not a mapping"
+    if not isinstance(saved.get("model_type"), str):
+        return "no model_type string"
+    aliases = saved.get("aliases")
+    if not isinstance(aliases, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
+    ):
+        return "aliases is not a mapping of names"
+    entries = saved.get("passes")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        return "passes is not a list of pass entries"
+    for entry in entries:
+        name, sites = entry.get("name"), entry.get("sites")
+        if name not in PASSES:
+            return f"unknown pass {name!r}"
+        if not isinstance(sites, list) or not all(isinstance(x, str) for x in sites):
+            return f"{name}: sites is not a list of paths"
+        problem = check_options(name, entry.get("options"))
+        if problem:
+            return problem
+    return None
 
 
 def _tokenizer(model_dir: Path, config: dict):

@@ -18,9 +18,12 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from graphpatch.contract import Pass, Site, module_at, parent_and_key, rebuilt, walk
-from graphpatch.heads import head_path
+from graphpatch.heads import context_length, head_path
 from graphpatch.pipeline import is_elided
 
+# The head's positions at each call; beyond this the pass saves nothing, and
+# the probe (2 rows of keep+ tokens) would cost more than a real prompt.
+MAX_KEEP = 1024
 ALREADY_APPLIED = "already applied"
 NO_HEAD = "no explicit LM head: untied_head made none (see its report)"
 HEAD_ELIDED = (
@@ -94,6 +97,11 @@ def applied(model: nn.Module) -> list[str]:
     return [p for p, m in walk(model) if isinstance(m, LastToken)]
 
 
+def options_in(model: nn.Module) -> dict:
+    heads = [module_at(model, path) for path in applied(model)]
+    return {"keep": heads[0].keep} if heads else {}
+
+
 def probe(model: nn.Module, site: Site, dtype, options: dict):
     # The site is where the model's output comes from: run the whole model.
     keep = options["keep"]
@@ -108,8 +116,15 @@ def probe(model: nn.Module, site: Site, dtype, options: dict):
     return run
 
 
-def validate(options: dict) -> str | None:
-    return None if options["keep"] >= 1 else "last_token:keep must be 1 or more"
+def validate(options: dict, model: nn.Module | None = None) -> str | None:
+    keep = options["keep"]
+    if not 1 <= keep <= MAX_KEEP:
+        return f"last_token:keep must be between 1 and {MAX_KEEP}, got {keep}"
+    if model is not None and keep >= (context := context_length(model)):
+        return (
+            f"last_token:keep={keep} is not less than the model's context ({context})"
+        )
+    return None
 
 
 def warnings(model: nn.Module, options: dict) -> list[str]:
@@ -129,4 +144,5 @@ PASS = Pass(
     requires=("untied_head",),
     validate=validate,
     warnings=warnings,
+    options_in=options_in,
 )

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from graphpatch.contract import Pass, Site, module_at, parent_and_key, rebuilt, walk
 from graphpatch.heads import (
@@ -45,6 +46,14 @@ NOT_CONSULTED = (
 )
 NOT_READ = "tied to the embedding; checkpoint not read (no model directory given)"
 NO_CHECKPOINT_HEAD = "tied to the embedding; the checkpoint has no lm_head.*"
+NOT_PROVEN = (
+    "left tied: cannot prove {dir} is this model's checkpoint (it holds no "
+    "{name} to compare with the loaded model)"
+)
+NOT_THIS_MODEL = (
+    "left tied: {dir} is not this model's checkpoint ({name} differs from the "
+    "loaded model's); give the directory the model was loaded from"
+)
 SAME_AS_EMBEDDING = "tied to the embedding; the checkpoint's lm_head.* equals it"
 UNTIED = (
     "the checkpoint's own lm_head.* (config {tie}), which differs from the "
@@ -74,7 +83,10 @@ def find(model: nn.Module, options: dict) -> list[Site]:
     arrays = read_arrays(options["model_dir"], "lm_head.")
     if not arrays:
         return [Site(path, "tied", {"note": NO_CHECKPOINT_HEAD})]
-    diff = max_difference(checkpoint_head(arrays, module), tied_head(module))
+    head = checkpoint_head(arrays, module)
+    if (foreign := not_this_model(model, options["model_dir"])) is not None:
+        return [Site(path, "foreign", {"note": foreign})]
+    diff = max_difference(head, tied_head(module))
     if diff == 0:
         return [Site(path, "tied", {"note": SAME_AS_EMBEDDING})]
     tie = _config_tie(Path(options["model_dir"]))
@@ -89,9 +101,29 @@ def _config_tie(model_dir: Path) -> str:
     return f"tie_word_embeddings={str(config['tie_word_embeddings']).lower()}"
 
 
+def not_this_model(model: nn.Module, model_dir: str) -> str | None:
+    """Why the checkpoint cannot be proven to be the one ``model`` was loaded
+    from, or None: its embedding and norms must equal the loaded ones."""
+    path, embedding = find_embedding(model)
+    mine = {f"{path}.{k}": v for k, v in tree_flatten(embedding.parameters())}
+    mine |= {k: v for k, v in tree_flatten(model.parameters()) if v.ndim == 1}
+    theirs = read_arrays(model_dir, "")
+    if f"{path}.weight" not in theirs:
+        return NOT_PROVEN.format(dir=model_dir, name=f"{path}.weight")
+    for name, value in mine.items():
+        other = theirs.get(name)
+        if other is not None and not (
+            other.shape == value.shape and mx.array_equal(other, value).item()
+        ):
+            return NOT_THIS_MODEL.format(dir=model_dir, name=name)
+    return None
+
+
 def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
     if site.kind == "none":
         return NO_HEAD
+    if site.kind == "foreign":
+        return site.detail["note"]
     if site.kind == "linear":
         head = module_at(model, site.path)
         return ALREADY_EXPLICIT.format(cls=type(head).__name__)

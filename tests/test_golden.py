@@ -66,4 +66,4 @@ def test_bad_files_are_one_line(zoo_dir, tmp_path):
     missing = run(
         "golden", "record", str(zoo_dir("llama")), str(junk), "--prompts", "x"
     )
-    assert missing.exit_code == 2 and "x: no such file" in missing.output
+    assert missing.exit_code == 2 and "x: no such prompts file" in missing.output
