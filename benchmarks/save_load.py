@@ -47,7 +47,7 @@ def main() -> None:
         )
         model = graphpatch.load(source)[0]
         graphpatch.apply(model, passes, model_dir=str(source))
-        saved = graphpatch.save(model, source, Path(tmp) / "saved", passes)
+        saved = graphpatch.save(model, source, Path(tmp) / "saved")
         del model
         loads = {
             "mlx_lm.load(original)": lambda: mlx_lm.load(str(source)),

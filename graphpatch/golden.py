@@ -24,6 +24,7 @@ from graphpatch.loading import (
     LoadError,
     check_safetensors,
     load,
+    quiet_transformers,
     read_config,
     regular_file,
 )
@@ -105,7 +106,8 @@ def record(
     if prompts is not None and not prompts:
         raise GoldenError("no prompts given (an empty prompts file?)")
     model, tokenizer = _model(model_dir, passes)
-    ids = [tokenizer.encode(p) for p in prompts] if prompts else DEFAULT_PROMPTS
+    with quiet_transformers():
+        ids = [tokenizer.encode(p) for p in prompts] if prompts else DEFAULT_PROMPTS
     check_tokens(model, ids, "golden prompt")
     arrays = {}
     for i, (tokens, logits) in enumerate(zip(ids, _logits(model, ids), strict=True)):

@@ -90,7 +90,7 @@ def _patch(model, path_or_repo) -> None:
             _emit(e.report, path_or_repo)
         _die(f"verification failed, stopping: {e}")
     except graphpatch.GraphpatchError as e:
-        _die(str(e))
+        _die(str(e), code=2)  # bad input, as graphpatch apply exits
     _emit(report, path_or_repo)
 
 
@@ -114,10 +114,11 @@ def _emit(report, model: str) -> None:
         print(f"{_prefix()}: {line}", file=sys.stderr, flush=True)
 
 
-def _die(message: str) -> None:
-    print(f"{_prefix()}: error: {message}", file=sys.stderr, flush=True)
+def _die(message: str, code: int = 1) -> None:
+    line = " ".join(message.split())
+    print(f"{_prefix()}: error: {line}", file=sys.stderr, flush=True)
     sys.stdout.flush()
-    os._exit(1)  # also from a server's loader thread: nothing may be served
+    os._exit(code)  # also from a server's loader thread: nothing may be served
 
 
 class CannotRun(Exception):

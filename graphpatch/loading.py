@@ -6,6 +6,7 @@ faults (no directory, no or broken config.json, an unknown model type,
 truncated or missing safetensors) say what is wrong instead of a traceback.
 """
 
+import contextlib
 import dataclasses
 import json
 import re
@@ -25,6 +26,20 @@ from graphpatch.contract import GraphpatchError
 
 class LoadError(GraphpatchError):
     """A model directory that cannot be loaded; the message says why."""
+
+
+@contextlib.contextmanager
+def quiet_transformers():
+    """transformers' warnings off (a model_type it does not know, a prompt
+    longer than a tokenizer's nominal limit): graphpatch says what matters."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)
 
 
 def regular_file(file: Path, what: str = "file") -> Path:

@@ -26,7 +26,12 @@ from mlx_lm.utils import _get_classes, infer_quant_config, load_tokenizer
 
 import graphpatch
 from graphpatch.contract import GraphpatchError
-from graphpatch.loading import LoadError, read_arrays, write_safetensors
+from graphpatch.loading import (
+    LoadError,
+    quiet_transformers,
+    read_arrays,
+    write_safetensors,
+)
 from graphpatch.outdir import (
     SaveError,
     check_out,
@@ -233,15 +238,8 @@ def _saved_problem(saved) -> str | None:
 
 
 def _tokenizer(model_dir: Path, config: dict):
-    from transformers.utils import logging
-
-    # transformers warns that config.json's model_type is not one it knows.
-    level = logging.get_verbosity()
-    logging.set_verbosity_error()
-    try:
+    with quiet_transformers():  # config.json's model_type is not one it knows
         return load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
-    finally:
-        logging.set_verbosity(level)
 
 
 def _quantize(model: nn.Module, config: dict, weights: dict) -> None:
