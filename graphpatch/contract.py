@@ -67,9 +67,13 @@ class Pass:
         undo: ``undo(model, path) -> None``, restores one rewritten site
             exactly (bit for bit) from the rewritten state alone.
         applied: ``applied(model) -> list[str]``, paths this pass has rewritten.
-        probe: ``probe(model, site, dtype, options) -> Probe``, a function
-            that runs the site's sub-module on fixed inputs of its real shapes;
-            called once before and once after the rewrite.
+        probe: ``probe(model, site, dtype, options, recorded) -> Probe``, a
+            function that runs the site on the inputs the model really fed it
+            (``recorded``, from the reference forward: see ``taps``), or on
+            synthetic inputs of ``dtype`` where those cannot reach a path the
+            rewrite touches; called once before and once after the rewrite.
+        taps: optional ``taps(model, options) -> list[(path, method)]``: whose
+            inputs to record during the reference forward, for the probes.
         options: the pass's options and their defaults (types come from them).
         requires: passes this one needs applied first (pulled in by the manager).
         tune: optional ``tune(model, site, dtype) -> (ratios, reason)``:
@@ -98,7 +102,7 @@ class Pass:
     rewrite: Callable[[nn.Module, Site, dict], None]
     undo: Callable[[nn.Module, str], None]
     applied: Callable[[nn.Module], list[str]]
-    probe: Callable[[nn.Module, Site, mx.Dtype, dict], Probe]
+    probe: Callable[[nn.Module, Site, mx.Dtype, dict, dict], Probe]
     options: dict[str, Any] = field(default_factory=dict)
     requires: tuple[str, ...] = ()
     tune: Callable[[nn.Module, Site, mx.Dtype], tuple] | None = None
@@ -106,6 +110,7 @@ class Pass:
     validate: Callable[..., str | None] | None = None
     confirm: Callable[[nn.Module, Site, dict], str | None] | None = None
     options_in: Callable[[nn.Module], dict] | None = None
+    taps: Callable[[nn.Module, dict], list[tuple[str, str]]] | None = None
 
     @property
     def env(self) -> str:

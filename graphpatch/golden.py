@@ -28,7 +28,7 @@ from graphpatch.loading import (
     read_config,
     regular_file,
 )
-from graphpatch.verify import PROBE_TOKENS, TOLERANCE, compute_dtype, dtype_name
+from graphpatch.verify import PROBE_TOKENS, TOLERANCE, dtype_name, logits_dtype
 
 TOP_K = 8
 DEFAULT_PROMPTS = [*PROBE_TOKENS, [5, 9, 33, 2, 17, 41, 8, 3, 12, 60, 1, 7, 22, 48, 19]]
@@ -68,7 +68,7 @@ def _model(model_dir: Path, passes: str):
 
 
 def _metadata(model_dir: Path, model, passes: str) -> dict[str, str]:
-    dtype = compute_dtype(model)
+    dtype = logits_dtype(model)
     atol, rtol = TOLERANCE.get(dtype, TOLERANCE[mx.float32])
     return {
         "graphpatch": graphpatch.__version__,

@@ -9,6 +9,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from graphpatch.contract import GraphpatchError, walk
 from graphpatch.loading import read_arrays
+from graphpatch.record import inputs
 from graphpatch.verify import PROBE_TOKENS, dtype_name
 
 HEADS = (nn.Linear, nn.QuantizedLinear)
@@ -136,6 +137,31 @@ def head_path(
         if _vocab_size(child) == module.weight.shape[0]:
             return key
     return f"{path}.lm_head" if isinstance(module, Headed) else None
+
+
+def head_tap(model: nn.Module) -> tuple[str, str] | None:
+    """Where the head's input can be recorded: a top-level vocabulary
+    linear's ``__call__``, or the embedding's ``as_linear`` (a tied head,
+    before and after untied_head gives it an explicit lm_head)."""
+    embedding = find_embedding(model)
+    if embedding is None:
+        return None
+    path, module = embedding
+    for key, child in _near_top(model):
+        if _vocab_size(child) == module.weight.shape[0]:
+            return key, "__call__"
+    return path, "as_linear"
+
+
+def head_input(model: nn.Module, dtype: mx.Dtype, recorded: dict) -> mx.array:
+    """What the model fed its head in the reference forward; a synthetic
+    (2, 5, dims) input of ``dtype`` only where nothing was recorded."""
+    tap = head_tap(model)
+    calls = inputs(recorded, tap) if tap else []
+    if calls:
+        return calls[0][0]
+    dims = dims_of(find_embedding(model)[1])
+    return mx.random.normal((2, 5, dims), key=mx.random.key(7)).astype(dtype)
 
 
 def tied_head(embedding: nn.Module) -> nn.Module:

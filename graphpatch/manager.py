@@ -28,12 +28,13 @@ from graphpatch.heads import check_tokens
 from graphpatch.loading import LoadError
 from graphpatch.passes import PASSES
 from graphpatch.plan import resolve
+from graphpatch.record import recording
 from graphpatch.report import REWRITTEN, SKIPPED, ModelCheck, Report, SiteResult
 from graphpatch.verify import (
     compare,
-    compute_dtype,
     dtype_name,
     last_logits,
+    logits_dtype,
     probe_tokens,
 )
 
@@ -89,13 +90,16 @@ def apply(
             raise PassSpecError(problem)
     _agree(plan)
     tokens = probe_tokens(probe) if verify else None
-    if tokens is not None:
+    reference, recorded = None, None  # None: nothing is verified
+    if verify:
         check_tokens(model, tokens.tolist(), "probe")
-    dtype = compute_dtype(model)
+        taps = [t for p, o in plan if p.taps for t in p.taps(model, o)]
+        reference, recorded = _reference(model, tokens, taps)
+    # The dtype the model computes its logits in; sites report their own.
+    dtype = reference.dtype if verify else logits_dtype(model)
     report = Report(
         [p.name for p, _ in plan], dtype_name(dtype), verify, warnings=warnings
     )
-    reference = _reference(model, tokens) if verify else None
     done: list[tuple[Pass, str]] = []
     progress = progress or (lambda line: None)
     try:
@@ -106,7 +110,7 @@ def apply(
             sites = p.find(model, options)
             for site in sites:
                 progress(f"{p.name}: {site.path}")
-                result = _apply_site(model, p, site, options, dtype, verify)
+                result = _apply_site(model, p, site, options, dtype, recorded)
                 report.sites.append(result)
                 if result.status == REWRITTEN:
                     done.append((p, site.path))
@@ -139,9 +143,10 @@ def _agree(plan) -> None:
         )
 
 
-def _reference(model: nn.Module, tokens: mx.array) -> mx.array:
+def _reference(model: nn.Module, tokens: mx.array, taps: list) -> tuple:
+    """The last position's logits, and what the taps recorded on the way."""
     try:
-        logits = last_logits(model, tokens)
+        logits, recorded = recording(model, taps, lambda: model(tokens)[:, -1:, :])
     except Exception as e:
         raise GraphpatchError(
             f"cannot run the model on probe tokens of shape {tuple(tokens.shape)} "
@@ -152,7 +157,7 @@ def _reference(model: nn.Module, tokens: mx.array) -> mx.array:
             "the model's logits on the probe tokens are not finite (NaN or inf): "
             "nothing can be verified against them"
         )
-    return logits
+    return logits, recorded
 
 
 def _everywhere(ok: bool) -> bool:
@@ -200,8 +205,9 @@ def _check_model(
 
 
 def _apply_site(
-    model: nn.Module, p: Pass, site: Site, options: dict, dtype, verify: bool
+    model: nn.Module, p: Pass, site: Site, options: dict, dtype, recorded: dict | None
 ) -> SiteResult:
+    """Rewrite one site; with ``recorded`` (None: unverified) check it first."""
     start = time.perf_counter()
     result = SiteResult(p.name, site.path, site.kind, SKIPPED)
     result.reason = p.why_not(model, site, options)
@@ -210,8 +216,11 @@ def _apply_site(
     if result.reason:
         return result
     result.bytes_before = nbytes(module_at(model, site.path))
+    verify = recorded is not None
     if verify:
-        result.reason = _rewrite_verified(model, p, site, options, dtype, result)
+        result.reason = _rewrite_verified(
+            model, p, site, options, dtype, recorded, result
+        )
     else:
         p.rewrite(model, site, options)
     if result.reason:
@@ -228,12 +237,18 @@ def _apply_site(
 
 
 def _rewrite_verified(
-    model: nn.Module, p: Pass, site: Site, options: dict, dtype, result: SiteResult
+    model: nn.Module,
+    p: Pass,
+    site: Site,
+    options: dict,
+    dtype,
+    recorded: dict,
+    result: SiteResult,
 ) -> str | None:
     """Probe, rewrite, probe again and compare; on a failure restore the held
     originals and return the reason the site stays as it was."""
     try:
-        run = p.probe(model, site, dtype, options)
+        run = p.probe(model, site, dtype, options, recorded)
         reference = run()
         mx.eval(reference)
     except Exception as e:
@@ -246,10 +261,11 @@ def _rewrite_verified(
     except Exception as e:
         _restore(held)
         return f"rewritten site failed on the probe, restored: {e}"
-    result.max_error, result.tolerance, result.top1 = (
+    result.max_error, result.tolerance, result.top1, result.dtype = (
         cmp.max_error,
         cmp.tolerance,
         cmp.top1,
+        cmp.dtype,
     )
     ok = _everywhere(cmp.ok) if site.detail.get("collective") else cmp.ok
     if not ok:

@@ -30,6 +30,7 @@ class SiteResult:
     verified: bool = False
     speedup: dict[str, float] | None = None  # unfused/fused time per shape (tune)
     note: str | None = None  # what a rewritten site found (e.g. which head)
+    dtype: str | None = None  # what the site computed in, on its real inputs
 
 
 @dataclass

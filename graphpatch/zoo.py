@@ -107,6 +107,22 @@ QUANTIZATIONS = {
     "nvfp4": {"mode": "nvfp4", "bits": 4, "group_size": 16},
 }
 
+
+def _mixed(path: str, module: nn.Module) -> bool | dict:
+    """A recipe as real checkpoints have: an 8-bit embedding and head over
+    4-bit layers, and the last layer's MLP left in float."""
+    if path.endswith(("embed_tokens", "lm_head")):
+        return {"mode": "affine", "bits": 8, "group_size": 32}
+    return not (path.startswith("model.layers.1.mlp") and "experts" not in path)
+
+
+QUANTIZATIONS["mixed"] = {
+    "mode": "affine",
+    "bits": 4,
+    "group_size": 64,
+    "quant_predicate": _mixed,
+}
+
 CORPUS = [
     "The quick brown fox jumps over the lazy dog while the cat sleeps.",
     "Language models predict the next token from the tokens before it.",
@@ -146,6 +162,7 @@ def build(
     shards: int = 1,
     seed: int = 0,
     head: str | None = None,
+    norms: str | None = None,
     **overrides,
 ) -> Path:
     """Write a zoo model directory and return its path.
@@ -160,6 +177,9 @@ def build(
         head: ``same`` or ``negated``: also write ``lm_head.*`` arrays equal
             to the embedding or to its negation, in the embedding's format
             (what a tied model's checkpoint may carry and mlx-lm drops).
+        norms: a dtype for the norms' weights alone (``float32`` over a
+            ``float16`` model: what converters keep, and what makes the model
+            compute in float32 while most of its floats are half).
         overrides: config fields to change (None removes a field).
     """
     out = Path(out)
@@ -170,6 +190,10 @@ def build(
     if quant is not None:
         with contextlib.redirect_stdout(io.StringIO()):
             model, config = quantize_model(model, config, **QUANTIZATIONS[quant])
+    if norms is not None:
+        for _, module in model.named_modules():
+            if isinstance(module, (nn.RMSNorm, nn.LayerNorm)):
+                module.weight = module.weight.astype(getattr(mx, norms))
     weights = dict(tree_flatten(model.parameters()))
     if head is not None:
         weights.update(_checkpoint_head(model.model.embed_tokens, head == "negated"))

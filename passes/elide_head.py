@@ -163,7 +163,7 @@ def applied(model: nn.Module) -> list[str]:
     return [p for p, m in walk(model) if is_elided(m) or isinstance(m, Ungathered)]
 
 
-def probe(model: nn.Module, site: Site, dtype, options: dict):
+def probe(model: nn.Module, site: Site, dtype, options: dict, recorded: dict):
     tokens = mx.array(PROBE_TOKENS)
 
     def run():

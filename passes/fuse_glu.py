@@ -17,6 +17,7 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedLinear
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
+from graphpatch import record
 from graphpatch.contract import Pass, Site, module_at, walk
 from graphpatch.fusion import FusedCall, GLUHalf, output_axis, part, without
 from graphpatch.fusion import joined as _joined  # looked up per call: tests swap it
@@ -31,6 +32,8 @@ LAYERS = (
     QuantizedSwitchLinear,
 )
 EXPERTS = (SwitchLinear, QuantizedSwitchLinear)
+KINDS = ("dense", "moe")  # the sites fuse_glu may rewrite
+SORTED = 64  # SwitchGLU sorts tokens by expert from this many indices on
 
 ALREADY_APPLIED = "already applied"
 ALREADY_FUSED = "already fused (gate_up_proj) in the model itself"
@@ -160,29 +163,42 @@ def applied(model: nn.Module) -> list[str]:
     return [p for p, m in walk(model) if isinstance(m.get("gate_proj"), GLUHalf)]
 
 
-def _inputs(model: nn.Module, site: Site, dtype, shapes) -> list[tuple]:
+def _inputs(model: nn.Module, site: Site, dtype, shapes, k: int = 2) -> list[tuple]:
+    """Synthetic inputs of ``dtype``: (x,) or, for experts, (x, indices)."""
     module = module_at(model, site.path)
     layer = module.get("gate_up_proj") or module["gate_proj"]
     dims = layer.scales.shape[-1] * layer.group_size if "scales" in layer else None
     dims = dims or layer.weight.shape[-1]
-    key = mx.random.key(len(site.path))
+    key = mx.random.key(0)
     inputs = []
     for i, (B, L) in enumerate(shapes):
         x = mx.random.normal((B, L, dims), key=mx.random.split(key, 2 * i + 2)[0])
         if site.kind == "moe":
             experts = layer.weight.shape[0]
-            k = min(2, experts)
-            idx = mx.random.randint(0, experts, (B, L, k), key=mx.random.key(i))
+            idx = mx.random.randint(
+                0, experts, (B, L, min(k, experts)), key=mx.random.key(i)
+            )
             inputs.append((x.astype(dtype), idx))
         else:
             inputs.append((x.astype(dtype),))
     return inputs
 
 
-def probe(model: nn.Module, site: Site, dtype, options: dict):
-    # (1, 1) is decode and the unsorted expert path; (2, 16) with two experts
-    # per token reaches SwitchGLU's sorted path (indices.size >= 64).
-    inputs = _inputs(model, site, dtype, [(1, 1), (2, 16)])
+def taps(model: nn.Module, options: dict) -> list[tuple[str, str]]:
+    return [(s.path, "__call__") for s in find(model, options) if s.kind in KINDS]
+
+
+def probe(model: nn.Module, site: Site, dtype, options: dict, recorded: dict):
+    # The inputs the model fed the site in the reference forward, in their
+    # real dtype; synthetic ones only where none were recorded, and for
+    # SwitchGLU's sorted path (indices.size >= 64), which a short probe's
+    # real indices do not reach: (2, 16) tokens, as many experts each.
+    inputs = record.inputs(recorded, (site.path, "__call__"))
+    if not inputs:
+        inputs = _inputs(model, site, dtype, [(1, 1), (2, 16)])
+    elif site.kind == "moe" and max(args[1].size for args in inputs) < SORTED:
+        x, idx = inputs[0][:2]
+        inputs += _inputs(model, site, x.dtype, [(2, 16)], k=idx.shape[-1])
 
     def run():
         module = module_at(model, site.path)
@@ -235,4 +251,5 @@ PASS = Pass(
     probe=probe,
     options={"tune": False},
     tune=tune,
+    taps=taps,
 )

@@ -18,8 +18,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from graphpatch.contract import Pass, Site, module_at, parent_and_key, rebuilt, walk
-from graphpatch.heads import context_length, head_path
+from graphpatch.heads import context_length, head_input, head_path, head_tap
 from graphpatch.pipeline import is_elided
+from graphpatch.verify import PROBE_TOKENS
 
 # The head's positions at each call; beyond this the pass saves nothing, and
 # the probe (2 rows of keep+ tokens) would cost more than a real prompt.
@@ -102,18 +103,28 @@ def options_in(model: nn.Module) -> dict:
     return {"keep": heads[0].keep} if heads else {}
 
 
-def probe(model: nn.Module, site: Site, dtype, options: dict):
-    # The site is where the model's output comes from: run the whole model.
+def taps(model: nn.Module, options: dict) -> list[tuple[str, str]]:
+    tap = head_tap(model)
+    return [tap] if tap else []
+
+
+def probe(model: nn.Module, site: Site, dtype, options: dict, recorded: dict):
+    # The head's recorded input: a head matmul, not a forward of the model.
     keep = options["keep"]
-    tokens = mx.array([[3, 17, 42, 5, 60, 7, 11, 2, 33, 25] * (1 + keep // 10)] * 2)
+    h = head_input(model, dtype, recorded)
 
     def run():
-        out = model(tokens)
-        if isinstance(module_at(model, site.path), LastToken) and out.shape[1] != keep:
-            raise ValueError(NOT_CONSULTED.format(path=site.path))
-        return [out[:, -keep:, :]]
+        return [module_at(model, site.path)(h)[..., -keep:, :]]
 
     return run
+
+
+def confirm(model: nn.Module, site: Site, options: dict) -> str | None:
+    """The model's output really has ``keep`` positions: read from the shape
+    of a forward that is built, never evaluated."""
+    tokens = mx.array(PROBE_TOKENS)[:1, : options["keep"] + 1]
+    shape = model(tokens).shape
+    return None if shape[1] == options["keep"] else NOT_CONSULTED.format(path=site.path)
 
 
 def validate(options: dict, model: nn.Module | None = None) -> str | None:
@@ -145,4 +156,6 @@ PASS = Pass(
     validate=validate,
     warnings=warnings,
     options_in=options_in,
+    taps=taps,
+    confirm=confirm,
 )

@@ -29,9 +29,10 @@ from graphpatch.heads import (
     checkpoint_head,
     consults,
     dense_matmul,
-    dims_of,
     find_embedding,
+    head_input,
     head_path,
+    head_tap,
     max_difference,
     tied_head,
 )
@@ -156,15 +157,19 @@ def applied(model: nn.Module) -> list[str]:
     return [p for p, m in walk(model) if isinstance(m, Headed)]
 
 
-def probe(model: nn.Module, site: Site, dtype, options: dict):
-    dims = dims_of(module_at(model, site.path))
-    h = mx.random.normal((2, 5, dims), key=mx.random.key(7)).astype(dtype)
+def taps(model: nn.Module, options: dict) -> list[tuple[str, str]]:
+    tap = head_tap(model)
+    return [tap] if tap else []
+
+
+def probe(model: nn.Module, site: Site, dtype, options: dict, recorded: dict):
+    h = head_input(model, dtype, recorded)
     expected = None
     if site.kind == "untied":
         arrays = read_arrays(options["model_dir"], "lm_head.")
         checkpoint = checkpoint_head(arrays, module_at(model, site.path))
         # Independent of the module: dequantized weights and a plain matmul.
-        expected = dense_matmul(h, checkpoint).astype(dtype)
+        expected = dense_matmul(h, checkpoint).astype(h.dtype)
 
     def run():
         embedding = module_at(model, site.path)
@@ -186,4 +191,5 @@ PASS = Pass(
     undo=undo,
     applied=applied,
     probe=probe,
+    taps=taps,
 )

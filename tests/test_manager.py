@@ -88,7 +88,7 @@ def _double_down_proj(name: str, blind: bool, requires=()) -> Pass:
     def undo(model, p):
         module_at(model, path).weight = module_at(model, path).weight / 2
 
-    def probe(model, site, dtype, options):
+    def probe(model, site, dtype, options, recorded):
         x = mx.ones((1, 2, module_at(model, path).weight.shape[-1]), dtype)
         return (lambda: []) if blind else (lambda: [module_at(model, path)(x)])
 

@@ -7,7 +7,7 @@ import mlx.core as mx
 from rich.console import Console
 
 import graphpatch
-from graphpatch.verify import TOLERANCE, compare, compute_dtype, tolerance_for
+from graphpatch.verify import TOLERANCE, compare, logits_dtype, tolerance_for
 
 
 def test_report_as_json_and_table(load_zoo):
@@ -40,7 +40,10 @@ def test_compare_reports_error_and_top1():
     assert compare([ref], [ref]).ok
 
 
-def test_compute_dtype_is_the_activation_dtype(load_zoo):
-    assert compute_dtype(load_zoo("llama", dtype="bfloat16")[0]) == mx.bfloat16
+def test_logits_dtype_is_what_the_model_computes_in(load_zoo):
+    assert logits_dtype(load_zoo("llama", dtype="bfloat16")[0]) == mx.bfloat16
     quantized = load_zoo("qwen3", quant="affine4", dtype="float16")[0]
-    assert compute_dtype(quantized) == mx.float16
+    assert logits_dtype(quantized) == mx.float16
+    # float32 norms over float16 scales: most floats are half, the math is not
+    mixed = load_zoo("llama", dtype="float16", quant="mixed", norms="float32")[0]
+    assert logits_dtype(mixed) == mx.float32
