@@ -199,6 +199,8 @@ def load(model_dir: str | Path, lazy: bool = False) -> tuple[nn.Module, object, 
     weights = read_arrays(model_dir, "")
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
+    if hasattr(model, "sanitize"):  # as mlx-lm's loader: a tied model drops lm_head
+        weights = model.sanitize(weights)
     _quantize(model, config, weights)
     _rewrite(model, saved["passes"])
     for alias, name in saved["aliases"].items():
