@@ -153,15 +153,20 @@ def head_tap(model: nn.Module) -> tuple[str, str] | None:
     return path, "as_linear"
 
 
-def head_input(model: nn.Module, dtype: mx.Dtype, recorded: dict) -> mx.array:
-    """What the model fed its head in the reference forward; a synthetic
-    (2, 5, dims) input of ``dtype`` only where nothing was recorded."""
+def head_input(
+    model: nn.Module, dtype: mx.Dtype, recorded: dict, positions: int
+) -> mx.array:
+    """The last ``positions`` of what the model fed its head in the reference
+    forward (the head treats each position alike, and with a large vocabulary
+    it is most of a forward); synthetic inputs of ``dtype`` only where nothing
+    was recorded."""
     tap = head_tap(model)
     calls = inputs(recorded, tap) if tap else []
     if calls:
-        return calls[0][0]
+        return calls[0][0][..., -positions:, :]
     dims = dims_of(find_embedding(model)[1])
-    return mx.random.normal((2, 5, dims), key=mx.random.key(7)).astype(dtype)
+    shape = (2, positions, dims)
+    return mx.random.normal(shape, key=mx.random.key(7)).astype(dtype)
 
 
 def tied_head(embedding: nn.Module) -> nn.Module:

@@ -111,7 +111,7 @@ def taps(model: nn.Module, options: dict) -> list[tuple[str, str]]:
 def probe(model: nn.Module, site: Site, dtype, options: dict, recorded: dict):
     # The head's recorded input: a head matmul, not a forward of the model.
     keep = options["keep"]
-    h = head_input(model, dtype, recorded)
+    h = head_input(model, dtype, recorded, positions=keep + 1)  # S > keep
 
     def run():
         return [module_at(model, site.path)(h)[..., -keep:, :]]

@@ -163,7 +163,7 @@ def taps(model: nn.Module, options: dict) -> list[tuple[str, str]]:
 
 
 def probe(model: nn.Module, site: Site, dtype, options: dict, recorded: dict):
-    h = head_input(model, dtype, recorded)
+    h = head_input(model, dtype, recorded, positions=1)
     expected = None
     if site.kind == "untied":
         arrays = read_arrays(options["model_dir"], "lm_head.")
