@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 import graphpatch
-from graphpatch import golden, saving
+from graphpatch import golden, saving, verified
 from graphpatch.contract import GraphpatchError, VerificationError
 from graphpatch.loading import (
     check_config,
@@ -64,8 +64,15 @@ def apply_cmd(
         bool, typer.Option("--json", help="print the report as JSON")
     ] = False,
     verify: Annotated[
-        bool, typer.Option(help="check every site and the logits")
-    ] = True,
+        str,
+        typer.Option(
+            help="always (check every site and the logits), cached (trust a "
+            "matching verification record) or never"
+        ),
+    ] = "always",
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="the same as --verify never")
+    ] = False,
     save: Annotated[
         Path | None, typer.Option(help="write the patched model to this directory")
     ] = None,
@@ -86,15 +93,14 @@ def apply_cmd(
             shard_bytes = saving.max_shard_bytes(max_shard_mb)
             for line in saving.prepare(model_dir, save, force):
                 err.print(line, highlight=False)
+        verify = "never" if no_verify else verify
+        if verify not in verified.MODES:
+            fail(f"--verify must be one of {', '.join(verified.MODES)}, got {verify}")
         with err.status(f"loading {model_dir}"):
-            model, _, _ = load(model_dir, lazy=not verify)
+            model, _, _ = load(model_dir, lazy=verify == "never")
         with err.status("applying and verifying") as status:
-            report = graphpatch.apply(
-                model,
-                passes or None,
-                verify=verify,
-                progress=status.update,
-                model_dir=str(model_dir),
+            report = verified.apply(
+                model, passes or None, model_dir, verify, progress=status.update
             )
     except VerificationError as e:
         if e.report is not None:
@@ -130,12 +136,15 @@ def run_cmd(
     passes: Annotated[
         str, typer.Option(help="comma-separated; default: GRAPHPATCH_PASSES")
     ] = "",
+    verify: Annotated[
+        str, typer.Option(help="always, cached (a matching record) or never")
+    ] = "cached",
 ) -> None:
     """Run a program (after --) with every model it loads patched.
 
     Models loaded through mlx-lm's loaders are patched, in child processes too.
     """
-    _run(ctx.args, passes)
+    _run(ctx.args, passes, verify)
 
 
 @app.command(
@@ -150,6 +159,9 @@ def serve_cmd(
     ] = "",
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8080,
+    verify: Annotated[
+        str, typer.Option(help="always, cached (a matching record) or never")
+    ] = "cached",
 ) -> None:
     """mlx-lm's server with the model patched and verified before it listens.
 
@@ -158,6 +170,9 @@ def serve_cmd(
     from graphpatch import serving
 
     env = {**os.environ, **({"GRAPHPATCH_PASSES": passes} if passes else {})}
+    if verify not in verified.MODES:
+        fail(f"--verify must be one of {', '.join(verified.MODES)}, got {verify}")
+    os.environ["GRAPHPATCH_VERIFY"] = verify  # read by the hook in this process
     try:
         plan, _ = graphpatch.resolve(None, env)
         _refuse_elide_without_logits(plan)
@@ -178,10 +193,12 @@ def _refuse_elide_without_logits(plan) -> None:
         )
 
 
-def _run(command: list[str], passes: str) -> None:
+def _run(command: list[str], passes: str, verify: str) -> None:
     if not command:
         fail("no command: graphpatch run [--passes a,b] -- CMD ARGS...")
-    env = dict(os.environ)
+    if verify not in verified.MODES:
+        fail(f"--verify must be one of {', '.join(verified.MODES)}, got {verify}")
+    env = {**os.environ, "GRAPHPATCH_VERIFY": verify}
     if passes:
         env["GRAPHPATCH_PASSES"] = passes
     try:

@@ -77,14 +77,18 @@ def _wrap(loader):
 
 def _patch(model, path_or_repo) -> None:
     import graphpatch
+    from graphpatch import verified
 
     run_dir = os.environ.get("GRAPHPATCH_RUN_DIR")
     if run_dir and os.path.isdir(run_dir):  # tells graphpatch run a model was loaded
         Path(run_dir, f"{os.getpid()}-{threading.get_ident()}").touch()
     model_dir = Path(path_or_repo)
-    model_dir = str(model_dir) if model_dir.is_dir() else None
+    mode = os.environ.get("GRAPHPATCH_VERIFY", "cached")
     try:
-        report = graphpatch.apply(model, model_dir=model_dir)
+        if model_dir.is_dir():
+            report = verified.apply(model, None, model_dir, mode)
+        else:
+            report = graphpatch.apply(model, verify=mode != "never")
     except graphpatch.VerificationError as e:
         if e.report is not None:
             _emit(e.report, path_or_repo)
@@ -108,6 +112,7 @@ def _emit(report, model: str) -> None:
             f.write(json.dumps(entry) + "\n")
         return
     lines = [f"{model}: {line}" for line in report.summary_lines()]
+    lines += [f"{model}: {report.record}"] if report.record else []
     lines += [f"  skipped {s.pass_name} {s.path}: {s.reason}" for s in report.skipped()]
     lines += [f"  warning: {warning}" for warning in report.warnings]
     for line in lines or [f"{model}: no passes chosen"]:

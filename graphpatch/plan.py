@@ -13,7 +13,12 @@ from graphpatch.contract import Pass, PassSpecError
 from graphpatch.passes import PASSES
 
 # GRAPHPATCH_* variables that are not pass switches.
-OTHER_ENV = {"GRAPHPATCH_PASSES", "GRAPHPATCH_REPORT", "GRAPHPATCH_RUN_DIR"}
+OTHER_ENV = {
+    "GRAPHPATCH_PASSES",
+    "GRAPHPATCH_REPORT",
+    "GRAPHPATCH_RUN_DIR",
+    "GRAPHPATCH_VERIFY",
+}
 
 Plan = list[tuple[Pass, dict]]
 

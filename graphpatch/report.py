@@ -53,6 +53,7 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
     rolled_back: bool = False
+    record: str | None = None  # the verification record used or written
 
     def for_pass(self, name: str) -> list[SiteResult]:
         return [s for s in self.sites if s.pass_name == name]
@@ -88,7 +89,7 @@ class Report:
             worst = f", max error {max(errors):.3g}" if errors else ""
             lines.append(
                 f"{name}: {len(done)} rewritten, {len(left)} skipped{worst}"
-                + ("" if self.verified else " (unverified)")
+                + ("" if self.verified or self.record else " (unverified)")
             )
         return lines
 
@@ -109,6 +110,8 @@ class Report:
                 f"{check.max_error:.3g} (tolerance {check.tolerance:.3g}), "
                 f"top-1 agreement {check.top1:.0%}: {mark}"
             )
+        if self.record:
+            console.print(self.record, highlight=False)
         for warning in self.warnings:
             console.print(f"[yellow]warning:[/yellow] {warning}")
         delta = self.bytes_delta
@@ -128,7 +131,7 @@ class Report:
             table.add_column(column, no_wrap=True, justify="right")
         for site in self.sites:
             outcome = site.status if site.status == REWRITTEN else site.reason
-            if site.status == REWRITTEN and not site.verified:
+            if site.status == REWRITTEN and not site.verified and not self.record:
                 outcome += " (unverified)"
             if site.note and site.status == REWRITTEN:
                 outcome += f": {site.note}"

@@ -1,5 +1,6 @@
 """Shared fixtures: real zoo model directories, built once per test session."""
 
+import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -9,6 +10,13 @@ import pytest
 from mlx.utils import tree_flatten
 
 from graphpatch import zoo
+
+
+@pytest.fixture(scope="session", autouse=True)
+def records_in_a_temporary_cache(tmp_path_factory):
+    """Verification records go to a cache of the test session's own (the
+    pretrained checkpoint, resolved at import, stays in the user's cache)."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="session")
