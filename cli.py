@@ -93,9 +93,7 @@ def apply_cmd(
             shard_bytes = saving.max_shard_bytes(max_shard_mb)
             for line in saving.prepare(model_dir, save, force):
                 err.print(line, highlight=False)
-        verify = "never" if no_verify else verify
-        if verify not in verified.MODES:
-            fail(f"--verify must be one of {', '.join(verified.MODES)}, got {verify}")
+        verify = _verify_mode("never" if no_verify else verify)
         with err.status(f"loading {model_dir}"):
             model, _, _ = load(model_dir, lazy=verify == "never")
         with err.status("applying and verifying") as status:
@@ -118,6 +116,12 @@ def apply_cmd(
         except GraphpatchError as e:
             fail(str(e))
         err.print(f"saved {save}", highlight=False)
+
+
+def _verify_mode(verify: str) -> str:
+    if verify not in verified.MODES:
+        fail(f"--verify must be one of {', '.join(verified.MODES)}, got {verify}")
+    return verify
 
 
 def _print(report: graphpatch.Report, as_json: bool) -> None:
@@ -170,9 +174,7 @@ def serve_cmd(
     from graphpatch import serving
 
     env = {**os.environ, **({"GRAPHPATCH_PASSES": passes} if passes else {})}
-    if verify not in verified.MODES:
-        fail(f"--verify must be one of {', '.join(verified.MODES)}, got {verify}")
-    os.environ["GRAPHPATCH_VERIFY"] = verify  # read by the hook in this process
+    os.environ["GRAPHPATCH_VERIFY"] = _verify_mode(verify)  # read by the hook
     try:
         plan, _ = graphpatch.resolve(None, env)
         _refuse_elide_without_logits(plan)
@@ -196,9 +198,7 @@ def _refuse_elide_without_logits(plan) -> None:
 def _run(command: list[str], passes: str, verify: str) -> None:
     if not command:
         fail("no command: graphpatch run [--passes a,b] -- CMD ARGS...")
-    if verify not in verified.MODES:
-        fail(f"--verify must be one of {', '.join(verified.MODES)}, got {verify}")
-    env = {**os.environ, "GRAPHPATCH_VERIFY": verify}
+    env = {**os.environ, "GRAPHPATCH_VERIFY": _verify_mode(verify)}
     if passes:
         env["GRAPHPATCH_PASSES"] = passes
     try:

@@ -19,7 +19,7 @@ import mlx_lm
 
 import graphpatch
 from graphpatch.contract import GraphpatchError
-from graphpatch.heads import check_tokens
+from graphpatch.limits import check_tokens
 from graphpatch.loading import (
     LoadError,
     check_safetensors,

@@ -24,7 +24,7 @@ from graphpatch.contract import (
     module_at,
     parent_and_key,
 )
-from graphpatch.heads import check_tokens
+from graphpatch.limits import check_tokens
 from graphpatch.loading import LoadError
 from graphpatch.passes import PASSES
 from graphpatch.plan import resolve
@@ -34,7 +34,6 @@ from graphpatch.verify import (
     compare,
     dtype_name,
     last_logits,
-    logits_dtype,
     probe_tokens,
 )
 
@@ -95,10 +94,14 @@ def apply(
         check_tokens(model, tokens.tolist(), "probe")
         taps = [t for p, o in plan if p.taps for t in p.taps(model, o)]
         reference, recorded = _reference(model, tokens, taps)
-    # The dtype the model computes its logits in; sites report their own.
-    dtype = reference.dtype if verify else logits_dtype(model)
+    # The dtype the model computes its logits in (sites report their own);
+    # unverified, the model is not run at all, not even to build a graph.
+    dtype = reference.dtype if verify else None
     report = Report(
-        [p.name for p, _ in plan], dtype_name(dtype), verify, warnings=warnings
+        [p.name for p, _ in plan],
+        dtype_name(dtype) if verify else "not computed",
+        verify,
+        warnings=warnings,
     )
     done: list[tuple[Pass, str]] = []
     progress = progress or (lambda line: None)

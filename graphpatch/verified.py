@@ -14,6 +14,7 @@ import datetime
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
@@ -21,6 +22,7 @@ import mlx.nn as nn
 import mlx_lm
 
 import graphpatch
+from graphpatch.contract import module_at
 from graphpatch.manager import apply as apply_passes
 from graphpatch.plan import resolve
 from graphpatch.report import Report
@@ -45,17 +47,17 @@ def key(model_dir: Path, specs: list[str]) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
 
 
-def _specs(passes) -> list[str]:
+def _specs(passes: str | list[str] | None) -> list[str]:
     plan, _ = resolve(passes)
     return [f"{p.name}{sorted(o.items())}" for p, o in plan]
 
 
 def apply(
     model: nn.Module,
-    passes,
+    passes: str | list[str] | None,
     model_dir: str | Path,
     mode: str = "always",
-    progress=None,
+    progress: Callable[[str], None] | None = None,
 ) -> Report:
     """``graphpatch.apply`` with a verification record for ``model_dir``.
 
@@ -77,12 +79,21 @@ def apply(
         record = json.loads(file.read_text())
         if record.get("sites") == _sites(report):
             report.record = f"verified on {record['date']}, record {file}"
+            _settle(model, report)
             return report
         graphpatch.revert(model)  # another structure than recorded: verify
     report = apply_passes(model, passes, verify=True, **common)
     _write(file, model_dir, report)
     report.record = f"verified now, record {file}"
     return report
+
+
+def _settle(model: nn.Module, report: Report) -> None:
+    """Evaluate the rewritten sites' arrays here, as a verified apply does: a
+    program may run the model on another thread, where MLX cannot evaluate
+    arrays built on this one (mlx-lm's server: "no Stream(cpu, 0) in current
+    thread")."""
+    mx.eval([module_at(model, s.path).parameters() for s in report.rewritten()])
 
 
 def _sites(report: Report) -> dict[str, list[str]]:

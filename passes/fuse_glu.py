@@ -169,18 +169,13 @@ def _inputs(model: nn.Module, site: Site, dtype, shapes, k: int = 2) -> list[tup
     layer = module.get("gate_up_proj") or module["gate_proj"]
     dims = layer.scales.shape[-1] * layer.group_size if "scales" in layer else None
     dims = dims or layer.weight.shape[-1]
-    key = mx.random.key(0)
+    experts = layer.weight.shape[0] if site.kind == "moe" else 0
     inputs = []
     for i, (B, L) in enumerate(shapes):
-        x = mx.random.normal((B, L, dims), key=mx.random.split(key, 2 * i + 2)[0])
-        if site.kind == "moe":
-            experts = layer.weight.shape[0]
-            idx = mx.random.randint(
-                0, experts, (B, L, min(k, experts)), key=mx.random.key(i)
-            )
-            inputs.append((x.astype(dtype), idx))
-        else:
-            inputs.append((x.astype(dtype),))
+        x = mx.random.normal((B, L, dims), key=mx.random.key(2 * i)).astype(dtype)
+        shape = (B, L, min(k, experts))
+        idx = mx.random.randint(0, max(experts, 1), shape, key=mx.random.key(2 * i + 1))
+        inputs.append((x, idx) if experts else (x,))
     return inputs
 
 

@@ -18,7 +18,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from graphpatch.contract import Pass, Site, module_at, parent_and_key, rebuilt, walk
-from graphpatch.heads import context_length, head_input, head_path, head_tap
+from graphpatch.heads import head_input, head_path, head_tap
+from graphpatch.limits import context_length
 from graphpatch.pipeline import is_elided
 from graphpatch.verify import PROBE_TOKENS
 

@@ -21,7 +21,7 @@ from test_attack_save import digest, one_error_line
 from test_cli import run
 
 import graphpatch
-from graphpatch.heads import TokenError
+from graphpatch.limits import TokenError
 from graphpatch.passes import untied_head
 
 GRAPHPATCH = Path(sys.executable).parent / "graphpatch"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -149,21 +150,26 @@ def test_mlx_lm_server_answers_the_same_patched(zoo_dir):
         assert "last_token: 1 rewritten" in p.communicate(timeout=30)[1]
 
 
-def test_graphpatch_serve_is_the_patched_mlx_lm_server(zoo_dir):
-    model_dir = zoo_dir("llama")
+def test_graphpatch_serve_is_the_patched_mlx_lm_server(zoo_dir, tmp_path):
+    """Twice: the second start trusts the first's verification record, and its
+    server must still run the rewritten weights on its generation thread."""
+    model_dir = Path(shutil.copytree(zoo_dir("llama"), tmp_path / "llama"))
+    os.utime(model_dir / "model.safetensors", ns=(3, 3))  # a checkpoint of its own
     with server(model_dir) as (port, _):
         expected = answers(port)
-    port = free_port()
     command = [GRAPHPATCH, "serve", str(model_dir), "--passes", "fuse_glu,last_token"]
-    process = subprocess.Popen(
-        [*command, "--port", str(port)], stderr=subprocess.PIPE, text=True
-    )
-    try:
-        wait_until_up(port, process)
-        assert answers(port) == expected
-    finally:
-        process.terminate()
-        assert "fuse_glu: 2 rewritten" in process.communicate(timeout=30)[1]
+    for start in ("verified now", "verified on"):
+        port = free_port()
+        process = subprocess.Popen(
+            [*command, "--port", str(port)], stderr=subprocess.PIPE, text=True
+        )
+        try:
+            wait_until_up(port, process)
+            assert answers(port) == expected
+        finally:
+            process.terminate()
+            stderr = process.communicate(timeout=30)[1]
+        assert "fuse_glu: 2 rewritten" in stderr and start in stderr
 
 
 def test_serve_refuses_a_bad_pass_list_before_the_port_opens(zoo_dir):
