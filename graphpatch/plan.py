@@ -52,9 +52,7 @@ def _parse_value(name: str, key: str, default, text: str, has_value: str):
             return type(default)(text)
         except ValueError:
             pass
-    raise PassSpecError(
-        f"option {name}:{key} wants a {type(default).__name__}, got '{text}'"
-    )
+    raise PassSpecError(f"option {name}:{key} wants {_kind(default)}, got '{text}'")
 
 
 def check_options(name: str, options) -> str | None:
@@ -67,9 +65,14 @@ def check_options(name: str, options) -> str | None:
         if key not in p.options:
             return f"unknown option '{key}' for {name}"
         if type(value) is not type(p.options[key]):
-            wanted = type(p.options[key]).__name__
-            return f"option {name}:{key} wants a {wanted}, got {value!r}"
+            return f"option {name}:{key} wants {_kind(p.options[key])}, got {value!r}"
     return p.validate({**p.options, **options}) if p.validate else None
+
+
+def _kind(default) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number"}.get(
+        type(default), f"a {type(default).__name__}"
+    )
 
 
 def _switches(env: Mapping[str, str]) -> dict[str, bool]:

@@ -83,6 +83,8 @@ def apply(
             return report
         graphpatch.revert(model)  # another structure than recorded: verify
     report = apply_passes(model, passes, verify=True, **common)
+    if not report.passes:
+        return report  # nothing to record
     _write(file, model_dir, report)
     report.record = f"verified now, record {file}"
     return report

@@ -327,9 +327,9 @@ def saved_config_edits():
         return edit
 
     return {
-        "keep abc": (keep("abc"), "option last_token:keep wants a int, got 'abc'"),
+        "keep abc": (keep("abc"), "option last_token:keep wants an integer, got 'abc'"),
         "keep 0": (keep(0), "keep must be between 1 and 1024"),
-        "keep true": (keep(True), "wants a int, got True"),
+        "keep true": (keep(True), "wants an integer, got True"),
         "section a list": (
             lambda s: s.clear() or [1],
             "graphpatch section: not a mapping",

@@ -96,7 +96,7 @@ def test_a_head_the_model_does_not_consult_is_skipped(load_zoo):
 def test_keep_is_validated_and_keep_1_warns():
     with pytest.raises(PassSpecError, match="keep must be between 1 and 1024, got 0"):
         graphpatch.resolve("last_token:keep=0", {})
-    with pytest.raises(PassSpecError, match="wants a int"):
+    with pytest.raises(PassSpecError, match="wants an integer"):
         graphpatch.resolve("last_token:keep=two", {})
     model = zoo.make_model(zoo.config_for("llama"))
     report = graphpatch.apply(model, ["last_token"])

@@ -46,7 +46,7 @@ def test_apply_reads_the_env(load_zoo, monkeypatch):
     [
         (["fuse_glue"], {}, "unknown pass 'fuse_glue'"),
         (["fuse_glu:bogus"], {}, "unknown option 'bogus'"),
-        (["fuse_glu:tune=maybe"], {}, "wants a bool"),
+        (["fuse_glu:tune=maybe"], {}, "wants true or false"),
         (None, {"GRAPHPATCH_FUSE_GLUE": "1"}, "unknown variable GRAPHPATCH_FUSE_GLUE"),
         (None, {"GRAPHPATCH_FUSE_GLU": "yes"}, "must be 0 or 1"),
         (None, {"GRAPHPATCH_PASSES": "fuse_glu,nope"}, "unknown pass 'nope'"),
