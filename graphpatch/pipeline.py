@@ -73,8 +73,8 @@ class ElidedHead(StandIn, nn.Module):
             self.held = held  # still in memory, so still counted
 
     def __call__(self, h: mx.array) -> mx.array:
-        keep = getattr(self.held, "keep", None)  # last_token's, when applied
-        positions = h.shape[-2] if keep is None else min(keep, h.shape[-2])
+        kept = getattr(self.held, "kept", None)  # last_token's, when applied
+        positions = h.shape[-2] if kept is None else kept(h.shape[-2])
         shape = (*h.shape[:-2], positions, self.vocab)
         zeros = mx.broadcast_to(mx.zeros((1,) * len(shape), h.dtype), shape)
         zeros = mx.depends(zeros, h)

@@ -1,15 +1,17 @@
-"""last_token: the LM head runs on the last ``keep`` positions only.
+"""last_token: long calls run the LM head on their last ``keep`` positions.
 
-Rewrite:       head(h) -> head(h[:, -keep:, :]) at the explicit head that
-               untied_head provides (a top-level lm_head / output, or the
-               embedding's lm_head for tied models). The head becomes a
-               subclass copy of its own class (same arrays, same parameter
-               paths); everything after it in the model's __call__ still runs.
+Rewrite:       head(h) -> head(h[:, -keep:, :]) when the call has more than
+               ``short`` positions (a prefill), head(h) otherwise (decode,
+               speculative verification of num_draft + 1 positions), at the
+               explicit head that untied_head provides (a top-level lm_head /
+               output, or the embedding's lm_head for tied models). The head
+               becomes a subclass copy of its own class (same arrays, same
+               parameter paths); everything after it in __call__ still runs.
 Preconditions: an explicit head (untied_head runs first and is pulled in),
                consulted by the model's __call__ (the patched model must
-               return keep positions).
-Equivalence:   the last ``keep`` positions equal the unpatched model's;
-               (B, keep, vocab) when S > keep, unchanged otherwise.
+               return keep positions for a long call).
+Equivalence:   the last ``keep`` positions of a long call and every position
+               of a short one equal the unpatched model's.
 """
 
 import functools
@@ -24,7 +26,7 @@ from graphpatch.pipeline import is_elided
 from graphpatch.verify import PROBE_TOKENS
 
 # The head's positions at each call; beyond this the pass saves nothing, and
-# the probe (2 rows of keep+ tokens) would cost more than a real prompt.
+# the probe (keep+ positions) would cost more than a real prompt.
 MAX_KEEP = 1024
 ALREADY_APPLIED = "already applied"
 NO_HEAD = "no explicit LM head: untied_head made none (see its report)"
@@ -34,28 +36,31 @@ HEAD_ELIDED = (
 )
 NOT_CONSULTED = "the model's __call__ does not run its head through {path}"
 SPECULATIVE = (
-    "last_token keeps {keep} position(s): speculative decoding needs "
-    "keep >= num_draft + 1 (with fewer, mlx-lm checks drafts against the "
-    "wrong positions)"
+    "last_token:short={short}: calls of up to {n} positions keep every "
+    "position; speculative decoding needs num_draft + 1 of them"
 )
 
 
 class LastToken:
-    """Marks the classes this pass makes; ``keep`` is set per instance and
-    ``original`` names the class it was made from."""
+    """Marks the classes this pass makes; ``keep`` and ``short`` are set per
+    instance and ``original`` names the class it was made from."""
 
     keep: int = 1
+    short: int = 32
     original: type
 
-
-def _last(x: mx.array, keep: int) -> mx.array:
-    return x[..., -keep:, :] if x.ndim >= 3 and x.shape[-2] > keep else x
+    def kept(self, length: int) -> int:
+        """How many positions a call of ``length`` returns (elide_head's
+        stand-in asks, to shape its zeros like rank 0's logits)."""
+        return self.keep if length > max(self.keep, self.short) else length
 
 
 @functools.cache
 def last_token_class(cls: type) -> type:
     def __call__(self, x):
-        return cls.__call__(self, _last(x, self.keep))
+        if x.ndim >= 3:
+            x = x[..., -self.kept(x.shape[-2]) :, :]
+        return cls.__call__(self, x)
 
     body = {"__call__": __call__, "original": cls}
     return type(f"LastToken{cls.__name__}", (LastToken, cls), body)
@@ -84,7 +89,7 @@ def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
 def rewrite(model: nn.Module, site: Site, options: dict) -> None:
     parent, key = parent_and_key(model, site.path)
     head = rebuilt(parent[key], last_token_class(type(parent[key])))
-    head.keep = options["keep"]
+    head.keep, head.short = options["keep"], options["short"]
     parent[key] = head
 
 
@@ -101,7 +106,7 @@ def applied(model: nn.Module) -> list[str]:
 
 def options_in(model: nn.Module) -> dict:
     heads = [module_at(model, path) for path in applied(model)]
-    return {"keep": heads[0].keep} if heads else {}
+    return {"keep": heads[0].keep, "short": heads[0].short} if heads else {}
 
 
 def taps(model: nn.Module, options: dict) -> list[tuple[str, str]]:
@@ -109,38 +114,52 @@ def taps(model: nn.Module, options: dict) -> list[tuple[str, str]]:
     return [tap] if tap else []
 
 
+def _long(options: dict) -> int:
+    return max(options["keep"], options["short"]) + 1
+
+
 def probe(model: nn.Module, site: Site, dtype, options: dict, recorded: dict):
-    # The head's recorded input: a head matmul, not a forward of the model.
+    # The head's recorded input (a head matmul, not a forward): its last
+    # positions repeated into a long call, and two of them as a short one.
+    # The head treats each position alike; only the last keep of a long call
+    # are computed, before (sliced here) and after (sliced by the pass).
     keep = options["keep"]
-    h = head_input(model, dtype, recorded, positions=keep + 1)  # S > keep
+    h = head_input(model, dtype, recorded, positions=2)
+    long = mx.concatenate([h] * _long(options), axis=-2)[..., -_long(options) :, :]
+    short = h[..., -min(2, max(keep, options["short"])) :, :]
 
     def run():
-        return [module_at(model, site.path)(h)[..., -keep:, :]]
+        head = module_at(model, site.path)
+        last = long if isinstance(head, LastToken) else long[..., -keep:, :]
+        return [head(last), head(short)]
 
     return run
 
 
 def confirm(model: nn.Module, site: Site, options: dict) -> str | None:
-    """The model's output really has ``keep`` positions: read from the shape
+    """A long call's output really has ``keep`` positions: read from the shape
     of a forward that is built, never evaluated."""
-    tokens = mx.array(PROBE_TOKENS)[:1, : options["keep"] + 1]
-    shape = model(tokens).shape
+    row = PROBE_TOKENS[0] * (1 + _long(options) // len(PROBE_TOKENS[0]))
+    shape = model(mx.array([row[: _long(options)]])).shape
     return None if shape[1] == options["keep"] else NOT_CONSULTED.format(path=site.path)
 
 
 def validate(options: dict, model: nn.Module | None = None) -> str | None:
-    keep = options["keep"]
-    if not 1 <= keep <= MAX_KEEP:
-        return f"last_token:keep must be between 1 and {MAX_KEEP}, got {keep}"
-    if model is not None and keep >= (context := context_length(model)):
+    for key in ("keep", "short"):
+        low = 1 if key == "keep" else 0
+        if not low <= (value := options[key]) <= MAX_KEEP:
+            return f"last_token:{key} must be between {low} and {MAX_KEEP}, got {value}"
+    if model is not None and _long(options) > (context := context_length(model)):
         return (
-            f"last_token:keep={keep} is not less than the model's context ({context})"
+            f"last_token:keep={options['keep']},short={options['short']} "
+            f"reach past the model's context ({context})"
         )
     return None
 
 
 def warnings(model: nn.Module, options: dict) -> list[str]:
-    return [SPECULATIVE.format(keep=options["keep"])] if options["keep"] == 1 else []
+    n = max(options["keep"], options["short"])
+    return [SPECULATIVE.format(short=options["short"], n=n)] if n < 8 else []
 
 
 PASS = Pass(
@@ -152,7 +171,7 @@ PASS = Pass(
     undo=undo,
     applied=applied,
     probe=probe,
-    options={"keep": 1},
+    options={"keep": 1, "short": 32},
     requires=("untied_head",),
     validate=validate,
     warnings=warnings,

@@ -240,7 +240,7 @@ def test_any_pass_spec_runs_or_is_one_line(zoo_dir, spec):
     [
         ("last_token:keep=100000", "keep must be between 1 and 1024"),
         ("last_token:keep=0", "keep must be between 1 and 1024"),
-        ("last_token:keep=1024", "not less than the model's context (1024)"),
+        ("last_token:keep=1024", "reach past the model's context (1024)"),
     ],
 )
 def test_keep_is_checked_against_the_model(zoo_dir, spec, words):
@@ -311,10 +311,11 @@ def test_a_missing_model_dir_is_an_error_not_a_tied_head(load_zoo, tmp_path):
 def test_save_records_the_options_the_model_carries(zoo_dir, tmp_path):
     model_dir = zoo_dir("llama")
     model, _, _ = graphpatch.load(model_dir)
-    graphpatch.apply(model, "last_token:keep=4")
+    graphpatch.apply(model, "last_token:keep=4:short=5")
     out = graphpatch.save(model, model_dir, tmp_path / "saved")
     loaded, _, _ = graphpatch.load(out)
     assert loaded(mx.array([[1, 2, 3, 4, 5, 6, 7]])).shape[1] == 4
+    assert loaded(mx.array([[1, 2, 3, 4, 5]])).shape[1] == 5
 
 
 def saved_config_edits():

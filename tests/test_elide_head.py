@@ -82,7 +82,7 @@ def test_with_logits_each_rank_samples_rank_0s_logits_itself(zoo_dir):
     final, other = shared
     assert other["note"] == elide_head.RELEASED.format(mib=HEAD_BYTES / 2**20)
     assert abs(other["freed"] - HEAD_BYTES) < 1024
-    assert final["logits"] == other["logits"] == [1, 1, 512]  # last_token's
+    assert final["logits"] == other["logits"] == [1, 3, 512]  # a short call: all
     assert final["top"] == other["top"]
     # a second apply: every rank skips last_token, so none runs its probe alone
     assert final["again_last_token"] == [last_token.HEAD_ELIDED]

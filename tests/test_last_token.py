@@ -31,13 +31,13 @@ def test_architectures(load_zoo, name, build, head):
     model, tokenizer = load_zoo(name, **build)
     reference = model(TOKENS)
     text = mlx_lm.generate(model, tokenizer, "The quick brown", max_tokens=8)
-    report = graphpatch.apply(model, ["last_token:keep=3"])
+    report = graphpatch.apply(model, ["last_token:keep=3:short=4"])
     (site,) = report.rewritten("last_token")
     assert site.path == head
     out = model(TOKENS)
     assert out.shape == (1, 3, 512)
     assert mx.array_equal(out, reference[:, -3:])
-    assert mx.array_equal(model(TOKENS[:, :2]), reference[:, :2])  # S <= keep
+    assert mx.array_equal(model(TOKENS[:, :4]), reference[:, :4])  # S <= short
     assert mlx_lm.generate(model, tokenizer, "The quick brown", max_tokens=8) == text
 
 
@@ -47,7 +47,7 @@ def test_kv_cache_batch_and_compile(load_zoo):
     cache = make_prompt_cache(model)
     reference = model(tokens, cache=cache)
     step = model(tokens[:, -1:], cache=cache)
-    graphpatch.apply(model, ["last_token"])
+    graphpatch.apply(model, ["last_token:short=0"])
     cache = make_prompt_cache(model)
     assert mx.array_equal(model(tokens, cache=cache), reference[:, -1:])
     assert mx.array_equal(model(tokens[:, -1:], cache=cache), step)
@@ -93,17 +93,19 @@ def test_a_head_the_model_does_not_consult_is_skipped(load_zoo):
     assert graphpatch.PASSES["untied_head"].applied(wrapped) == []
 
 
-def test_keep_is_validated_and_keep_1_warns():
+def test_keep_is_validated_and_only_short_0_warns():
     with pytest.raises(PassSpecError, match="keep must be between 1 and 1024, got 0"):
         graphpatch.resolve("last_token:keep=0", {})
     with pytest.raises(PassSpecError, match="wants an integer"):
         graphpatch.resolve("last_token:keep=two", {})
+    with pytest.raises(PassSpecError, match="short must be between 0 and 1024"):
+        graphpatch.resolve("last_token:short=-1", {})
     model = zoo.make_model(zoo.config_for("llama"))
-    report = graphpatch.apply(model, ["last_token"])
-    assert report.warnings == [
-        "last_token needs untied_head: pulled it in",
-        last_token.SPECULATIVE.format(keep=1),
-    ]
+    pulled = "last_token needs untied_head: pulled it in"
+    assert graphpatch.apply(model, ["last_token"]).warnings == [pulled]
+    graphpatch.revert(model)
+    report = graphpatch.apply(model, ["last_token:short=0"])
+    assert report.warnings == [pulled, last_token.SPECULATIVE.format(short=0, n=1)]
 
 
 def test_prefill_peak_memory_drops_by_the_logits():
@@ -145,11 +147,14 @@ def test_stream_generate_and_batch_generate_are_unchanged(load_zoo, name):
     assert tokens() == before
 
 
-def test_speculative_decoding_with_keep_above_num_draft(load_zoo):
+@pytest.mark.parametrize("spec", ["last_token", "last_token:keep=4:short=0"])
+def test_speculative_decoding_gives_the_unpatched_text(load_zoo, spec):
+    """mlx-lm verifies num_draft + 1 positions in one call: the default keeps
+    every position of such short calls; short=0 needs keep >= num_draft + 1."""
     model, tokenizer = load_zoo("qwen3")
     draft, _ = load_zoo("qwen3", seed=1)
     expected = mlx_lm.generate(model, tokenizer, PROMPTS[0], max_tokens=12)
-    graphpatch.apply(model, ["last_token:keep=4"])
+    graphpatch.apply(model, [spec])
 
     def speculative(num_draft: int) -> str:
         responses = mlx_lm.stream_generate(
@@ -175,10 +180,12 @@ _MODELS: dict = {}
     batch=st.integers(1, 3),
     length=st.integers(1, 20),
     keep=st.integers(1, 8),
+    short=st.integers(0, 12),
 )
-def test_last_positions_property(name, quant, batch, length, keep):
-    """Any batch, length and keep: the last keep positions are the unpatched
-    model's, bit for bit, and S <= keep is left as it was."""
+def test_last_positions_property(name, quant, batch, length, keep, short):
+    """Any batch, length, keep and short: a call longer than max(keep, short)
+    returns the unpatched model's last keep positions, bit for bit, and any
+    other call every position."""
     key = (name, quant)
     if key not in _MODELS:
         model = zoo.make_model(zoo.config_for(name))
@@ -188,10 +195,12 @@ def test_last_positions_property(name, quant, batch, length, keep):
     model = _MODELS[key]
     tokens = mx.random.randint(0, 512, (batch, length), key=mx.random.key(length))
     reference = model(tokens)
-    graphpatch.apply(model, [f"last_token:keep={keep}"], verify=False)
+    spec = f"last_token:keep={keep}:short={short}"
+    graphpatch.apply(model, [spec], verify=False)
     try:
         out = model(tokens)
     finally:
         graphpatch.revert(model)
-    assert out.shape == (batch, min(keep, length), 512)
-    assert mx.array_equal(out, reference[:, -keep:])
+    kept = keep if length > max(keep, short) else length
+    assert out.shape == (batch, kept, 512)
+    assert mx.array_equal(out, reference[:, -kept:])

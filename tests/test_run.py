@@ -114,11 +114,11 @@ def wait_until_up(port: int, process: subprocess.Popen) -> None:
 
 
 @contextmanager
-def server(model_dir: Path, *prefix: str):
+def server(model_dir: Path, *prefix: str, flags: tuple[str, ...] = ()):
     port = free_port()
     command = [*prefix, PYTHON, "-m", "mlx_lm", "server", "--model", str(model_dir)]
     process = subprocess.Popen(
-        [*command, "--host", "127.0.0.1", "--port", str(port)],
+        [*command, "--host", "127.0.0.1", "--port", str(port), *flags],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -170,6 +170,27 @@ def test_graphpatch_serve_is_the_patched_mlx_lm_server(zoo_dir, tmp_path):
             process.terminate()
             stderr = process.communicate(timeout=30)[1]
         assert "fuse_glu: 2 rewritten" in stderr and start in stderr
+
+
+def test_serve_with_a_draft_model_answers_as_mlx_lm_does(zoo_dir):
+    """Speculative decoding in mlx-lm's own server, flags passed through: the
+    default last_token keeps every position of the verification calls."""
+    model_dir, draft = zoo_dir("qwen3"), zoo_dir("qwen3", seed=1)
+    flags = ("--draft-model", str(draft), "--num-draft-tokens", "3")
+    with server(model_dir, flags=flags) as (port, _):
+        expected = answers(port)
+    port = free_port()
+    command = [GRAPHPATCH, "serve", str(model_dir), "--passes", "last_token"]
+    process = subprocess.Popen(
+        [*command, "--port", str(port), *flags], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_until_up(port, process)
+        assert answers(port) == expected
+    finally:
+        process.terminate()
+        stderr = process.communicate(timeout=30)[1]
+    assert "last_token: 1 rewritten" in stderr
 
 
 def test_serve_refuses_a_bad_pass_list_before_the_port_opens(zoo_dir):
