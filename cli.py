@@ -1,4 +1,4 @@
-"""The graphpatch command: parses, calls the library, prints. Nothing else."""
+"""graphpatch: verified rewrite passes for MLX language models."""
 
 import json as _json
 import os
@@ -27,6 +27,32 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help=__doc__,
 )
+
+
+def _version(shown: bool) -> None:
+    if shown:
+        print(f"graphpatch {graphpatch.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="print the version"
+        ),
+    ] = False,
+) -> None:
+    """Verified rewrite passes for MLX language models."""
+
+
+@app.command("version")
+def version_cmd() -> None:
+    """Print the version."""
+    print(f"graphpatch {graphpatch.__version__}")
+
+
 # Piped output (logs, CI) gets a wide table rather than rich's 80 columns.
 out = Console(width=None if Console().is_terminal else 120)
 err = Console(stderr=True)

@@ -116,7 +116,8 @@ class Report:
             console.print(f"[yellow]warning:[/yellow] {warning}")
         delta = self.bytes_delta
         console.print(
-            f"{len(self.rewritten())} sites rewritten, {len(self.skipped())} skipped, "
+            f"{_count(len(self.rewritten()), 'site')} rewritten, "
+            f"{len(self.skipped())} skipped, "
             f"{_bytes(abs(delta))} {'added' if delta > 0 else 'freed'} net, "
             f"{self.seconds:.2f}s, dtype {self.dtype}"
             + (", rolled back" if self.rolled_back else "")
@@ -146,6 +147,10 @@ class Report:
                 "" if site.top1 is None else f"{site.top1:.0%}",
             )
         return table
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _bytes(n: int) -> str:

@@ -126,3 +126,17 @@ def test_python_m_knows_every_command():
     ).stdout
     for command in ("list", "apply", "run", "serve", "coverage", "golden"):
         assert f" {command} " in help_text
+
+
+def test_version_is_printed_both_ways():
+    import graphpatch
+
+    for args in (["--version"], ["version"]):
+        result = run(*args)
+        assert result.exit_code == 0
+        assert result.output.strip() == f"graphpatch {graphpatch.__version__}"
+
+
+def test_one_site_is_a_site(zoo_dir):
+    result = run("apply", "--passes", "last_token", zoo_dir("qwen3_moe"))
+    assert "1 site rewritten, 1 skipped" in result.output
