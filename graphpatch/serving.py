@@ -38,6 +38,13 @@ def check_address(host: str, port: int) -> None:
             raise ServeError(f"cannot listen on {host}:{port}: {e.strerror}") from None
 
 
+def _exit(message: str) -> None:
+    """One line, then end the process now: mlx-lm's run has started its
+    generation thread, which would keep a normal exit waiting forever."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    os._exit(2)
+
+
 def serve(model_dir: Path, host: str, port: int, passes: str, flags: list[str]) -> None:
     """Run ``mlx_lm server`` here with the model loaded (and patched) first.
 
@@ -61,7 +68,10 @@ def serve(model_dir: Path, host: str, port: int, passes: str, flags: list[str]) 
             raise ServeError(
                 f"{model_dir}: mlx-lm could not load it ({reason})"
             ) from None
-        return run(host, port, model_provider, *args, **kwargs)
+        try:
+            return run(host, port, model_provider, *args, **kwargs)
+        except OSError as e:  # the port was free when checked, taken since
+            _exit(f"cannot listen on {host}:{port}: {e.strerror}")
 
     server.run = run_loaded  # this process is the server: nothing else sees it
     sys.argv = ["mlx_lm.server", "--model", str(model_dir)]

@@ -208,6 +208,27 @@ def test_serve_refuses_a_port_in_use(zoo_dir):
         taken.listen()
         port = taken.getsockname()[1]
         done = command("serve", zoo_dir("llama"), "--port", port, timeout=60)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]  # after the patched model's report
+    assert last.startswith("error: cannot listen on") and "already in use" in last
+
+
+def test_serve_taken_after_the_check_is_one_line_and_an_exit(zoo_dir):
+    """Another server took the port while this one loaded: the bind fails
+    after the early check, with mlx-lm's generation thread already running,
+    and still ends at once in one line."""
+    script = (
+        "import socket\n"
+        "from graphpatch import serving\n"
+        "taken = socket.socket()\n"
+        "taken.bind(('127.0.0.1', 0))\n"
+        "taken.listen()\n"
+        "port = taken.getsockname()[1]\n"
+        f"serving.serve({str(zoo_dir('llama'))!r}, '127.0.0.1', port, 'fuse_glu', [])\n"
+    )
+    done = subprocess.run(
+        [PYTHON, "-c", script], capture_output=True, text=True, timeout=120
+    )
     assert "Address already in use" in one_line(done)
 
 
