@@ -150,6 +150,22 @@ def test_mlx_lm_server_answers_the_same_patched(zoo_dir):
         assert "last_token: 1 rewritten" in p.communicate(timeout=30)[1]
 
 
+def graphpatch_serve(model_dir: Path, passes: str, *flags: str) -> tuple[list, str]:
+    """Start ``graphpatch serve``, ask it, stop it: (its answers, its stderr)."""
+    port = free_port()
+    command = [GRAPHPATCH, "serve", str(model_dir), "--passes", passes]
+    process = subprocess.Popen(
+        [*command, "--port", str(port), *flags], stderr=subprocess.PIPE, text=True
+    )
+    try:
+        wait_until_up(port, process)
+        answered = answers(port)
+    finally:
+        process.terminate()
+        stderr = process.communicate(timeout=30)[1]
+    return answered, stderr
+
+
 def test_graphpatch_serve_is_the_patched_mlx_lm_server(zoo_dir, tmp_path):
     """Twice: the second start trusts the first's verification record, and its
     server must still run the rewritten weights on its generation thread."""
@@ -157,18 +173,9 @@ def test_graphpatch_serve_is_the_patched_mlx_lm_server(zoo_dir, tmp_path):
     os.utime(model_dir / "model.safetensors", ns=(3, 3))  # a checkpoint of its own
     with server(model_dir) as (port, _):
         expected = answers(port)
-    command = [GRAPHPATCH, "serve", str(model_dir), "--passes", "fuse_glu,last_token"]
     for start in ("verified now", "verified on"):
-        port = free_port()
-        process = subprocess.Popen(
-            [*command, "--port", str(port)], stderr=subprocess.PIPE, text=True
-        )
-        try:
-            wait_until_up(port, process)
-            assert answers(port) == expected
-        finally:
-            process.terminate()
-            stderr = process.communicate(timeout=30)[1]
+        answered, stderr = graphpatch_serve(model_dir, "fuse_glu,last_token")
+        assert answered == expected
         assert "fuse_glu: 2 rewritten" in stderr and start in stderr
 
 
@@ -179,18 +186,8 @@ def test_serve_with_a_draft_model_answers_as_mlx_lm_does(zoo_dir):
     flags = ("--draft-model", str(draft), "--num-draft-tokens", "3")
     with server(model_dir, flags=flags) as (port, _):
         expected = answers(port)
-    port = free_port()
-    command = [GRAPHPATCH, "serve", str(model_dir), "--passes", "last_token"]
-    process = subprocess.Popen(
-        [*command, "--port", str(port), *flags], stderr=subprocess.PIPE, text=True
-    )
-    try:
-        wait_until_up(port, process)
-        assert answers(port) == expected
-    finally:
-        process.terminate()
-        stderr = process.communicate(timeout=30)[1]
-    assert "last_token: 1 rewritten" in stderr
+    answered, stderr = graphpatch_serve(model_dir, "last_token", *flags)
+    assert answered == expected and "last_token: 1 rewritten" in stderr
 
 
 def test_serve_refuses_a_bad_pass_list_before_the_port_opens(zoo_dir):
