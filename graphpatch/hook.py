@@ -89,6 +89,7 @@ def _patch(model, path_or_repo) -> None:
             report = verified.apply(model, None, model_dir, mode)
         else:
             report = graphpatch.apply(model, verify=mode != "never")
+        verified.settle(model, report)  # the program may run it on another thread
     except graphpatch.VerificationError as e:
         if e.report is not None:
             _emit(e.report, path_or_repo)

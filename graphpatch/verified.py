@@ -79,7 +79,7 @@ def apply(
         record = json.loads(file.read_text())
         if record.get("sites") == _sites(report):
             report.record = f"verified on {record['date']}, record {file}"
-            _settle(model, report)
+            settle(model, report)
             return report
         graphpatch.revert(model)  # another structure than recorded: verify
     report = apply_passes(model, passes, verify=True, **common)
@@ -90,7 +90,7 @@ def apply(
     return report
 
 
-def _settle(model: nn.Module, report: Report) -> None:
+def settle(model: nn.Module, report: Report) -> None:
     """Evaluate the rewritten sites' arrays here, as a verified apply does: a
     program may run the model on another thread, where MLX cannot evaluate
     arrays built on this one (mlx-lm's server: "no Stream(cpu, 0) in current

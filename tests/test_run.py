@@ -167,8 +167,9 @@ def graphpatch_serve(model_dir: Path, passes: str, *flags: str) -> tuple[list, s
 
 
 def test_graphpatch_serve_is_the_patched_mlx_lm_server(zoo_dir, tmp_path):
-    """Twice: the second start trusts the first's verification record, and its
-    server must still run the rewritten weights on its generation thread."""
+    """Three starts: verified, trusting the first's record, not verified. The
+    last two must still run the rewritten weights on the server's generation
+    thread (arrays built on one thread cannot be evaluated on another)."""
     model_dir = Path(shutil.copytree(zoo_dir("llama"), tmp_path / "llama"))
     os.utime(model_dir / "model.safetensors", ns=(3, 3))  # a checkpoint of its own
     with server(model_dir) as (port, _):
@@ -177,6 +178,9 @@ def test_graphpatch_serve_is_the_patched_mlx_lm_server(zoo_dir, tmp_path):
         answered, stderr = graphpatch_serve(model_dir, "fuse_glu,last_token")
         assert answered == expected
         assert "fuse_glu: 2 rewritten" in stderr and start in stderr
+    never = ("--verify", "never")
+    answered, stderr = graphpatch_serve(model_dir, "fuse_glu,last_token", *never)
+    assert answered == expected and "(unverified)" in stderr
 
 
 def test_serve_with_a_draft_model_answers_as_mlx_lm_does(zoo_dir):
