@@ -228,9 +228,12 @@ def _run(command: list[str], passes: str, verify: str) -> None:
     if passes:
         env["GRAPHPATCH_PASSES"] = passes
     try:
-        plan, _ = graphpatch.resolve(None, env)
+        plan, warnings = graphpatch.resolve(None, env)
     except GraphpatchError as e:
         fail(str(e))
+    for warning in warnings:
+        if "graphpatch variable" in warning:
+            err.print(f"warning: {warning}", highlight=False)
     _refuse_elide_without_logits(plan)
     if not plan:
         err.print("warning: no passes chosen (--passes or GRAPHPATCH_PASSES)")

@@ -6,6 +6,7 @@ kill switch even for a named pass). Passes that another needs are pulled in;
 the plan is always in the one canonical order of ``PASSES``.
 """
 
+import difflib
 import os
 from collections.abc import Mapping
 
@@ -21,6 +22,7 @@ OTHER_ENV = {
 }
 
 Plan = list[tuple[Pass, dict]]
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
 def parse_spec(spec: str) -> tuple[Pass, dict]:
@@ -43,10 +45,8 @@ def _parse_value(name: str, key: str, default, text: str, has_value: str):
     if isinstance(default, bool):
         if not has_value:
             return True
-        if text.lower() in ("1", "true", "yes", "on"):
-            return True
-        if text.lower() in ("0", "false", "no", "off"):
-            return False
+        if (value := _boolean(text)) is not None:
+            return value
     elif has_value:
         try:
             return type(default)(text)
@@ -75,19 +75,35 @@ def _kind(default) -> str:
     )
 
 
-def _switches(env: Mapping[str, str]) -> dict[str, bool]:
-    """Per-pass GRAPHPATCH_<NAME>=0/1 switches; anything else is an error."""
+def _boolean(text: str) -> bool | None:
+    """1/0, true/false, yes/no, on/off in any case; None for anything else."""
+    word = text.strip().lower()
+    return True if word in TRUE else False if word in FALSE else None
+
+
+def _switches(env: Mapping[str, str]) -> tuple[dict[str, bool], list[str]]:
+    """Per-pass GRAPHPATCH_<NAME> switches, and warnings for GRAPHPATCH_
+    variables graphpatch does not know (another tool's GRAPHPATCH_HOME must
+    not stop a program). A switch whose value cannot be read is an error:
+    a kill switch must never be misread."""
     by_env = {p.env: name for name, p in PASSES.items()}
-    switches = {}
+    switches, warnings = {}, []
     for key, value in env.items():
         if not key.startswith("GRAPHPATCH_") or key in OTHER_ENV:
             continue
         if key not in by_env:
-            raise PassSpecError(f"unknown variable {key} (no pass of that name)")
-        if value not in ("0", "1"):
-            raise PassSpecError(f"{key} must be 0 or 1, got '{value}'")
-        switches[by_env[key]] = value == "1"
-    return switches
+            known = [k.removeprefix("GRAPHPATCH_") for k in [*by_env, *OTHER_ENV]]
+            name = key.removeprefix("GRAPHPATCH_")  # the shared prefix says nothing
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f" (did you mean GRAPHPATCH_{close[0]}?)" if close else ""
+            warnings.append(f"{key} is not a graphpatch variable, ignored{hint}")
+            continue
+        if (switch := _boolean(value)) is None:
+            raise PassSpecError(
+                f"{key} must be 1/0, true/false, yes/no or on/off, got '{value}'"
+            )
+        switches[by_env[key]] = switch
+    return switches, warnings
 
 
 def resolve(
@@ -104,10 +120,11 @@ def resolve(
         The plan and the warnings it produced (passes pulled in or switched off).
 
     Raises:
-        PassSpecError: an unknown pass, option, value or GRAPHPATCH_ variable.
+        PassSpecError: an unknown pass or option, or a value that cannot be
+            read (an unknown GRAPHPATCH_ variable is only a warning).
     """
     env = os.environ if env is None else env
-    switches = _switches(env)
+    switches, warnings = _switches(env)
     if passes is None:
         specs = [s for s in env.get("GRAPHPATCH_PASSES", "").split(",") if s.strip()]
         specs += [name for name, on in switches.items() if on]
@@ -123,7 +140,6 @@ def resolve(
             raise PassSpecError(f"{p.name} named twice with different options")
         if p.name not in chosen or ":" in spec:
             chosen[p.name] = options
-    warnings = []
     for name in list(chosen):
         for needed in PASSES[name].requires:
             if needed not in chosen:

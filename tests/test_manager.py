@@ -47,14 +47,31 @@ def test_apply_reads_the_env(load_zoo, monkeypatch):
         (["fuse_glue"], {}, "unknown pass 'fuse_glue'"),
         (["fuse_glu:bogus"], {}, "unknown option 'bogus'"),
         (["fuse_glu:tune=maybe"], {}, "wants true or false"),
-        (None, {"GRAPHPATCH_FUSE_GLUE": "1"}, "unknown variable GRAPHPATCH_FUSE_GLUE"),
-        (None, {"GRAPHPATCH_FUSE_GLU": "yes"}, "must be 0 or 1"),
+        (None, {"GRAPHPATCH_FUSE_GLU": "maybe"}, "must be 1/0, true/false"),
         (None, {"GRAPHPATCH_PASSES": "fuse_glu,nope"}, "unknown pass 'nope'"),
     ],
 )
 def test_bad_pass_lists_are_errors(spec, env, message):
     with pytest.raises(PassSpecError, match=message):
         graphpatch.resolve(spec, env)
+
+
+@pytest.mark.parametrize("on, off", [("1", "0"), ("true", "false"), ("Yes", "no")])
+def test_switches_read_the_usual_booleans(on, off):
+    env = {"GRAPHPATCH_FUSE_GLU": on, "GRAPHPATCH_LAST_TOKEN": off}
+    plan, _ = graphpatch.resolve(None, env)
+    assert [p.name for p, _ in plan] == ["fuse_glu"]
+
+
+def test_an_unknown_variable_is_a_warning_naming_the_closest():
+    env = {"GRAPHPATCH_FUSE_GLUE": "1", "GRAPHPATCH_HOME": "/x"}
+    plan, warnings = graphpatch.resolve("last_token", env)
+    assert [p.name for p, _ in plan] == ["untied_head", "last_token"]
+    assert warnings[:2] == [
+        "GRAPHPATCH_FUSE_GLUE is not a graphpatch variable, ignored "
+        "(did you mean GRAPHPATCH_FUSE_GLU?)",
+        "GRAPHPATCH_HOME is not a graphpatch variable, ignored",
+    ]
 
 
 def test_options_parse_with_types():

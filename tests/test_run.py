@@ -74,7 +74,8 @@ def test_bad_checkpoint_stops_the_program_before_it_generates(zoo_dir, tmp_path)
     "command, env, code, line",
     [
         (["nosuchprogram"], {}, 127, "error: command not found: nosuchprogram"),
-        ([PYTHON, "-c", "pass"], {"GRAPHPATCH_FUSE_ALL": "1"}, 2, "unknown variable"),
+        ([PYTHON, "-c", "pass"], {"GRAPHPATCH_FUSE_GLU": "of"}, 2, "must be 1/0"),
+        ([PYTHON, "-c", "pass"], {"GRAPHPATCH_HOME": "/x"}, 0, "HOME is not a"),
         ([PYTHON, "-c", "pass"], {"GRAPHPATCH_ELIDE_HEAD": "1"}, 2, "elide_head needs"),
         ([PYTHON, "-c", "pass"], {}, 0, "loaded no model through mlx-lm"),
         ([PYTHON, "-c", "raise SystemExit(3)"], {}, 3, "nothing was patched"),
