@@ -127,8 +127,9 @@ def _weight_map(index_file: Path) -> dict[str, str]:
     return weight_map
 
 
-def _shards(model_dir: Path, names: set[str] | None = None) -> list[Path]:
-    """The safetensors files holding ``names`` (all of them when None), checked."""
+def _shards(model_dir: Path, names: set[str] | None = None) -> dict[Path, list[str]]:
+    """The safetensors files holding ``names`` (all of them when None), each
+    checked once, with the tensor names it holds."""
     index_file = model_dir / "model.safetensors.index.json"
     if index_file.is_file():
         weight_map = _weight_map(index_file)
@@ -139,16 +140,14 @@ def _shards(model_dir: Path, names: set[str] | None = None) -> list[Path]:
                 raise LoadError(f"{index_file}: points at missing shard {file.name}")
     else:
         files = sorted(model_dir.glob("model*.safetensors"))
-    for file in files:
-        check_safetensors(file)
-    return files
+    return {file: check_safetensors(file) for file in files}
 
 
 def check_weights(model_dir: Path) -> list[str]:
     """Every safetensors file is whole; returns the names of all tensors."""
     if not sorted(model_dir.glob("model*.safetensors")):
         raise LoadError(f"{model_dir}: no model*.safetensors files")
-    return [name for file in _shards(model_dir) for name in check_safetensors(file)]
+    return [name for names in _shards(model_dir).values() for name in names]
 
 
 def check_config(model_dir: Path, config: dict, names: list[str]) -> None:
