@@ -27,6 +27,7 @@ from graphpatch.loading import (
     quiet_transformers,
     read_config,
     regular_file,
+    write_failure,
 )
 from graphpatch.verify import PROBE_TOKENS, TOLERANCE, dtype_name, logits_dtype
 
@@ -124,8 +125,7 @@ def record(
         os.replace(tmp, out)
     except (OSError, RuntimeError) as e:
         tmp.unlink(missing_ok=True)
-        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
-        raise GoldenError(f"cannot write {out}: {reason}") from None
+        raise GoldenError(f"cannot write {out}: {write_failure(e)}") from None
     return out
 
 

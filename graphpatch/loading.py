@@ -213,6 +213,14 @@ def _args_problem(config: dict, args_class) -> str | None:
     return None
 
 
+def write_failure(error: Exception) -> str:
+    """Why a write failed, in one line: the OS's words for an OSError, the
+    first line of what MLX raised (its save_safetensors raises RuntimeError)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
+
+
 def write_safetensors(
     out: Path,
     shards: list[dict[str, mx.array]],

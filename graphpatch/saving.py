@@ -30,6 +30,7 @@ from graphpatch.loading import (
     LoadError,
     quiet_transformers,
     read_arrays,
+    write_failure,
     write_safetensors,
 )
 from graphpatch.outdir import (
@@ -153,14 +154,8 @@ def save(
     try:
         write_atomically(out, write, progress)
     except (OSError, RuntimeError) as e:
-        raise SaveError(f"cannot write {out}: {_os_reason(e)}") from None
+        raise SaveError(f"cannot write {out}: {write_failure(e)}") from None
     return out
-
-
-def _os_reason(error: Exception) -> str:
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return str(error).strip().splitlines()[0] if str(error).strip() else repr(error)
 
 
 def max_shard_bytes(megabytes: float) -> int:
