@@ -20,6 +20,7 @@ from graphpatch.loading import (
     read_config,
     regular_file,
 )
+from graphpatch.plan import unknown_variables
 
 app = typer.Typer(
     add_completion=False,
@@ -50,7 +51,7 @@ def main_options(
 @app.command("version")
 def version_cmd() -> None:
     """Print the version."""
-    print(f"graphpatch {graphpatch.__version__}")
+    _version(True)
 
 
 # Piped output (logs, CI) gets a wide table rather than rich's 80 columns.
@@ -228,12 +229,13 @@ def _run(command: list[str], passes: str, verify: str) -> None:
     if passes:
         env["GRAPHPATCH_PASSES"] = passes
     try:
-        plan, warnings = graphpatch.resolve(None, env)
+        plan, _ = graphpatch.resolve(None, env)
     except GraphpatchError as e:
         fail(str(e))
-    for warning in warnings:
-        if "graphpatch variable" in warning:
-            err.print(f"warning: {warning}", highlight=False)
+    for warning in unknown_variables(
+        env
+    ):  # before the child runs, which may load no model
+        err.print(f"warning: {warning}", highlight=False)
     _refuse_elide_without_logits(plan)
     if not plan:
         err.print("warning: no passes chosen (--passes or GRAPHPATCH_PASSES)")

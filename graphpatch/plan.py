@@ -81,29 +81,40 @@ def _boolean(text: str) -> bool | None:
     return True if word in TRUE else False if word in FALSE else None
 
 
-def _switches(env: Mapping[str, str]) -> tuple[dict[str, bool], list[str]]:
-    """Per-pass GRAPHPATCH_<NAME> switches, and warnings for GRAPHPATCH_
-    variables graphpatch does not know (another tool's GRAPHPATCH_HOME must
-    not stop a program). A switch whose value cannot be read is an error:
-    a kill switch must never be misread."""
-    by_env = {p.env: name for name, p in PASSES.items()}
-    switches, warnings = {}, []
-    for key, value in env.items():
-        if not key.startswith("GRAPHPATCH_") or key in OTHER_ENV:
-            continue
-        if key not in by_env:
-            known = [k.removeprefix("GRAPHPATCH_") for k in [*by_env, *OTHER_ENV]]
+def _by_env() -> dict[str, str]:
+    return {p.env: name for name, p in PASSES.items()}
+
+
+def unknown_variables(env: Mapping[str, str]) -> list[str]:
+    """A warning for each GRAPHPATCH_ variable graphpatch does not know,
+    naming the closest known one: another tool's GRAPHPATCH_HOME must not
+    stop a program."""
+    known = [*_by_env(), *OTHER_ENV]
+    suffixes = [k.removeprefix("GRAPHPATCH_") for k in known]
+    warnings = []
+    for key in env:
+        if key.startswith("GRAPHPATCH_") and key not in known:
             name = key.removeprefix("GRAPHPATCH_")  # the shared prefix says nothing
-            close = difflib.get_close_matches(name, known, n=1)
+            close = difflib.get_close_matches(name, suffixes, n=1)
             hint = f" (did you mean GRAPHPATCH_{close[0]}?)" if close else ""
             warnings.append(f"{key} is not a graphpatch variable, ignored{hint}")
+    return warnings
+
+
+def _switches(env: Mapping[str, str]) -> dict[str, bool]:
+    """Per-pass GRAPHPATCH_<NAME> switches. A switch whose value cannot be
+    read is an error: a kill switch must never be misread."""
+    by_env = _by_env()
+    switches = {}
+    for key, value in env.items():
+        if key not in by_env:
             continue
         if (switch := _boolean(value)) is None:
             raise PassSpecError(
                 f"{key} must be 1/0, true/false, yes/no or on/off, got '{value}'"
             )
         switches[by_env[key]] = switch
-    return switches, warnings
+    return switches
 
 
 def resolve(
@@ -124,7 +135,7 @@ def resolve(
             read (an unknown GRAPHPATCH_ variable is only a warning).
     """
     env = os.environ if env is None else env
-    switches, warnings = _switches(env)
+    switches, warnings = _switches(env), unknown_variables(env)
     if passes is None:
         specs = [s for s in env.get("GRAPHPATCH_PASSES", "").split(",") if s.strip()]
         specs += [name for name, on in switches.items() if on]
