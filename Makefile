@@ -9,7 +9,8 @@ DEMO_DIR ?= demo/qwen3_moe
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	# setuptools warns on every editable install that folders may shadow it
+	PYTHONWARNINGS=ignore $(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)

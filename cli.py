@@ -21,6 +21,7 @@ from graphpatch.loading import (
     regular_file,
 )
 from graphpatch.plan import unknown_variables
+from graphpatch.report import SCHEMA
 
 app = typer.Typer(
     add_completion=False,
@@ -54,26 +55,54 @@ def version_cmd() -> None:
     _version(True)
 
 
-# Piped output (logs, CI) gets a wide table rather than rich's 80 columns.
-out = Console(width=None if Console().is_terminal else 120)
+# The terminal's width, or COLUMNS, or 80 columns when piped: the report keeps
+# every column down to 80.
+out = Console()
 err = Console(stderr=True)
+_json_errors = False  # set by commands given --json: errors go to stdout as JSON
 
 
-def fail(message: str, code: int = 2) -> NoReturn:
+def fail(
+    message: str, code: int = 2, report: graphpatch.Report | None = None
+) -> NoReturn:
     """One line on stderr, then exit: 2 for bad input, 1 for a failed check."""
     line = " ".join(message.split())  # mlx-lm's messages list names a line each
     if len(line) > 400:
         line = line[:400] + " ..."
+    if _json_errors:
+        entry = report.to_dict() if report else _stamped({})
+        print(_json.dumps(entry | {"error": line, "exit_code": code}, indent=2))
     err.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True, markup=True)
     raise typer.Exit(code)
 
 
+def _stamped(entry: dict) -> dict:
+    return {"schema": SCHEMA, "graphpatch": graphpatch.__version__, **entry}
+
+
 @app.command("list")
-def list_passes() -> None:
+def list_passes(
+    json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
     """List the passes in the order they run."""
+    if json:
+        passes = [
+            {
+                "name": name,
+                "env": p.env,
+                "options": p.options,
+                "requires": list(p.requires),
+                "summary": p.summary,
+            }
+            for name, p in graphpatch.PASSES.items()
+        ]
+        print(_json.dumps(_stamped({"passes": passes}), indent=2))
+        return
     table = Table()
-    for column in ("pass", "env switch", "options", "summary"):
-        table.add_column(column)
+    table.add_column("pass", no_wrap=True)
+    table.add_column("env switch", no_wrap=True)  # copied by users: never cut
+    table.add_column("options", overflow="fold")
+    table.add_column("summary")
     for name, p in graphpatch.PASSES.items():
         options = ", ".join(f"{k}={v}" for k, v in p.options.items())
         needs = f" (needs {', '.join(p.requires)})" if p.requires else ""
@@ -88,7 +117,10 @@ def apply_cmd(
         str, typer.Option(help="comma-separated, e.g. fuse_glu,last_token:keep=2")
     ] = "",
     json: Annotated[
-        bool, typer.Option("--json", help="print the report as JSON")
+        bool, typer.Option("--json", help="print the report (or the error) as JSON")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="one row per site")
     ] = False,
     verify: Annotated[
         str,
@@ -109,15 +141,31 @@ def apply_cmd(
     max_shard_mb: Annotated[
         float, typer.Option(help="largest safetensors file --save writes")
     ] = 5120,
+    save_format: Annotated[
+        str,
+        typer.Option(
+            help="plain (mlx_lm.load opens it; graphpatch re-applies the passes) "
+            "or fused (opens already fused, only through graphpatch)"
+        ),
+    ] = "plain",
 ) -> None:
     """Load MODEL_DIR, rewrite it, verify it, print the report.
 
     With --save, also write the patched model as a directory.
     """
+    global _json_errors
+    _json_errors = json
     try:
-        graphpatch.resolve(passes or None)
+        plan, warnings = graphpatch.resolve(passes or None)
+        if not plan:
+            said = "".join(f"; {w}" for w in warnings)
+            fail(
+                "no passes chosen: name them with --passes (graphpatch list shows "
+                f"them) or GRAPHPATCH_PASSES{said}"
+            )
         if save is not None:
             shard_bytes = saving.max_shard_bytes(max_shard_mb)
+            saving.check_format(save_format)
             for line in saving.prepare(model_dir, save, force):
                 err.print(line, highlight=False)
         verify = _verify_mode("never" if no_verify else verify)
@@ -128,17 +176,23 @@ def apply_cmd(
                 model, passes or None, model_dir, verify, progress=status.update
             )
     except VerificationError as e:
-        if e.report is not None:
-            _print(e.report, json)
-        fail(str(e), code=1)
+        if e.report is not None and not json:
+            _print(e.report, json, verbose)
+        fail(str(e), code=1, report=e.report)
     except GraphpatchError as e:
         fail(str(e))
-    _print(report, json)
+    _print(report, json, verbose)
     if save is not None:
         try:
             with err.status(f"saving {save}") as status:
                 graphpatch.save(
-                    model, model_dir, save, force, shard_bytes, status.update
+                    model,
+                    model_dir,
+                    save,
+                    force,
+                    shard_bytes,
+                    status.update,
+                    save_format,
                 )
         except GraphpatchError as e:
             fail(str(e))
@@ -151,16 +205,17 @@ def _verify_mode(verify: str) -> str:
     return verify
 
 
-def _print(report: graphpatch.Report, as_json: bool) -> None:
+def _print(report: graphpatch.Report, as_json: bool, verbose: bool) -> None:
     if as_json:
         print(report.to_json())
     else:
-        report.print(out)
+        report.print(out, verbose)
 
 
 @app.command(
     "run",
     context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    options_metavar="[OPTIONS] -- CMD [ARGS]...",
 )
 def run_cmd(
     ctx: typer.Context,

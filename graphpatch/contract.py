@@ -89,6 +89,11 @@ class Pass:
         options_in: optional ``options_in(model) -> dict``: the options the
             model's rewritten sites carry, which save records (so a saved
             model reopens as it was patched, whatever defaults say).
+        plain: optional ``plain(model, weights) -> weights``, what saving
+            requires of a pass that adds, renames or fuses parameters: the
+            patched model's ``{name: array}`` mapped back to the names the
+            unpatched architecture loads from a checkpoint (a fused array
+            split back into its halves, a tied head's names dropped).
 
     A site whose ``detail["collective"]`` is true exists on every rank of the
     distributed group and its probe runs collectives: the ranks agree on
@@ -111,6 +116,7 @@ class Pass:
     confirm: Callable[[nn.Module, Site, dict], str | None] | None = None
     options_in: Callable[[nn.Module], dict] | None = None
     taps: Callable[[nn.Module, dict], list[tuple[str, str]]] | None = None
+    plain: Callable[[nn.Module, dict], dict] | None = None
 
     @property
     def env(self) -> str:

@@ -79,12 +79,18 @@ def joined(gate: nn.Module, up: nn.Module) -> nn.Module:
     return fused
 
 
+def rows(key: str, array: mx.array, start: int, stop: int | None) -> mx.array:
+    """The output rows ``start:stop`` of one array of a joined layer."""
+    if key == "global_scale":
+        return array  # one scale for both halves (fuse_glu checks they agree)
+    index = [slice(None)] * array.ndim
+    index[output_axis(key, array)] = slice(start, stop)
+    return array[tuple(index)]
+
+
 def part(fused: nn.Module, start: int, stop: int | None) -> nn.Module:
     """The output rows ``start:stop`` of a joined layer, as a layer."""
     part = rebuilt(fused)
     for key in fused:
-        if key != "global_scale":
-            index = [slice(None)] * fused[key].ndim
-            index[output_axis(key, fused[key])] = slice(start, stop)
-            part[key] = fused[key][tuple(index)]
+        part[key] = rows(key, fused[key], start, stop)
     return part

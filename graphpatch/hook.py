@@ -22,9 +22,15 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 LOADERS = ("load", "load_model", "sharded_load")
+FUSED = (
+    "saved with --save-format fused, which mlx-lm cannot open: open it with "
+    "graphpatch.load, or save it again without --save-format"
+)
 _state = threading.local()  # loader nesting depth: patch once, outermost
 
 
@@ -65,6 +71,11 @@ def _wrap(loader):
         _state.depth = getattr(_state, "depth", 0) + 1
         try:
             result = loader(path_or_repo, *args, **kwargs)
+        except ValueError:
+            if _saved_format(path_or_repo) == "fused":
+                _loaded_one()
+                _die(f"{path_or_repo}: {FUSED}", code=2)
+            raise
         finally:
             _state.depth -= 1
         if _state.depth == 0:
@@ -79,16 +90,16 @@ def _patch(model, path_or_repo) -> None:
     import graphpatch
     from graphpatch import verified
 
-    run_dir = os.environ.get("GRAPHPATCH_RUN_DIR")
-    if run_dir and os.path.isdir(run_dir):  # tells graphpatch run a model was loaded
-        Path(run_dir, f"{os.getpid()}-{threading.get_ident()}").touch()
+    _loaded_one()
     model_dir = Path(path_or_repo)
     mode = os.environ.get("GRAPHPATCH_VERIFY", "cached")
     try:
+        say = _progress(path_or_repo)
         if model_dir.is_dir():
-            report = verified.apply(model, None, model_dir, mode)
+            passes = _passes(model_dir)
+            report = verified.apply(model, passes, model_dir, mode, progress=say)
         else:
-            report = graphpatch.apply(model, verify=mode != "never")
+            report = graphpatch.apply(model, verify=mode != "never", progress=say)
         verified.settle(model, report)  # the program may run it on another thread
     except graphpatch.VerificationError as e:
         if e.report is not None:
@@ -97,6 +108,45 @@ def _patch(model, path_or_repo) -> None:
     except graphpatch.GraphpatchError as e:
         _die(str(e), code=2)  # bad input, as graphpatch apply exits
     _emit(report, path_or_repo)
+
+
+def _loaded_one() -> None:
+    """Tell graphpatch run that the program loaded (or tried to load) a model."""
+    run_dir = os.environ.get("GRAPHPATCH_RUN_DIR")
+    if run_dir and os.path.isdir(run_dir):
+        Path(run_dir, f"{os.getpid()}-{threading.get_ident()}").touch()
+
+
+def _saved_format(path_or_repo) -> str | None:
+    try:
+        config = json.loads(Path(path_or_repo, "config.json").read_text())
+        return config["graphpatch"].get("format", "fused")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+
+
+def _passes(model_dir: Path) -> list[str] | None:
+    """The env's passes; where it names none, those a plain save recorded."""
+    from graphpatch import plan, saving
+
+    if _saved_format(model_dir) != "plain" or plan.resolve(None)[0]:
+        return None
+    config = json.loads((model_dir / "config.json").read_text())
+    return saving.recorded(model_dir, config)
+
+
+def _progress(model) -> Callable[[str], None]:
+    """Progress lines on stderr, at most one a second (and every model check),
+    so that a long apply is never silent."""
+    last = -1.0
+
+    def say(line: str) -> None:
+        nonlocal last
+        if time.monotonic() - last >= 1.0 or line.endswith("checking the model"):
+            last = time.monotonic()
+            print(f"{_prefix()}: {model}: {line}", file=sys.stderr, flush=True)
+
+    return say
 
 
 def _prefix() -> str:
@@ -108,7 +158,8 @@ def _emit(report, model: str) -> None:
     target = os.environ.get("GRAPHPATCH_REPORT")
     if target:
         rank = os.environ.get("MLX_RANK")
-        entry = report.to_dict() | {"model": str(model), "rank": rank}
+        report.model, report.rank = str(model), None if rank is None else int(rank)
+        entry = report.to_dict()
         with open(target, "a") as f:
             f.write(json.dumps(entry) + "\n")
         return

@@ -245,6 +245,12 @@ def write_safetensors(
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+# What a plain save holds that its architecture does not load (an untied head
+# of an always-tied architecture): mlx-lm reads only model*.safetensors, and
+# untied_head reads this file too when graphpatch re-applies it.
+EXTRA_WEIGHTS = "graphpatch-extra.safetensors"
+
+
 def read_arrays(model_dir: str | Path, prefix: str) -> dict[str, mx.array]:
     """The checkpoint's arrays named ``prefix*``, lazily (read when evaluated).
 
@@ -258,20 +264,28 @@ def read_arrays(model_dir: str | Path, prefix: str) -> dict[str, mx.array]:
     if index_file.is_file():
         names = {k for k in _weight_map(index_file) if k.startswith(prefix)}
     arrays = {}
-    for file in _shards(model_dir, names):
+    files = list(_shards(model_dir, names))
+    if (model_dir / EXTRA_WEIGHTS).is_file():
+        files.append(model_dir / EXTRA_WEIGHTS)
+    for file in files:
         arrays.update(
             {k: v for k, v in mx.load(str(file)).items() if k.startswith(prefix)}
         )
     return arrays
 
 
-def load(model_dir: str | Path, lazy: bool = False) -> tuple[nn.Module, object, dict]:
-    """Load a local model directory with ``mlx_lm.load``, or a directory
-    written by ``graphpatch.save`` straight into its patched structure.
+def load(
+    model_dir: str | Path, lazy: bool = False, verify: str = "cached"
+) -> tuple[nn.Module, object, dict]:
+    """Load a local model directory with ``mlx_lm.load``; a graphpatch save
+    comes back patched as it was saved.
 
     Args:
         model_dir: a directory with config.json, safetensors and a tokenizer.
         lazy: leave the weights unevaluated (loaded when first used).
+        verify: for a plain save, how the recorded passes it re-applies are
+            verified: ``always``, ``cached`` or ``never`` (the only one that
+            keeps a lazy model lazy).
 
     Returns:
         (model, tokenizer, config).
@@ -279,19 +293,28 @@ def load(model_dir: str | Path, lazy: bool = False) -> tuple[nn.Module, object, 
     Raises:
         LoadError: the directory cannot be loaded; the message says why.
     """
+    from graphpatch import saving  # saving writes with loading's helpers
+
     model_dir = Path(model_dir)
     config = read_config(model_dir)
     names = check_weights(model_dir)
-    if "graphpatch" in config:
-        from graphpatch import saving
-
+    if saving.is_fused(config):
         try:
-            return saving.load(model_dir, lazy)
+            return saving.load_fused(model_dir, lazy)
         except GraphpatchError:
             raise
         except Exception as e:
             raise LoadError(f"{model_dir}: cannot open the saved model: {e}") from None
+    if "graphpatch" in config:
+        saving.recorded(model_dir, config)  # a bad section, before loading
     check_config(model_dir, config, names)
+    model, tokenizer, config = _mlx_lm_load(model_dir, lazy)
+    if "graphpatch" in config:
+        saving.reapply(model, model_dir, config, verify)
+    return model, tokenizer, config
+
+
+def _mlx_lm_load(model_dir: Path, lazy: bool) -> tuple[nn.Module, object, dict]:
     try:
         return mlx_lm_load(str(model_dir), lazy=lazy, return_config=True)
     except ValueError as e:

@@ -102,6 +102,7 @@ def apply(
         dtype_name(dtype) if verify else "not computed",
         verify,
         warnings=warnings,
+        model=None if model_dir is None else str(model_dir),
     )
     done: list[tuple[Pass, str]] = []
     progress = progress or (lambda line: None)
@@ -111,8 +112,8 @@ def apply(
             if p.warnings:
                 report.warnings += p.warnings(model, options)
             sites = p.find(model, options)
-            for site in sites:
-                progress(f"{p.name}: {site.path}")
+            for number, site in enumerate(sites, 1):
+                progress(f"{p.name}: site {number} of {len(sites)} ({site.path})")
                 result = _apply_site(model, p, site, options, dtype, recorded)
                 report.sites.append(result)
                 if result.status == REWRITTEN:

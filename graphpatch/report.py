@@ -12,6 +12,7 @@ from rich.table import Table
 
 REWRITTEN = "rewritten"
 SKIPPED = "skipped"
+SCHEMA = 1  # of to_dict(): bumped when a key changes meaning or goes away
 
 
 @dataclass
@@ -54,6 +55,8 @@ class Report:
     seconds: float = 0.0
     rolled_back: bool = False
     record: str | None = None  # the verification record used or written
+    model: str | None = None  # the model directory or repo id, when known
+    rank: int | None = None  # in a distributed group, this process's rank
 
     def for_pass(self, name: str) -> list[SiteResult]:
         return [s for s in self.sites if s.pass_name == name]
@@ -75,7 +78,9 @@ class Report:
         return sum(s.bytes_after - s.bytes_before for s in self.rewritten())
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        from graphpatch import __version__
+
+        return {"schema": SCHEMA, "graphpatch": __version__, **asdict(self)}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -93,9 +98,9 @@ class Report:
             )
         return lines
 
-    def print(self, console: Console | None = None) -> None:
+    def print(self, console: Console | None = None, verbose: bool = False) -> None:
         console = console or Console()
-        console.print(self.table())
+        console.print(self.table(verbose, console.width))
         for check in self.checks:
             mark = "ok" if check.ok else "FAILED"
             if check.rebased:
@@ -123,30 +128,87 @@ class Report:
             + (", rolled back" if self.rolled_back else "")
         )
 
-    def table(self) -> Table:
+    def table(self, verbose: bool = False, width: int = 80) -> Table:
+        """One row per group of sites with the same outcome (``--verbose``:
+        per site), every column kept whole down to 80 columns."""
+        names = max([len("pass"), *(len(s.pass_name) for s in self.sites)])
+        # 16: borders and padding of five columns; 9 and 5: the numbers'.
+        room = max(width - names - 9 - 5 - 16, 30)
         table = Table(title="graphpatch report", show_lines=False)
         table.add_column("pass", no_wrap=True)
-        table.add_column("site", no_wrap=True)
-        table.add_column("outcome", min_width=24)
-        for column in ("max error", "top-1"):
-            table.add_column(column, no_wrap=True, justify="right")
-        for site in self.sites:
-            outcome = site.status if site.status == REWRITTEN else site.reason
-            if site.status == REWRITTEN and not site.verified and not self.record:
-                outcome += " (unverified)"
-            if site.note and site.status == REWRITTEN:
-                outcome += f": {site.note}"
-            if site.speedup and site.status == REWRITTEN:
-                ratios = ", ".join(f"{k} {v:.3f}" for k, v in site.speedup.items())
-                outcome += f" (unfused/fused {ratios})"
+        table.add_column("sites", overflow="fold", max_width=max(room // 2, 24))
+        table.add_column("outcome", max_width=room - max(room // 2, 24))
+        table.add_column("max error", justify="right", no_wrap=True)
+        table.add_column("top-1", justify="right", no_wrap=True)
+        rows = [[site] for site in self.sites] if verbose else self._groups()
+        for group in rows:
+            errors = [s.max_error for s in group if s.max_error is not None]
+            top1 = [s.top1 for s in group if s.top1 is not None]
             table.add_row(
-                site.pass_name,
-                f"{site.path} ({site.kind})",
-                outcome,
-                "" if site.max_error is None else f"{site.max_error:.3g}",
-                "" if site.top1 is None else f"{site.top1:.0%}",
+                group[0].pass_name,
+                _sites(group),
+                self._outcome(group[0]),
+                f"{max(errors):.3g}" if errors else "",
+                f"{min(top1):.0%}" if top1 else "",
             )
         return table
+
+    def _groups(self) -> list[list[SiteResult]]:
+        def same(site: SiteResult) -> tuple:
+            return site.pass_name, site.kind, self._outcome(site)
+
+        groups: dict[tuple, list[SiteResult]] = {}
+        for site in self.sites:
+            groups.setdefault(same(site), []).append(site)
+        return list(groups.values())
+
+    def _outcome(self, site: SiteResult) -> str:
+        if site.status != REWRITTEN:
+            return site.reason or SKIPPED
+        outcome = site.status
+        if not site.verified and not self.record:
+            outcome += " (unverified)"
+        if site.note:
+            outcome += f": {site.note}"
+        if site.speedup:
+            ratios = ", ".join(f"{k} {v:.3f}" for k, v in site.speedup.items())
+            outcome += f" (unfused/fused {ratios})"
+        return outcome
+
+
+def _sites(group: list[SiteResult]) -> str:
+    """``model.layers.{0..29}.mlp (dense) · 30 sites``"""
+    kind = "" if group[0].kind == "none" else f"({group[0].kind})"
+    if len(group) > 1:
+        kind = f"{kind} · {len(group)} sites"
+    sep = "\n" if len(group) > 1 else " "
+    return f"{path_pattern([s.path for s in group])}{sep}{kind}".strip()
+
+
+def path_pattern(paths: list[str]) -> str:
+    """Paths that differ in one numeric part as one: ``model.layers.{0..29}.mlp``."""
+    if len(paths) == 1:
+        return paths[0] or "(the model)"
+    parts = [path.split(".") for path in paths]
+    differ = [i for i in range(len(parts[0])) if len({p[i] for p in parts}) > 1]
+    if len({len(p) for p in parts}) > 1 or len(differ) != 1:
+        return f"{paths[0]} and {len(paths) - 1} more"
+    (i,) = differ
+    if not all(p[i].isdigit() for p in parts):
+        return f"{paths[0]} and {len(paths) - 1} more"
+    numbers = sorted(int(p[i]) for p in parts)
+    return ".".join([*parts[0][:i], "{" + _runs(numbers) + "}", *parts[0][i + 1 :]])
+
+
+def _runs(numbers: list[int]) -> str:
+    """``0..3,5,7..9``"""
+    runs: list[list[int]] = []
+    for n in numbers:
+        if runs and n == runs[-1][-1] + 1:
+            runs[-1].append(n)
+        else:
+            runs.append([n])
+    return ",".join(f"{r[0]}..{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def _count(n: int, noun: str) -> str:

@@ -1,18 +1,21 @@
-"""Save a patched model as a directory that opens straight into its patched
-structure, and open it.
+"""Save a patched model as a model directory, and open it again.
 
-The directory holds the weights under their patched names (``gate_up_proj``,
-``embed_tokens.lm_head``), each array once (a tied head's names are recorded
-as aliases), a config.json whose ``graphpatch`` section records the passes,
-their sites and the original ``model_type``, and the tokenizer and other files
-of the source directory. ``model_type`` itself reads ``graphpatch``, so
-``mlx_lm.load`` refuses it with a message naming ``graphpatch.load``.
+The default, plain, format is a directory ``mlx_lm.load`` opens as a normal
+model: the weights under the unpatched architecture's names (a fused
+``gate_up_proj`` split back into gate and up, bit for bit), the head as the
+passes bound it (an untied head as ``lm_head.*`` with
+``tie_word_embeddings: false``), and the passes recorded in config.json's
+``graphpatch`` section, which mlx-lm ignores; ``graphpatch.load`` and
+``graphpatch run`` re-apply them. The fused format writes the patched
+structure itself (``gate_up_proj``), which only ``graphpatch.load`` opens,
+without fusing again; its ``model_type`` makes mlx-lm refuse it in one line.
 
-It is written beside OUT and renamed into place (``outdir``): a killed save
-leaves no OUT or the complete old one, and nothing graphpatch did not write is
-ever replaced.
+Either is written beside OUT and renamed into place (``outdir``): a killed
+save leaves no OUT or the complete old one, and nothing graphpatch did not
+write is ever replaced.
 """
 
+import dataclasses
 import json
 import math
 import shutil
@@ -27,6 +30,7 @@ from mlx_lm.utils import _get_classes, infer_quant_config, load_tokenizer
 import graphpatch
 from graphpatch.contract import GraphpatchError
 from graphpatch.loading import (
+    EXTRA_WEIGHTS,
     LoadError,
     quiet_transformers,
     read_arrays,
@@ -43,7 +47,11 @@ from graphpatch.outdir import (
 from graphpatch.passes import PASSES
 from graphpatch.plan import check_options
 
-MODEL_TYPE = "graphpatch (a patched model: open it with graphpatch.load)"
+FORMATS = ("plain", "fused")
+MODEL_TYPE = (
+    "graphpatch-fused (saved with --save-format fused; open it with "
+    "graphpatch.load or graphpatch apply, or save it again without that option)"
+)
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's own limit per safetensors file
 
 
@@ -106,6 +114,7 @@ def save(
     force: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES,
     progress: Callable[[str], None] | None = None,
+    format: str = "plain",
 ) -> Path:
     """Write ``model`` (patched) as a model directory ``out``.
 
@@ -118,6 +127,8 @@ def save(
         force: replace ``out`` when it is an earlier graphpatch save.
         max_shard_bytes: the largest safetensors file; more get an index.
         progress: called with a short line per step.
+        format: ``plain`` (``mlx_lm.load`` opens it; graphpatch re-applies
+            the passes) or ``fused`` (the patched structure itself).
 
     Raises:
         SaveError: ``out`` may not be written, or writing failed (then
@@ -125,6 +136,7 @@ def save(
     """
     source_dir, out = Path(source_dir), Path(out)
     progress = progress or (lambda line: None)
+    check_format(format)
     if not (isinstance(max_shard_bytes, int) and max_shard_bytes >= 1):
         raise SaveError(
             f"the largest shard must be 1 byte or more, got {max_shard_bytes}"
@@ -136,18 +148,22 @@ def save(
     config = json.loads((source_dir / "config.json").read_text())
     if config.get("model_type") == MODEL_TYPE:
         raise SaveError(f"{source_dir} is already a saved patched model")
+    section = {"version": graphpatch.__version__, "format": format}
+    section["passes"] = _record(model)
+    if format == "fused":
+        weights, aliases = _weights(model)
+        extra = {}
+        section |= {"model_type": config["model_type"], "aliases": aliases}
+        config = {**config, "model_type": MODEL_TYPE}
+    else:
+        weights, extra, config = _plain(model, config)
 
     def write(tmp: Path) -> None:
-        weights, aliases = _weights(model)
         write_safetensors(tmp, _shards(weights, max_shard_bytes), progress)
-        saved = {**config, "model_type": MODEL_TYPE}
-        saved["graphpatch"] = {
-            "version": graphpatch.__version__,
-            "model_type": config["model_type"],
-            "passes": _record(model),
-            "aliases": aliases,
-        }
+        if extra:
+            mx.save_safetensors(str(tmp / EXTRA_WEIGHTS), extra, {"format": "mlx"})
         progress("writing config.json")
+        saved = {**config, "graphpatch": section}
         (tmp / "config.json").write_text(json.dumps(saved, indent=2))
         _copy_other_files(source_dir, tmp)
 
@@ -156,6 +172,48 @@ def save(
     except (OSError, RuntimeError) as e:
         raise SaveError(f"cannot write {out}: {write_failure(e)}") from None
     return out
+
+
+def _plain(model: nn.Module, config: dict) -> tuple[dict, dict, dict]:
+    """The weights under the names the unpatched architecture loads, those it
+    does not load (kept apart), and the config that loads the rest."""
+    weights = dict(tree_flatten(model.parameters()))
+    for p in PASSES.values():
+        if p.plain is not None and p.applied(model):
+            weights = p.plain(model, weights)
+    stray = _not_loaded(model, weights)
+    untied = _untied_config(model, config, stray)
+    if untied is not None:
+        return weights, {}, untied
+    return weights, {name: weights.pop(name) for name in stray}, config
+
+
+def _not_loaded(model: nn.Module, weights: dict) -> list[str]:
+    modules = {path for path, _ in model.named_modules()}
+    return [name for name in weights if name.rpartition(".")[0] not in modules]
+
+
+def _untied_config(model: nn.Module, config: dict, stray: list[str]) -> dict | None:
+    """A config under which the architecture loads every stray array (an
+    untied head): the same one where it decides by the arrays present
+    (gemma3), or with ``tie_word_embeddings: false``; None when none does."""
+    args = getattr(model, "args", None)
+    if not stray or not dataclasses.is_dataclass(args):
+        return None
+    candidates = [({}, args)]
+    if "tie_word_embeddings" in {f.name for f in dataclasses.fields(args)}:
+        untied = dataclasses.replace(args, tie_word_embeddings=False)
+        candidates.append(({"tie_word_embeddings": False}, untied))
+    for change, candidate in candidates:
+        # Built lazily: its random initial arrays are never evaluated.
+        if not _not_loaded(type(model)(candidate), dict.fromkeys(stray)):
+            return {**config, **change}
+    return None
+
+
+def check_format(format: str) -> None:
+    if format not in FORMATS:
+        raise SaveError(f"--save-format is one of {', '.join(FORMATS)}, got {format}")
 
 
 def max_shard_bytes(megabytes: float) -> int:
@@ -172,24 +230,52 @@ def _copy_other_files(source_dir: Path, out: Path) -> None:
             shutil.copy2(file, out / file.name)
 
 
-def is_saved(config: dict) -> bool:
+def is_fused(config: dict) -> bool:
     return config.get("model_type") == MODEL_TYPE
 
 
-def load(model_dir: str | Path, lazy: bool = False) -> tuple[nn.Module, object, dict]:
-    """Open a directory written by ``save`` straight into its patched structure.
+def recorded(model_dir: Path, config: dict) -> list[str]:
+    """The pass specs a save recorded (``last_token:keep=4``), to re-apply.
+
+    Raises:
+        LoadError: the graphpatch section is malformed (edited by hand).
+    """
+    section = config.get("graphpatch")
+    problem = _saved_problem(section)
+    if problem:
+        raise LoadError(f"{model_dir / 'config.json'}: graphpatch section: {problem}")
+    return [_spec(entry["name"], entry["options"]) for entry in section["passes"]]
+
+
+def _spec(name: str, options: dict) -> str:
+    def text(value) -> str:
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    return ":".join([name, *(f"{k}={text(v)}" for k, v in options.items())])
+
+
+def reapply(model: nn.Module, model_dir: Path, config: dict, verify: str) -> None:
+    """Re-apply the passes a plain save recorded (``verify``: see ``verified``)."""
+    from graphpatch import verified  # verified -> manager -> loading -> here
+
+    specs = recorded(model_dir, config)
+    if specs:
+        report = verified.apply(model, specs, model_dir, verify)
+        verified.settle(model, report)
+
+
+def load_fused(model_dir: str | Path, lazy: bool = False) -> tuple:
+    """Open a fused save straight into its patched structure.
 
     Returns:
         (model, tokenizer, config), config as the source model's.
     """
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    if not is_saved(config):
-        raise GraphpatchError(f"{model_dir} was not written by graphpatch save")
+    if not is_fused(config):
+        raise GraphpatchError(f"{model_dir} is not a fused graphpatch save")
+    recorded(model_dir, config)  # the section is checked before it is used
     saved = config.pop("graphpatch")
-    problem = _saved_problem(saved)
-    if problem:
-        raise LoadError(f"{model_dir / 'config.json'}: graphpatch section: {problem}")
     config["model_type"] = saved["model_type"]
     weights = read_arrays(model_dir, "")
     model_class, args_class = _get_classes(config)
@@ -212,13 +298,16 @@ def _saved_problem(saved) -> str | None:
     been edited by hand), or None."""
     if not isinstance(saved, dict):
         return "not a mapping"
-    if not isinstance(saved.get("model_type"), str):
-        return "no model_type string"
-    aliases = saved.get("aliases")
-    if not isinstance(aliases, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
-    ):
-        return "aliases is not a mapping of names"
+    if saved.get("format", "fused") not in FORMATS:
+        return f"unknown format {saved.get('format')!r}"
+    if saved.get("format", "fused") == "fused":
+        if not isinstance(saved.get("model_type"), str):
+            return "no model_type string"
+        aliases = saved.get("aliases")
+        if not isinstance(aliases, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
+        ):
+            return "aliases is not a mapping of names"
     entries = saved.get("passes")
     if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
         return "passes is not a list of pass entries"

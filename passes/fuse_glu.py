@@ -19,7 +19,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from graphpatch import record
 from graphpatch.contract import Pass, Site, module_at, walk
-from graphpatch.fusion import FusedCall, GLUHalf, output_axis, part, without
+from graphpatch.fusion import FusedCall, GLUHalf, output_axis, part, rows, without
 from graphpatch.fusion import joined as _joined  # looked up per call: tests swap it
 from graphpatch.timing import interleaved_ratio
 
@@ -163,6 +163,18 @@ def applied(model: nn.Module) -> list[str]:
     return [p for p, m in walk(model) if isinstance(m.get("gate_proj"), GLUHalf)]
 
 
+def plain(model: nn.Module, weights: dict) -> dict:
+    """Each fused array back under gate_proj and up_proj, bit for bit."""
+    for path in applied(model):
+        split = module_at(model, path)["gate_proj"].call.split
+        prefix = f"{path}.gate_up_proj."
+        for name in [n for n in weights if n.startswith(prefix)]:
+            key, array = name[len(prefix) :], weights.pop(name)
+            weights[f"{path}.gate_proj.{key}"] = rows(key, array, 0, split)
+            weights[f"{path}.up_proj.{key}"] = rows(key, array, split, None)
+    return weights
+
+
 def _inputs(model: nn.Module, site: Site, dtype, shapes, k: int = 2) -> list[tuple]:
     """Synthetic inputs of ``dtype``: (x,) or, for experts, (x, indices)."""
     module = module_at(model, site.path)
@@ -247,4 +259,5 @@ PASS = Pass(
     options={"tune": False},
     tune=tune,
     taps=taps,
+    plain=plain,
 )

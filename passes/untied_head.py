@@ -157,6 +157,20 @@ def applied(model: nn.Module) -> list[str]:
     return [p for p, m in walk(model) if isinstance(m, Headed)]
 
 
+def plain(model: nn.Module, weights: dict) -> dict:
+    """A tied head's names dropped (the embedding's own arrays); an untied
+    head's arrays under the checkpoint's names, ``lm_head.*``."""
+    for path in applied(model):
+        embedding = module_at(model, path)
+        shared = {id(v) for v in embedding.values() if isinstance(v, mx.array)}
+        prefix = f"{path}.lm_head."
+        for name in [n for n in weights if n.startswith(prefix)]:
+            array = weights.pop(name)
+            if id(array) not in shared:
+                weights[f"lm_head.{name[len(prefix) :]}"] = array
+    return weights
+
+
 def taps(model: nn.Module, options: dict) -> list[tuple[str, str]]:
     tap = head_tap(model)
     return [tap] if tap else []
@@ -192,4 +206,5 @@ PASS = Pass(
     applied=applied,
     probe=probe,
     taps=taps,
+    plain=plain,
 )

@@ -335,7 +335,11 @@ def saved_config_edits():
             lambda s: s.clear() or [1],
             "graphpatch section: not a mapping",
         ),
-        "no model_type": (lambda s: s.pop("model_type"), "no model_type string"),
+        "fused, no model_type": (
+            lambda s: s.pop("model_type"),
+            "no model_type string",
+        ),
+        "format unknown": (lambda s: s.update(format="zip"), "unknown format 'zip'"),
         "passes a string": (
             lambda s: s.update(passes="fuse_glu"),
             "passes is not a list of pass entries",
@@ -352,7 +356,8 @@ def test_a_hand_edited_saved_config_is_one_line(zoo_dir, tmp_path, kind):
     model_dir = zoo_dir("llama")
     model, _, _ = graphpatch.load(model_dir)
     graphpatch.apply(model, "last_token:keep=4")
-    out = graphpatch.save(model, model_dir, tmp_path / "saved")
+    save_format = "fused" if kind.startswith("fused") else "plain"
+    out = graphpatch.save(model, model_dir, tmp_path / "saved", format=save_format)
     config = json.loads((out / "config.json").read_text())
     edit, words = saved_config_edits()[kind]
     replaced = edit(config["graphpatch"])

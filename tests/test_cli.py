@@ -27,7 +27,8 @@ def test_list_names_every_pass():
 def test_apply_prints_the_report(zoo_dir):
     result = run("apply", "--passes", "fuse_glu", zoo_dir("qwen3_moe"))
     assert result.exit_code == 0, result.output
-    assert "model.layers.0.mlp.switch_mlp" in result.output
+    assert "model.layers.{0..1}" in result.output
+    assert "(moe) · 2 sites" in result.output
     assert "2 sites rewritten, 0 skipped" in result.output
     assert "model check after fuse_glu: max error 0" in result.output
 
@@ -46,7 +47,7 @@ def test_apply_json(zoo_dir):
 def test_apply_without_verification(zoo_dir):
     result = run("apply", "--passes", "fuse_glu", "--no-verify", zoo_dir("llama"))
     assert result.exit_code == 0
-    assert "rewritten (unverified)" in result.output
+    assert "rewritten" in result.output and "(unverified)" in result.output
 
 
 def _copy(zoo_dir, tmp_path, name="llama") -> Path:

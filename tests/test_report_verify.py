@@ -20,8 +20,11 @@ def test_report_as_json_and_table(load_zoo):
     assert data["checks"][0]["ok"] is True
     assert report.summary_lines() == ["fuse_glu: 2 rewritten, 0 skipped, max error 0"]
     text = io.StringIO()
-    report.print(Console(file=text, width=160))
+    report.print(Console(file=text, width=160), verbose=True)
     assert "model.layers.1.mlp.experts (moe)" in text.getvalue()
+    text = io.StringIO()
+    report.print(Console(file=text, width=160))
+    assert "model.layers.{0..1}.mlp.experts" in text.getvalue()
     assert "top-1 agreement 100%: ok" in text.getvalue()
 
 
