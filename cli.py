@@ -17,6 +17,7 @@ from graphpatch.loading import (
     check_config,
     check_weights,
     load,
+    model_path,
     read_config,
     regular_file,
 )
@@ -112,7 +113,12 @@ def list_passes(
 
 @app.command("apply")
 def apply_cmd(
-    model_dir: Annotated[Path, typer.Argument(help="a local mlx-lm model directory")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            metavar="MODEL", help="a model directory or Hugging Face repo id"
+        ),
+    ],
     passes: Annotated[
         str, typer.Option(help="comma-separated, e.g. fuse_glu,last_token:keep=2")
     ] = "",
@@ -149,7 +155,7 @@ def apply_cmd(
         ),
     ] = "plain",
 ) -> None:
-    """Load MODEL_DIR, rewrite it, verify it, print the report.
+    """Load MODEL, rewrite it, verify it, print the report.
 
     With --save, also write the patched model as a directory.
     """
@@ -157,6 +163,7 @@ def apply_cmd(
     _json_errors = json
     try:
         plan, warnings = graphpatch.resolve(passes or None)
+        model_dir = model_path(model)
         if not plan:
             said = "".join(f"; {w}" for w in warnings)
             fail(
@@ -170,7 +177,7 @@ def apply_cmd(
                 err.print(line, highlight=False)
         verify = _verify_mode("never" if no_verify else verify)
         with err.status(f"loading {model_dir}"):
-            model, _, _ = load(model_dir, lazy=verify == "never")
+            model, _, _ = load(model_dir, lazy=verify == "never", verify=verify)
         with err.status("applying and verifying") as status:
             report = verified.apply(
                 model, passes or None, model_dir, verify, progress=status.update
@@ -239,7 +246,12 @@ def run_cmd(
 )
 def serve_cmd(
     ctx: typer.Context,
-    model_dir: Annotated[Path, typer.Argument(help="a local mlx-lm model directory")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            metavar="MODEL", help="a model directory or Hugging Face repo id"
+        ),
+    ],
     passes: Annotated[
         str, typer.Option(help="comma-separated; default: GRAPHPATCH_PASSES")
     ] = "",
@@ -261,6 +273,7 @@ def serve_cmd(
         plan, _ = graphpatch.resolve(None, env)
         _refuse_elide_without_logits(plan)
         serving.check_address(host, port)
+        model_dir = model_path(model)
         config = read_config(model_dir)
         check_config(model_dir, config, check_weights(model_dir))
         serving.serve(model_dir, host, port, passes, ctx.args)
@@ -359,7 +372,12 @@ app.add_typer(golden_app, name="golden")
 
 @golden_app.command("record")
 def golden_record(
-    model_dir: Annotated[Path, typer.Argument(help="a local mlx-lm model directory")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            metavar="MODEL", help="a model directory or Hugging Face repo id"
+        ),
+    ],
     out_file: Annotated[
         Path, typer.Argument(metavar="OUT", help="the golden .safetensors to write")
     ],
@@ -371,7 +389,7 @@ def golden_record(
     """Write the logits of fixed prompts (and their metadata) to OUT."""
     try:
         texts = None if prompts is None else _read_prompts(prompts)
-        file = golden.record(model_dir, out_file, passes, texts)
+        file = golden.record(model_path(model), out_file, passes, texts)
     except GraphpatchError as e:
         fail(str(e))
     out.print(f"wrote {file}", highlight=False)
@@ -392,7 +410,12 @@ def _read_prompts(file: Path) -> list[str]:
 
 @golden_app.command("check")
 def golden_check(
-    model_dir: Annotated[Path, typer.Argument(help="the model the file is of")],
+    model: Annotated[
+        str,
+        typer.Argument(
+            metavar="MODEL", help="a model directory or Hugging Face repo id"
+        ),
+    ],
     file: Annotated[Path, typer.Argument(help="a golden file from golden record")],
     passes: Annotated[
         str | None, typer.Option(help="default: the passes it was recorded with")
@@ -400,7 +423,7 @@ def golden_check(
 ) -> None:
     """Recompute and compare: exit 0 within tolerance, 1 with the diff."""
     try:
-        result = golden.check(model_dir, file, passes)
+        result = golden.check(model_path(model), file, passes)
     except GraphpatchError as e:
         fail(str(e))
     for line in result.lines:

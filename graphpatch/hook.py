@@ -91,9 +91,9 @@ def _patch(model, path_or_repo) -> None:
     from graphpatch import verified
 
     _loaded_one()
-    model_dir = Path(path_or_repo)
     mode = os.environ.get("GRAPHPATCH_VERIFY", "cached")
     try:
+        model_dir = _local(path_or_repo)
         say = _progress(path_or_repo)
         if model_dir.is_dir():
             passes = _passes(model_dir)
@@ -108,6 +108,16 @@ def _patch(model, path_or_repo) -> None:
     except graphpatch.GraphpatchError as e:
         _die(str(e), code=2)  # bad input, as graphpatch apply exits
     _emit(report, path_or_repo)
+
+
+def _local(path_or_repo) -> Path:
+    """The directory mlx-lm loaded: a repo id's snapshot in the cache."""
+    from graphpatch.loading import LoadError, model_path
+
+    try:
+        return model_path(path_or_repo)
+    except LoadError:
+        return Path(path_or_repo)
 
 
 def _loaded_one() -> None:

@@ -15,9 +15,17 @@ import typing
 from collections.abc import Callable
 from pathlib import Path
 
+import huggingface_hub.constants
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.utils import _get_classes, load_model, load_tokenizer
+from huggingface_hub import snapshot_download
+from mlx_lm.utils import (
+    DEFAULT_ALLOW_PATTERNS,
+    _get_classes,
+    hf_repo_to_path,
+    load_model,
+    load_tokenizer,
+)
 from mlx_lm.utils import load as mlx_lm_load
 from safetensors import SafetensorError, safe_open
 
@@ -26,6 +34,10 @@ from graphpatch.contract import GraphpatchError
 
 class LoadError(GraphpatchError):
     """A model directory that cannot be loaded; the message says why."""
+
+
+# owner/name as the Hugging Face Hub spells repo ids (a path that exists wins).
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
 @contextlib.contextmanager
@@ -40,6 +52,35 @@ def quiet_transformers():
         yield
     finally:
         logging.set_verbosity(level)
+
+
+def model_path(name: str | Path) -> Path:
+    """A local directory, or a Hugging Face repo id found as mlx-lm finds it:
+    in the local Hugging Face cache first, else downloaded.
+
+    Raises:
+        LoadError: neither a directory nor a repo id that can be had.
+    """
+    path = Path(name)
+    if path.exists() or not REPO_ID.fullmatch(str(name)):
+        return path
+    try:
+        return hf_repo_to_path(str(name))  # the cache only
+    except Exception:
+        pass
+    if huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise LoadError(
+            f"{name}: no such directory, and not in the Hugging Face cache "
+            "(HF_HUB_OFFLINE is set, so it was not downloaded)"
+        )
+    try:
+        return Path(snapshot_download(str(name), allow_patterns=DEFAULT_ALLOW_PATTERNS))
+    except Exception as e:
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise LoadError(
+            f"{name}: no such directory, and not downloadable as a Hugging Face "
+            f"repo id ({reason})"
+        ) from None
 
 
 def regular_file(file: Path, what: str = "file") -> Path:
@@ -84,8 +125,8 @@ def read_config(model_dir: Path) -> dict:
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise LoadError(f"{config_file}: no model_type string")
     model_type = config["model_type"]
-    saved = config.get("graphpatch")
-    if saved is not None:
+    if model_type.startswith("graphpatch"):  # a fused save names its own
+        saved = config.get("graphpatch")
         if not isinstance(saved, dict) or not isinstance(saved.get("model_type"), str):
             return config  # graphpatch.load says what is wrong with the section
         model_type = saved["model_type"]
@@ -295,7 +336,7 @@ def load(
     """
     from graphpatch import saving  # saving writes with loading's helpers
 
-    model_dir = Path(model_dir)
+    model_dir = model_path(model_dir)
     config = read_config(model_dir)
     names = check_weights(model_dir)
     if saving.is_fused(config):

@@ -144,3 +144,35 @@ def test_version_is_the_packages():
         graphpatch("--version").stdout.strip()
         == f"graphpatch {version('mlx-graphpatch')}"
     )
+
+
+def hf_cache(root: Path, repo: str, model_dir: Path) -> None:
+    """``repo`` placed in a Hugging Face cache as the hub lays one out: files
+    are links into blobs/, a snapshot per commit, refs/main naming it."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    cached = root / f"models--{repo.replace('/', '--')}"
+    snapshot = cached / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (cached / "blobs").mkdir()
+    for file in model_dir.iterdir():
+        blob = cached / "blobs" / f"blob-{file.name}"
+        blob.write_bytes(file.read_bytes())
+        (snapshot / file.name).symlink_to(os.path.relpath(blob, snapshot))
+    (cached / "refs").mkdir()
+    (cached / "refs" / "main").write_text(commit)
+
+
+def test_a_repo_id_is_found_in_the_hugging_face_cache(zoo_dir, tmp_path):
+    hf_cache(tmp_path / "hub", "org/tiny-llama", zoo_dir("llama"))
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    result = graphpatch(
+        "apply", "--json", "--passes", "fuse_glu", "org/tiny-llama", env=env
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert len(report["sites"]) == 2 and "models--org--tiny-llama" in report["model"]
+    missing = graphpatch("apply", "--passes", "fuse_glu", "org/not-cached", env=env)
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1
+    assert "org/not-cached: no such directory, and not in the Hugging Face cache" in (
+        missing.stderr
+    )
