@@ -165,11 +165,13 @@ def convert(gguf_file: Path, out: Path) -> Path:
     """Write ``out``, an mlx-lm model directory, from the Gemma 3 GGUF file."""
     import gguf
     from mlx_lm.convert import mixed_quant_predicate_builder
-    from mlx_lm.utils import _get_classes, quantize_model, save_config, save_model
+    from mlx_lm.utils import quantize_model, save_config, save_model
+
+    from graphpatch.loading import model_classes
 
     reader = gguf.GGUFReader(gguf_file)
     config = _config(reader)
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = model_classes(config)
     model = model_class(args_class.from_dict(config))
     weights = model.sanitize(_weights(reader, model))
     model.load_weights(list(weights.items()), strict=True)

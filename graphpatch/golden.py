@@ -34,7 +34,7 @@ from graphpatch.verify import PROBE_TOKENS, TOLERANCE, dtype_name, logits_dtype
 TOP_K = 8
 DEFAULT_PROMPTS = [*PROBE_TOKENS, [5, 9, 33, 2, 17, 41, 8, 3, 12, 60, 1, 7, 22, 48, 19]]
 # Metadata that names the model: a file recorded from another is refused.
-IDENTITY = ("config_hash", "weights_hash")
+IDENTITY = ("config_hash", "weights_hash", "weights_stat")
 
 
 class GoldenError(GraphpatchError):
@@ -55,6 +55,13 @@ def weights_hash(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def weights_stat(model_dir: Path) -> str:
+    """Each weight file's name, size and mtime: when they are as recorded, a
+    check trusts the recorded hash instead of reading every byte again."""
+    files = sorted(model_dir.glob("model*.safetensors"))
+    return json.dumps([[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+
+
 def _logits(model, prompts: list[list[int]]) -> list[mx.array]:
     rows = [model(mx.array([p]))[0, -1].astype(mx.float32) for p in prompts]
     mx.eval(rows)
@@ -68,7 +75,9 @@ def _model(model_dir: Path, passes: str):
     return model, tokenizer
 
 
-def _metadata(model_dir: Path, model, passes: str) -> dict[str, str]:
+def _metadata(
+    model_dir: Path, model, passes: str, weights: str | None = None
+) -> dict[str, str]:
     dtype = logits_dtype(model)
     atol, rtol = TOLERANCE.get(dtype, TOLERANCE[mx.float32])
     return {
@@ -78,7 +87,8 @@ def _metadata(model_dir: Path, model, passes: str) -> dict[str, str]:
         "platform": platform.platform(),
         "device": str(mx.default_device()),
         "config_hash": config_hash(model_dir),
-        "weights_hash": weights_hash(model_dir),
+        "weights_hash": weights or weights_hash(model_dir),
+        "weights_stat": weights_stat(model_dir),
         "dtype": dtype_name(dtype),
         "passes": passes,
         "tolerance": f"{atol},{rtol}",
@@ -178,7 +188,8 @@ def read(file: str | Path) -> tuple[dict[str, mx.array], dict[str, str]]:
 
 
 def _problem(arrays: dict[str, mx.array], metadata: dict[str, str]) -> str | None:
-    missing = [k for k in (*IDENTITY, "tolerance") if k not in metadata]
+    required = ("config_hash", "weights_hash", "tolerance")  # weights_stat: optional
+    missing = [k for k in required if k not in metadata]
     if missing:
         return f"no {missing[0]} in its metadata"
     try:
@@ -228,18 +239,21 @@ def check(
     read_config(model_dir)
     arrays, recorded = read(file)
     passes = recorded.get("passes", "") if passes is None else passes
+    unchanged = recorded.get("weights_stat") == weights_stat(model_dir)
     here = {
         "config_hash": config_hash(model_dir),
-        "weights_hash": weights_hash(model_dir),
+        "weights_hash": recorded.get("weights_hash")
+        if unchanged
+        else weights_hash(model_dir),
     }
-    for key in IDENTITY:
-        if recorded.get(key) != here[key]:
+    for key, value in here.items():
+        if recorded.get(key) != value:
             raise GoldenError(
                 f"{file} was recorded from another model: its {key.replace('_', ' ')} "
                 f"differs from {model_dir}'s"
             )
     model, _ = _model(model_dir, passes)
-    now = _metadata(model_dir, model, passes)
+    now = _metadata(model_dir, model, passes, here["weights_hash"])
     atol, rtol = (float(x) for x in recorded["tolerance"].split(","))
     count = len([k for k in arrays if k.startswith("tokens.")])
     prompts = [arrays[f"tokens.{i}"].tolist() for i in range(count)]

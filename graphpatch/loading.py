@@ -21,7 +21,6 @@ import mlx.nn as nn
 from huggingface_hub import snapshot_download
 from mlx_lm.utils import (
     DEFAULT_ALLOW_PATTERNS,
-    _get_classes,
     hf_repo_to_path,
     load_model,
     load_tokenizer,
@@ -52,6 +51,20 @@ def quiet_transformers():
         yield
     finally:
         logging.set_verbosity(level)
+
+
+def model_classes(config: dict) -> tuple[type, type]:
+    """(Model, ModelArgs) of ``config`` as mlx-lm's loader resolves them,
+    remapped model types included. mlx-lm names no public function for this
+    (``load_model`` takes it as its ``get_model_classes`` default), so its
+    private one is used here, and only here.
+
+    Raises:
+        ValueError: an architecture the installed mlx-lm does not have.
+    """
+    from mlx_lm.utils import _get_classes
+
+    return _get_classes(config)
 
 
 def model_path(name: str | Path) -> Path:
@@ -131,7 +144,7 @@ def read_config(model_dir: Path) -> dict:
             return config  # graphpatch.load says what is wrong with the section
         model_type = saved["model_type"]
     try:
-        _get_classes({**config, "model_type": model_type})
+        model_classes({**config, "model_type": model_type})
     except ValueError:
         raise LoadError(
             f"{config_file}: model_type '{model_type}' is not an "
@@ -201,7 +214,7 @@ def check_config(model_dir: Path, config: dict, names: list[str]) -> None:
         and all(_is_int(quantization.get(k)) for k in ("bits", "group_size"))
     ):
         raise LoadError(f"{where}: quantization must map bits and group_size to ints")
-    _, args_class = _get_classes(config)
+    _, args_class = model_classes(config)
     problem = _args_problem(config, args_class)
     if problem:
         raise LoadError(f"{where}: {problem}")
@@ -372,6 +385,8 @@ def _mlx_lm_load(model_dir: Path, lazy: bool) -> tuple[nn.Module, object, dict]:
 
 
 def _only_head_left_over(error: ValueError) -> bool:
+    # mlx's load_weights says which names it did not expect only in its
+    # message; no structured form exists to read instead.
     match = re.match(
         r"Received \d+ parameters not in model: \n(.*)\.$", str(error), re.S
     )

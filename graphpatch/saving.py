@@ -25,13 +25,14 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.utils import _get_classes, infer_quant_config, load_tokenizer
+from mlx_lm.utils import infer_quant_config, load_tokenizer
 
 import graphpatch
 from graphpatch.contract import GraphpatchError
 from graphpatch.loading import (
     EXTRA_WEIGHTS,
     LoadError,
+    model_classes,
     quiet_transformers,
     read_arrays,
     write_failure,
@@ -69,6 +70,8 @@ def _weights(model: nn.Module) -> tuple[dict[str, mx.array], dict[str, str]]:
 
 
 def _shards(weights: dict[str, mx.array], max_bytes: int) -> list[dict]:
+    # mlx_lm.utils.make_shards splits at whole GiB only; --max-shard-mb and
+    # the tests need smaller shards.
     shards, current, size = [], {}, 0
     for name, array in weights.items():
         if current and size + array.nbytes > max_bytes:
@@ -224,6 +227,9 @@ def max_shard_bytes(megabytes: float) -> int:
 
 
 def _copy_other_files(source_dir: Path, out: Path) -> None:
+    # Byte for byte, rather than mlx-lm's tokenizer.save_pretrained, which
+    # writes the files anew: the source's own files (chat template, extras)
+    # stay exactly as the user had them.
     skip = {"config.json", "model.safetensors.index.json"}
     for file in source_dir.iterdir():
         if file.is_file() and file.name not in skip and file.suffix != ".safetensors":
@@ -278,7 +284,7 @@ def load_fused(model_dir: str | Path, lazy: bool = False) -> tuple:
     saved = config.pop("graphpatch")
     config["model_type"] = saved["model_type"]
     weights = read_arrays(model_dir, "")
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = model_classes(config)
     model = model_class(args_class.from_dict(config))
     if hasattr(model, "sanitize"):  # as mlx-lm's loader: a tied model drops lm_head
         weights = model.sanitize(weights)

@@ -15,9 +15,9 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
-from mlx_lm.utils import _get_classes, quantize_model
+from mlx_lm.utils import quantize_model
 
-from graphpatch.loading import write_safetensors
+from graphpatch.loading import model_classes, write_safetensors
 
 VOCAB = 512
 _BASE = {
@@ -147,7 +147,7 @@ def config_for(name: str, **overrides) -> dict:
 
 def make_model(config: dict, seed: int = 0) -> nn.Module:
     """The mlx-lm model a config describes, with seeded weights."""
-    model_class, args_class = _get_classes(config)
+    model_class, args_class = model_classes(config)
     mx.random.seed(seed)
     model = model_class(args_class.from_dict(config))
     mx.eval(model.parameters())

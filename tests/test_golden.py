@@ -67,3 +67,25 @@ def test_bad_files_are_one_line(zoo_dir, tmp_path):
         "golden", "record", str(zoo_dir("llama")), str(junk), "--prompts", "x"
     )
     assert missing.exit_code == 2 and "x: no such prompts file" in missing.output
+
+
+def test_check_reads_the_weights_only_when_their_files_changed(
+    zoo_dir, tmp_path, monkeypatch
+):
+    import os
+    import shutil
+
+    model_dir = Path(shutil.copytree(zoo_dir("llama"), tmp_path / "model"))
+    file = golden.record(model_dir, tmp_path / "g.safetensors")
+    hashed = []
+    real = golden.weights_hash
+    monkeypatch.setattr(golden, "weights_hash", lambda d: hashed.append(d) or real(d))
+    assert golden.check(model_dir, file).ok and hashed == []
+    weights = model_dir / "model.safetensors"
+    os.utime(weights, ns=(0, weights.stat().st_mtime_ns + 10**9))  # touched
+    assert golden.check(model_dir, file).ok and len(hashed) == 1
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # same size, new mtime: read, and refused
+    weights.write_bytes(bytes(data))
+    with pytest.raises(golden.GoldenError, match="weights hash differs"):
+        golden.check(model_dir, file)
