@@ -213,8 +213,8 @@ def test_progress_is_reported(load_zoo):
     lines = []
     graphpatch.apply(model, ["fuse_glu"], progress=lines.append)
     assert lines == [
-        "fuse_glu: model.layers.0.mlp",
-        "fuse_glu: model.layers.1.mlp",
+        "fuse_glu: site 1 of 2 (model.layers.0.mlp)",
+        "fuse_glu: site 2 of 2 (model.layers.1.mlp)",
         "fuse_glu: checking the model",
     ]
 
