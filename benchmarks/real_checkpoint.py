@@ -29,7 +29,13 @@ from mlx_lm.models.cache import make_prompt_cache
 import graphpatch
 from graphpatch import checkpoint
 
-VARIANTS = ["unpatched", "fuse_glu", "last_token", "fuse_glu,last_token"]
+VARIANTS = [
+    "unpatched",
+    "fuse_glu",
+    "fuse_qkv",
+    "last_token",
+    "fuse_glu,fuse_qkv,last_token",
+]
 
 
 def prompt(tokenizer, length: int) -> list[int]:

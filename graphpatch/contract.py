@@ -94,6 +94,9 @@ class Pass:
             patched model's ``{name: array}`` mapped back to the names the
             unpatched architecture loads from a checkpoint (a fused array
             split back into its halves, a tied head's names dropped).
+        fuses: the fused child a rewrite adds and the children it stands for
+            (``{"gate_up_proj": ("gate_proj", "up_proj")}``): a fused save
+            quantizes those children as the fused arrays say.
 
     A site whose ``detail["collective"]`` is true exists on every rank of the
     distributed group and its probe runs collectives: the ranks agree on
@@ -117,6 +120,7 @@ class Pass:
     options_in: Callable[[nn.Module], dict] | None = None
     taps: Callable[[nn.Module, dict], list[tuple[str, str]]] | None = None
     plain: Callable[[nn.Module, dict], dict] | None = None
+    fuses: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def env(self) -> str:

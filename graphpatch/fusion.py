@@ -1,6 +1,7 @@
-"""One fused matmul serving two callers: what fuse_glu puts in place of a
-GLU's gate_proj and up_proj, so the GLU's own ``__call__`` runs unchanged;
-and joining two layers on the output axis, and splitting them back.
+"""One fused matmul serving several callers: what fuse_glu and fuse_qkv put
+in place of a module's projections (gate and up; q, k and v), so the module's
+own ``__call__`` runs unchanged; and joining layers on the output axis, and
+splitting them back.
 """
 
 import weakref
@@ -8,47 +9,61 @@ import weakref
 import mlx.core as mx
 import mlx.nn as nn
 
-from graphpatch.contract import rebuilt
+from graphpatch.contract import module_at, rebuilt, walk
 
 
 class FusedCall:
-    """The one fused matmul behind a GLU's two halves.
+    """The one fused matmul behind a module's parts.
 
-    The first half called computes ``owner.gate_up_proj`` once and keeps the
-    other half until the sibling asks for it with the very same arguments; any
-    other call computes its own fused matmul, so a ``__call__`` that feeds gate
-    and up different inputs stays correct, only slower. The owner is looked up
-    on each call, so a later ``nn.quantize`` of ``gate_up_proj`` is honoured.
+    The first part called computes ``owner.<fused>`` once and keeps the other
+    parts until their siblings ask for them with the very same arguments; any
+    other call computes its own fused matmul, so a ``__call__`` that feeds the
+    parts different inputs stays correct, only slower. The owner is looked up
+    on each call, so a later ``nn.quantize`` of the fused layer is honoured.
     """
 
-    def __init__(self, owner: nn.Module, split: int):
+    def __init__(self, owner: nn.Module, fused: str, sizes: list[int]):
         self.owner = weakref.ref(owner)
-        self.split = split
-        self.pending = None
+        self.fused = fused
+        self.sizes = sizes  # each part's output rows, in order
+        self.pending = None  # (args, kwargs, {index: output}) of the last call
 
-    def half(self, index: int, args: tuple, kwargs: dict) -> mx.array:
-        pending, self.pending = self.pending, None
-        if pending is not None and _same_call(pending, index, args, kwargs):
-            return pending[3]
-        out = self.owner().gate_up_proj(*args, **kwargs)
-        halves = mx.split(out, [self.split], axis=-1)
-        self.pending = (1 - index, args, kwargs, halves[1 - index])
-        return halves[index]
+    @property
+    def split(self) -> int:  # two parts: where the second begins
+        return self.sizes[0]
+
+    def bounds(self, index: int) -> tuple[int, int]:
+        start = sum(self.sizes[:index])
+        return start, start + self.sizes[index]
+
+    def part(self, index: int, args: tuple, kwargs: dict) -> mx.array:
+        if self.pending is not None and _same_call(self.pending, args, kwargs):
+            outputs = self.pending[2]
+            if index in outputs:
+                out = outputs.pop(index)
+                if not outputs:
+                    self.pending = None
+                return out
+        out = self.owner()[self.fused](*args, **kwargs)
+        cuts = [sum(self.sizes[: i + 1]) for i in range(len(self.sizes) - 1)]
+        parts = dict(enumerate(mx.split(out, cuts, axis=-1)))
+        mine = parts.pop(index)
+        self.pending = (args, kwargs, parts)
+        return mine
 
 
-def _same_call(pending: tuple, index: int, args: tuple, kwargs: dict) -> bool:
-    want, old_args, old_kwargs, _ = pending
+def _same_call(pending: tuple, args: tuple, kwargs: dict) -> bool:
+    old_args, old_kwargs, _ = pending
     return (
-        want == index
-        and len(args) == len(old_args)
+        len(args) == len(old_args)
         and all(a is b for a, b in zip(args, old_args, strict=True))
         and old_kwargs.keys() == kwargs.keys()
         and all(old_kwargs[k] is v for k, v in kwargs.items())
     )
 
 
-class GLUHalf(nn.Module):
-    """Stands where gate_proj (index 0) or up_proj (index 1) stood."""
+class FusedPart(nn.Module):
+    """Stands where one of the fused projections stood (``index`` in order)."""
 
     def __init__(self, call: FusedCall, index: int):
         super().__init__()
@@ -56,7 +71,71 @@ class GLUHalf(nn.Module):
         self.index = index
 
     def __call__(self, *args, **kwargs) -> mx.array:
-        return self.call.half(self.index, args, kwargs)
+        return self.call.part(self.index, args, kwargs)
+
+
+NOT_A_LAYER = "{name} is a {cls}, not a linear layer that can be concatenated"
+KINDS_DIFFER = "{a} is a {x} and {b} a {y}"
+SETTING_DIFFERS = "{a} and {b} differ in {key} ({x} vs {y})"
+BIAS_DIFFERS = "some of {names} have a bias and others have none"
+DTYPE_DIFFERS = "{a} and {b} {key} differ in dtype ({x} vs {y})"
+SHAPE_DIFFERS = "{a} and {b} {key} shapes {x} and {y} do not concatenate"
+GLOBAL_SCALES = "nvfp4 layers with different global scales for {a} and {b}"
+
+
+def why_not_joined(layers: dict[str, nn.Module], kinds: tuple[type, ...]) -> str | None:
+    """Why ``layers`` (name -> layer) cannot be joined on the output axis
+    exactly, or None: one kind, equal settings, arrays that concatenate."""
+    for name, layer in layers.items():
+        if type(layer) not in kinds:
+            return NOT_A_LAYER.format(name=name, cls=type(layer).__name__)
+    (a, first), *others = layers.items()
+    for b, other in others:
+        words = {"a": a.removesuffix("_proj"), "b": b.removesuffix("_proj")}
+        if type(first) is not type(other):
+            x, y = type(first).__name__, type(other).__name__
+            return KINDS_DIFFER.format(a=a, b=b, x=x, y=y)
+        why = _settings_differ(first, other, words)
+        why = why or _arrays_differ(first, other, words, list(layers))
+        if why:
+            return why
+    return None
+
+
+def _settings(layer: nn.Module) -> dict:
+    return {k: v for k, v in vars(layer).items() if k not in ("_no_grad", "_training")}
+
+
+def _settings_differ(first: nn.Module, other: nn.Module, words: dict) -> str | None:
+    ours, theirs = _settings(first), _settings(other)
+    for key in sorted(ours.keys() | theirs.keys()):
+        x, y = ours.get(key), theirs.get(key)
+        if x is not y and x != y:
+            return SETTING_DIFFERS.format(key=key, x=x, y=y, **words)
+    return None
+
+
+def _arrays_differ(
+    first: nn.Module, other: nn.Module, words: dict, names: list[str]
+) -> str | None:
+    if ("bias" in first) != ("bias" in other):
+        return BIAS_DIFFERS.format(names=" and ".join(names))
+    if first.keys() != other.keys():
+        return SETTING_DIFFERS.format(
+            key="arrays", x=list(first), y=list(other), **words
+        )
+    for key in first:
+        x, y = first[key], other[key]
+        if x.dtype != y.dtype:
+            return DTYPE_DIFFERS.format(key=key, x=x.dtype, y=y.dtype, **words)
+        if key == "global_scale":
+            if x.shape != y.shape or not mx.array_equal(x, y).item():
+                return GLOBAL_SCALES.format(**words)
+            continue
+        axis = output_axis(key, x)
+        if x.ndim != y.ndim or without(x.shape, axis) != without(y.shape, axis):
+            return SHAPE_DIFFERS.format(key=key, x=x.shape, y=y.shape, **words)
+    return None
 
 
 def output_axis(key: str, array: mx.array) -> int:
@@ -68,21 +147,20 @@ def without(shape: tuple, axis: int) -> tuple:
     return shape[:axis] + shape[axis + 1 :]
 
 
-def joined(gate: nn.Module, up: nn.Module) -> nn.Module:
-    """One layer of ``gate``'s kind holding [gate; up] on the output axis."""
-    fused = rebuilt(gate)
-    for key in gate:
+def joined(*layers: nn.Module) -> nn.Module:
+    """One layer of the first's kind holding them all on the output axis."""
+    fused = rebuilt(layers[0])
+    for key in layers[0]:
         if key != "global_scale":
-            fused[key] = mx.concatenate(
-                [gate[key], up[key]], axis=output_axis(key, gate[key])
-            )
+            axis = output_axis(key, layers[0][key])
+            fused[key] = mx.concatenate([layer[key] for layer in layers], axis=axis)
     return fused
 
 
 def rows(key: str, array: mx.array, start: int, stop: int | None) -> mx.array:
     """The output rows ``start:stop`` of one array of a joined layer."""
     if key == "global_scale":
-        return array  # one scale for both halves (fuse_glu checks they agree)
+        return array  # one scale for every part (the passes check they agree)
     index = [slice(None)] * array.ndim
     index[output_axis(key, array)] = slice(start, stop)
     return array[tuple(index)]
@@ -94,3 +172,39 @@ def part(fused: nn.Module, start: int, stop: int | None) -> nn.Module:
     for key in fused:
         part[key] = rows(key, fused[key], start, stop)
     return part
+
+
+def fuse(module: nn.Module, names: tuple[str, ...], fused: str, layer) -> None:
+    """Put ``layer`` (the joined ``names``) under ``fused`` and a part of it
+    where each of ``names`` stood; the old layers are released."""
+    sizes = [module[name].weight.shape[-2] for name in names]
+    call = FusedCall(module, fused, sizes)
+    module[fused] = layer
+    for index, name in enumerate(names):
+        module[name] = FusedPart(call, index)
+
+
+def unfuse(module: nn.Module, names: tuple[str, ...], fused: str) -> None:
+    """The parts back as layers of their own, bit for bit."""
+    call = module[names[0]].call
+    for index, name in enumerate(names):
+        module[name] = part(module[fused], *call.bounds(index))
+    del module[fused]
+
+
+def fused_paths(model: nn.Module, name: str) -> list[str]:
+    """Modules whose ``name`` child is a part of a fused matmul."""
+    return [p for p, m in walk(model) if isinstance(m.get(name), FusedPart)]
+
+
+def plain(model: nn.Module, weights: dict, names: tuple, fused: str) -> dict:
+    """Each fused array of the ``fused_paths`` back under ``names``."""
+    for path in fused_paths(model, names[0]):
+        call = module_at(model, path)[names[0]].call
+        prefix = f"{path}.{fused}."
+        for name in [n for n in weights if n.startswith(prefix)]:
+            key, array = name[len(prefix) :], weights.pop(name)
+            for index, part_name in enumerate(names):
+                start, stop = call.bounds(index)
+                weights[f"{path}.{part_name}.{key}"] = rows(key, array, start, stop)
+    return weights

@@ -310,10 +310,12 @@ ZOO = [
     ("llama", {}, "fuse_glu"),
     ("llama", {}, "last_token"),
     ("llama", {}, "fuse_glu,last_token"),
+    ("llama", {}, "fuse_qkv"),
     ("llama", {"head": "negated"}, "untied_head"),
     ("qwen3_moe", {"quant": "affine4"}, ""),
     ("qwen3_moe", {"quant": "affine4"}, "fuse_glu"),
     ("qwen3_moe", {"quant": "affine4"}, "fuse_glu,last_token"),
+    ("qwen3_moe", {"quant": "affine4"}, "fuse_glu,fuse_qkv,last_token"),
     ("gemma2", {}, ""),
     ("gemma2", {}, "last_token"),
 ]

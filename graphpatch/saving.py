@@ -336,17 +336,18 @@ def _tokenizer(model_dir: Path, config: dict):
 
 def _quantize(model: nn.Module, config: dict, weights: dict) -> None:
     """Quantize the unpatched skeleton as mlx-lm's loader would, seeing each
-    fused ``gate_up_proj`` array under its gate and up names too."""
+    fused array (``gate_up_proj``) under its parts' names too (mlx-lm's own
+    predicate cannot: it looks for each part's arrays by name)."""
     quantization = config.get("quantization")
     if quantization is None:
         if config.get("quantization_config"):
             raise GraphpatchError("graphpatch.load needs config['quantization']")
         return
     names = dict(weights)
-    for key, value in weights.items():
-        if ".gate_up_proj." in key:
-            names[key.replace(".gate_up_proj.", ".gate_proj.")] = value
-            names[key.replace(".gate_up_proj.", ".up_proj.")] = value
+    for fused, parts in (f for p in PASSES.values() for f in p.fuses.items()):
+        for key, value in weights.items():
+            for part in parts if f".{fused}." in key else ():
+                names[key.replace(f".{fused}.", f".{part}.")] = value
 
     def predicate(path: str, module: nn.Module):
         if path in quantization:

@@ -17,9 +17,9 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedLinear
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from graphpatch import record
+from graphpatch import fusion, record
 from graphpatch.contract import Pass, Site, module_at, walk
-from graphpatch.fusion import FusedCall, GLUHalf, output_axis, part, rows, without
+from graphpatch.fusion import FusedPart, part
 from graphpatch.fusion import joined as _joined  # looked up per call: tests swap it
 from graphpatch.timing import interleaved_ratio
 
@@ -32,18 +32,12 @@ LAYERS = (
     QuantizedSwitchLinear,
 )
 EXPERTS = (SwitchLinear, QuantizedSwitchLinear)
+NAMES, FUSED = ("gate_proj", "up_proj"), "gate_up_proj"
 KINDS = ("dense", "moe")  # the sites fuse_glu may rewrite
 SORTED = 64  # SwitchGLU sorts tokens by expert from this many indices on
 
 ALREADY_APPLIED = "already applied"
 ALREADY_FUSED = "already fused (gate_up_proj) in the model itself"
-NOT_A_LAYER = "{name} is a {cls}, not a linear layer fuse_glu can concatenate"
-KINDS_DIFFER = "gate_proj is a {gate} and up_proj a {up}"
-SETTING_DIFFERS = "gate and up differ in {key} ({gate} vs {up})"
-BIAS_DIFFERS = "one of gate and up has a bias and the other has none"
-DTYPE_DIFFERS = "gate and up {key} differ in dtype ({gate} vs {up})"
-SHAPE_DIFFERS = "gate and up {key} shapes {gate} and {up} do not concatenate"
-GLOBAL_SCALES = "nvfp4 experts with different global scales for gate and up"
 # MLPs reported rather than passed over in silence: a GLU named otherwise,
 # and MLPs with one up projection.
 OTHER_MLPS = [
@@ -87,7 +81,7 @@ def _other_mlp(module: nn.Module) -> str | None:
 
 
 def _is_experts(layer: nn.Module, module: nn.Module) -> bool:
-    if isinstance(layer, GLUHalf):
+    if isinstance(layer, FusedPart):
         return isinstance(module["gate_up_proj"], EXPERTS)
     return isinstance(layer, EXPERTS)
 
@@ -96,83 +90,30 @@ def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
     if "/" in site.kind:
         return OTHER_NAMES if "w1" in site.kind else NOT_GLU.format(kind=site.kind)
     module = module_at(model, site.path)
-    if isinstance(module.get("gate_proj"), GLUHalf):
+    if isinstance(module.get("gate_proj"), FusedPart):
         return ALREADY_APPLIED
     if "gate_up_proj" in module:
         return ALREADY_FUSED
-    gate, up = module["gate_proj"], module["up_proj"]
-    for name, layer in (("gate_proj", gate), ("up_proj", up)):
-        if type(layer) not in LAYERS:
-            return NOT_A_LAYER.format(name=name, cls=type(layer).__name__)
-    if type(gate) is not type(up):
-        return KINDS_DIFFER.format(gate=type(gate).__name__, up=type(up).__name__)
-    return _settings_differ(gate, up) or _arrays_differ(gate, up)
-
-
-def _settings(layer: nn.Module) -> dict:
-    return {k: v for k, v in vars(layer).items() if k not in ("_no_grad", "_training")}
-
-
-def _settings_differ(gate: nn.Module, up: nn.Module) -> str | None:
-    ours, theirs = _settings(gate), _settings(up)
-    for key in sorted(ours.keys() | theirs.keys()):
-        a, b = ours.get(key), theirs.get(key)
-        if a is not b and a != b:
-            return SETTING_DIFFERS.format(key=key, gate=a, up=b)
-    return None
-
-
-def _arrays_differ(gate: nn.Module, up: nn.Module) -> str | None:
-    if ("bias" in gate) != ("bias" in up):
-        return BIAS_DIFFERS
-    if gate.keys() != up.keys():
-        return SETTING_DIFFERS.format(key="arrays", gate=list(gate), up=list(up))
-    for key in gate:
-        a, b = gate[key], up[key]
-        if a.dtype != b.dtype:
-            return DTYPE_DIFFERS.format(key=key, gate=a.dtype, up=b.dtype)
-        if key == "global_scale":
-            if a.shape != b.shape or not mx.array_equal(a, b).item():
-                return GLOBAL_SCALES
-            continue
-        axis = output_axis(key, a)
-        if a.ndim != b.ndim or without(a.shape, axis) != without(b.shape, axis):
-            return SHAPE_DIFFERS.format(key=key, gate=a.shape, up=b.shape)
-    return None
+    layers = {name: module[name] for name in NAMES}
+    return fusion.why_not_joined(layers, LAYERS)
 
 
 def rewrite(model: nn.Module, site: Site, options: dict) -> None:
     module = module_at(model, site.path)
-    split = module["gate_proj"].weight.shape[-2]
-    fused = _joined(module["gate_proj"], module["up_proj"])
-    call = FusedCall(module, split)
-    module.gate_up_proj = fused
-    module.gate_proj = GLUHalf(call, 0)
-    module.up_proj = GLUHalf(call, 1)
+    fusion.fuse(module, NAMES, FUSED, _joined(module["gate_proj"], module["up_proj"]))
 
 
 def undo(model: nn.Module, path: str) -> None:
-    module = module_at(model, path)
-    fused, split = module["gate_up_proj"], module["gate_proj"].call.split
-    module.gate_proj = part(fused, 0, split)
-    module.up_proj = part(fused, split, None)
-    del module["gate_up_proj"]
+    fusion.unfuse(module_at(model, path), NAMES, FUSED)
 
 
 def applied(model: nn.Module) -> list[str]:
-    return [p for p, m in walk(model) if isinstance(m.get("gate_proj"), GLUHalf)]
+    return fusion.fused_paths(model, NAMES[0])
 
 
 def plain(model: nn.Module, weights: dict) -> dict:
     """Each fused array back under gate_proj and up_proj, bit for bit."""
-    for path in applied(model):
-        split = module_at(model, path)["gate_proj"].call.split
-        prefix = f"{path}.gate_up_proj."
-        for name in [n for n in weights if n.startswith(prefix)]:
-            key, array = name[len(prefix) :], weights.pop(name)
-            weights[f"{path}.gate_proj.{key}"] = rows(key, array, 0, split)
-            weights[f"{path}.up_proj.{key}"] = rows(key, array, split, None)
-    return weights
+    return fusion.plain(model, weights, NAMES, FUSED)
 
 
 def _inputs(model: nn.Module, site: Site, dtype, shapes, k: int = 2) -> list[tuple]:
@@ -260,4 +201,5 @@ PASS = Pass(
     tune=tune,
     taps=taps,
     plain=plain,
+    fuses={FUSED: NAMES},
 )

@@ -100,7 +100,7 @@ def test_unknown_pass_is_one_clear_line(zoo_dir):
     assert result.exit_code == 2
     assert result.output.strip() == (
         "error: unknown pass 'fuse_all' "
-        "(known: untied_head, fuse_glu, last_token, elide_head)"
+        "(known: untied_head, fuse_glu, fuse_qkv, last_token, elide_head)"
     )
 
 

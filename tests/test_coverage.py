@@ -53,3 +53,13 @@ def test_unknown_architectures_are_one_line():
     result = run("coverage", "llama", "not_a_model")
     assert result.exit_code == 2
     assert "not an mlx-lm architecture: not_a_model" in result.output
+
+
+def test_the_readme_lists_exactly_the_built_architectures():
+    readme = (TABLE.parent.parent / "README.md").read_text()
+    listed = readme.split("<!-- built: generated from docs/COVERAGE.md -->")[1]
+    listed = listed.split("<!-- end built -->")[0]
+    rows = [v for v in entries(TABLE.read_text()).values() if v.startswith("| ")]
+    built = [row.split(" | ")[0][2:] for row in rows]
+    assert listed.split() == [f"{name}," for name in built[:-1]] + [built[-1]]
+    assert f"{len(built)} of 124 are" in readme

@@ -30,7 +30,7 @@ def launch(script: str, *args: str, n: int = 2) -> list[dict]:
 )
 def test_fuse_glu_fuses_local_shards_exactly(zoo_dir, name, build, sharding, fused):
     extra = ["exo"] if sharding == "exo" else []
-    ranks = launch("tp_fuse_glu.py", str(zoo_dir(name, **build)), *extra)
+    ranks = launch("tp_fuse.py", str(zoo_dir(name, **build)), "fuse_glu", *extra)
     assert [r["rank"] for r in ranks] == [0, 1]
     for r in ranks:
         # each fused layer holds this rank's half of gate and of up

@@ -1,9 +1,10 @@
-"""One rank of the tensor-parallel fuse_glu test: shard, fuse, compare.
+"""One rank of the tensor-parallel fusion tests: shard, fuse, compare.
 
-argv: MODEL_DIR [exo]. Shards with mlx-lm's own ``model.shard(group)``, or
+argv: MODEL_DIR PASS [exo], PASS fuse_glu or fuse_qkv. Shards with mlx-lm's
+own ``model.shard(group)``, or
 with ``exo``, the way exo shards an MoE mlx-lm cannot: each ``switch_mlp``'s
 gate/up all-to-sharded and down sharded-to-all in place, its output summed
-over the group. Prints one JSON line: what fuse_glu did on this rank's shards
+over the group. Prints one JSON line: what the pass did on this rank's shards
 and the largest difference between fused and unfused sharded logits.
 """
 
@@ -40,7 +41,8 @@ def exo_shard(model: nn.Module, group) -> None:
 
 group = mx.distributed.init(backend="ring", strict=True)
 model, _ = mlx_lm.load(sys.argv[1])
-if sys.argv[2:] == ["exo"]:
+FUSED = {"fuse_glu": "gate_up_proj", "fuse_qkv": "qkv_proj"}[sys.argv[2]]
+if sys.argv[3:] == ["exo"]:
     exo_shard(model, group)
 else:
     model.shard(group)
@@ -49,12 +51,12 @@ tokens = mx.array(
 )
 unfused = model(tokens)
 mx.eval(unfused)
-report = graphpatch.apply(model, ["fuse_glu"])
+report = graphpatch.apply(model, [sys.argv[2]])
 fused = model(tokens)
 fused_layers = [
     f"{type(m).__name__} {m.weight.shape[-2]}"
     for path, m in model.named_modules()
-    if path.endswith("gate_up_proj")
+    if path.endswith(FUSED)
 ]
 result = {
     "rank": group.rank(),

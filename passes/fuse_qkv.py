@@ -1,0 +1,117 @@
+"""fuse_qkv: q_proj + k_proj + v_proj as one matmul.
+
+Rewrite:       m.q_proj(x), m.k_proj(x), m.v_proj(x) -> the three parts of one
+               m.qkv_proj(x), whose arrays are [q; k; v] concatenated on the
+               output axis (weight, scales, biases, bias). m keeps its class
+               and its own __call__ (rope, norms, caches, any head counts).
+Preconditions: q, k and v are layers of one supported kind (Linear,
+               QuantizedLinear, their all-to-sharded forms) with equal input
+               dims, bias-ness, quantization (bits, group size, mode) and
+               dtypes. Runs after fuse_glu and before the head passes.
+Equivalence:   the three projections of every input the model fed q_proj,
+               within the dtype tolerance, and the model's logits.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedLinear
+
+from graphpatch import fusion, record
+from graphpatch.contract import Pass, Site, module_at, walk
+from graphpatch.fusion import FusedPart
+
+LAYERS = (
+    nn.Linear,
+    nn.QuantizedLinear,
+    AllToShardedLinear,
+    QuantizedAllToShardedLinear,
+)
+NAMES, FUSED = ("q_proj", "k_proj", "v_proj"), "qkv_proj"
+# Attention that ships its projections fused, under the names models use.
+SHIPPED = ("qkv_proj", "c_attn", "query_key_value", "Wqkv", "wqkv", "W_pack", "qkv")
+OUTPUTS = ("o_proj", "out_proj", "c_proj", "dense", "wo")
+
+ALREADY_APPLIED = "already applied"
+ALREADY_FUSED = "already fused ({name}) in the model itself"
+
+
+def find(model: nn.Module, options: dict) -> list[Site]:
+    sites = []
+    for path, module in walk(model):
+        if all(isinstance(module.get(name), nn.Module) for name in NAMES):
+            sites.append(Site(path, "attention"))
+        elif shipped := _shipped(module):
+            sites.append(Site(path, "fused", {"name": shipped}))
+    return sites
+
+
+def _shipped(module: nn.Module) -> str | None:
+    if not any(name in module for name in OUTPUTS):
+        return None  # not an attention block
+    return next((n for n in SHIPPED if isinstance(module.get(n), nn.Module)), None)
+
+
+def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
+    if site.kind == "fused":
+        return ALREADY_FUSED.format(name=site.detail["name"])
+    module = module_at(model, site.path)
+    if isinstance(module["q_proj"], FusedPart):
+        return ALREADY_APPLIED
+    return fusion.why_not_joined({name: module[name] for name in NAMES}, LAYERS)
+
+
+def rewrite(model: nn.Module, site: Site, options: dict) -> None:
+    module = module_at(model, site.path)
+    fusion.fuse(module, NAMES, FUSED, fusion.joined(*(module[n] for n in NAMES)))
+
+
+def undo(model: nn.Module, path: str) -> None:
+    fusion.unfuse(module_at(model, path), NAMES, FUSED)
+
+
+def applied(model: nn.Module) -> list[str]:
+    return fusion.fused_paths(model, NAMES[0])
+
+
+def plain(model: nn.Module, weights: dict) -> dict:
+    """Each fused array back under q_proj, k_proj and v_proj, bit for bit."""
+    return fusion.plain(model, weights, NAMES, FUSED)
+
+
+def taps(model: nn.Module, options: dict) -> list[tuple[str, str]]:
+    sites = [s for s in find(model, options) if s.kind == "attention"]
+    return [(f"{s.path}.q_proj", "__call__") for s in sites]
+
+
+def probe(model: nn.Module, site: Site, dtype, options: dict, recorded: dict):
+    # What the attention really fed q_proj in the reference forward; a
+    # synthetic input of the site's dtype where the forward did not reach it.
+    inputs = record.inputs(recorded, (f"{site.path}.q_proj", "__call__"))
+    if not inputs:
+        q = module_at(model, site.path)["q_proj"]
+        dims = (
+            q.scales.shape[-1] * q.group_size if "scales" in q else q.weight.shape[-1]
+        )
+        inputs = [(mx.random.normal((2, 8, dims), key=mx.random.key(0)).astype(dtype),)]
+
+    def run():
+        module = module_at(model, site.path)
+        # the order attention code calls them in, each on the same input
+        return [module[name](*args) for args in inputs for name in NAMES]
+
+    return run
+
+
+PASS = Pass(
+    name="fuse_qkv",
+    summary="q_proj + k_proj + v_proj as one matmul (any head counts, GQA, biases)",
+    find=find,
+    why_not=why_not,
+    rewrite=rewrite,
+    undo=undo,
+    applied=applied,
+    probe=probe,
+    taps=taps,
+    plain=plain,
+    fuses={FUSED: NAMES},
+)
