@@ -18,12 +18,13 @@ install: $(STAMP)
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 test: lint
 	$(VENV)/bin/pytest -q
 
 demo: install
-	$(PY) -m graphpatch.zoo qwen3_moe $(DEMO_DIR)
+	$(PY) -m graphpatch.testing.zoo qwen3_moe $(DEMO_DIR)
 	$(VENV)/bin/graphpatch apply --passes fuse_glu,last_token $(DEMO_DIR)
 
 bench: install
@@ -36,7 +37,7 @@ coverage: install
 
 # Re-record golden/ on purpose (new mlx, mlx-lm or pass); review the diff.
 golden: install
-	$(PY) -c "from graphpatch.golden import record_zoo; record_zoo('golden', 'build/golden-zoo')"
+	$(PY) -c "from graphpatch.testing.zoo import record_zoo; record_zoo('golden', 'build/golden-zoo')"
 
 clean:
 	rm -rf $(VENV) demo build *.egg-info

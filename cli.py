@@ -338,7 +338,7 @@ def coverage_cmd(
 
     Builds every architecture of the installed mlx-lm from a small config.
     """
-    from graphpatch import coverage
+    from graphpatch.testing import coverage
 
     known = coverage.architectures()
     unknown = [n for n in names or [] if n not in known]

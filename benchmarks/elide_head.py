@@ -6,7 +6,7 @@ every rank instead of its token (elide_head:logits).
 
 Qwen2.5-0.5B widths (hidden 896, vocab 151936), an untied head (as the larger
 Qwen2.5 models have), affine 4-bit, float32 activations, a few layers. Starts
-2 ranks of an MLX ring group on localhost (graphpatch.ring) that alternate the
+2 ranks of an MLX ring group on localhost (graphpatch.testing.ring) that alternate the
 four variants in rounds (apply / revert between them) and report median wall
 and CPU time per decode step, the head's own time, and active memory. On one
 machine the two ranks share its cores and wait for each other every step, so
@@ -153,7 +153,7 @@ def main() -> None:
     if args.rank:
         return rank_main(args.rank, args.steps, args.rounds)
 
-    from graphpatch import ring, zoo
+    from graphpatch.testing import ring, zoo
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = Path(tmp) / "qwen2"

@@ -19,7 +19,7 @@ import mlx.nn as nn
 from mlx_lm.generate import generate_step
 
 import graphpatch
-from graphpatch import zoo
+from graphpatch.testing import zoo
 from graphpatch.timing import interleaved_times
 
 QWEN25_05B = {

@@ -2,7 +2,7 @@
 through mlx-lm's own ``stream_generate``, and the prefill of a runtime that
 runs the whole prompt in one call and reads the last position (exo, custom
 servers), unpatched against each pass and both, on the pretrained Gemma 3
-270M (``graphpatch.checkpoint``: 4/6-bit layers, 8-bit embedding, vocabulary
+270M (``graphpatch.testing.checkpoint``: 4/6-bit layers, 8-bit embedding, vocabulary
 262,144).
 
 mlx-lm's generate already evaluates the head on the last prompt token only
@@ -27,7 +27,7 @@ import mlx_lm
 from mlx_lm.models.cache import make_prompt_cache
 
 import graphpatch
-from graphpatch import checkpoint
+from graphpatch.testing import checkpoint
 
 VARIANTS = [
     "unpatched",

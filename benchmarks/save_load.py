@@ -12,7 +12,7 @@ import mlx.core as mx
 import mlx_lm
 
 import graphpatch
-from graphpatch import zoo
+from graphpatch.testing import zoo
 from graphpatch.timing import interleaved_times
 
 WIDTHS = {"hidden_size": 1024, "intermediate_size": 4096, "vocab_size": 32000}

@@ -21,7 +21,7 @@ from pathlib import Path
 import mlx.core as mx
 
 import graphpatch
-from graphpatch import zoo
+from graphpatch.testing import zoo
 from graphpatch.verify import PROBE_TOKENS
 
 SMOLLM2_135M = {

@@ -1,1 +1,439 @@
-../cli.py
+"""graphpatch: verified rewrite passes for MLX language models."""
+
+import json as _json
+import os
+import shutil
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+import graphpatch
+from graphpatch import golden, saving, verified
+from graphpatch.contract import GraphpatchError, VerificationError
+from graphpatch.loading import (
+    check_config,
+    check_weights,
+    load,
+    model_path,
+    read_config,
+    regular_file,
+)
+from graphpatch.plan import unknown_variables
+from graphpatch.report import SCHEMA
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help=__doc__,
+)
+
+
+def _version(shown: bool) -> None:
+    if shown:
+        print(f"graphpatch {graphpatch.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="print the version"
+        ),
+    ] = False,
+) -> None:
+    """Verified rewrite passes for MLX language models."""
+
+
+@app.command("version")
+def version_cmd() -> None:
+    """Print the version."""
+    _version(True)
+
+
+# The terminal's width, or COLUMNS, or 80 columns when piped: the report keeps
+# every column down to 80.
+out = Console()
+err = Console(stderr=True)
+_json_errors = False  # set by commands given --json: errors go to stdout as JSON
+
+
+def fail(
+    message: str, code: int = 2, report: graphpatch.Report | None = None
+) -> NoReturn:
+    """One line on stderr, then exit: 2 for bad input, 1 for a failed check."""
+    line = " ".join(message.split())  # mlx-lm's messages list names a line each
+    if len(line) > 400:
+        line = line[:400] + " ..."
+    if _json_errors:
+        entry = report.to_dict() if report else _stamped({})
+        print(_json.dumps(entry | {"error": line, "exit_code": code}, indent=2))
+    err.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True, markup=True)
+    raise typer.Exit(code)
+
+
+def _stamped(entry: dict) -> dict:
+    return {"schema": SCHEMA, "graphpatch": graphpatch.__version__, **entry}
+
+
+@app.command("list")
+def list_passes(
+    json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """List the passes in the order they run."""
+    if json:
+        passes = [
+            {
+                "name": name,
+                "env": p.env,
+                "options": p.options,
+                "requires": list(p.requires),
+                "summary": p.summary,
+            }
+            for name, p in graphpatch.PASSES.items()
+        ]
+        print(_json.dumps(_stamped({"passes": passes}), indent=2))
+        return
+    table = Table()
+    table.add_column("pass", no_wrap=True)
+    table.add_column("env switch", no_wrap=True)  # copied by users: never cut
+    table.add_column("options", overflow="fold")
+    table.add_column("summary")
+    for name, p in graphpatch.PASSES.items():
+        options = ", ".join(f"{k}={v}" for k, v in p.options.items())
+        needs = f" (needs {', '.join(p.requires)})" if p.requires else ""
+        table.add_row(name, p.env, options, p.summary + needs)
+    out.print(table)
+
+
+@app.command("apply")
+def apply_cmd(
+    model: Annotated[
+        str,
+        typer.Argument(
+            metavar="MODEL", help="a model directory or Hugging Face repo id"
+        ),
+    ],
+    passes: Annotated[
+        str, typer.Option(help="comma-separated, e.g. fuse_glu,last_token:keep=2")
+    ] = "",
+    json: Annotated[
+        bool, typer.Option("--json", help="print the report (or the error) as JSON")
+    ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="one row per site")
+    ] = False,
+    verify: Annotated[
+        str,
+        typer.Option(
+            help="always (check every site and the logits), cached (trust a "
+            "matching verification record) or never"
+        ),
+    ] = "always",
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="the same as --verify never")
+    ] = False,
+    save: Annotated[
+        Path | None, typer.Option(help="write the patched model to this directory")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="replace --save when it is an earlier graphpatch save")
+    ] = False,
+    max_shard_mb: Annotated[
+        float, typer.Option(help="largest safetensors file --save writes")
+    ] = 5120,
+    save_format: Annotated[
+        str,
+        typer.Option(
+            help="plain (mlx_lm.load opens it; graphpatch re-applies the passes) "
+            "or fused (opens already fused, only through graphpatch)"
+        ),
+    ] = "plain",
+) -> None:
+    """Load MODEL, rewrite it, verify it, print the report.
+
+    With --save, also write the patched model as a directory.
+    """
+    global _json_errors
+    _json_errors = json
+    try:
+        plan, warnings = graphpatch.resolve(passes or None)
+        model_dir = model_path(model)
+        if not plan:
+            said = "".join(f"; {w}" for w in warnings)
+            fail(
+                "no passes chosen: name them with --passes (graphpatch list shows "
+                f"them) or GRAPHPATCH_PASSES{said}"
+            )
+        if save is not None:
+            shard_bytes = saving.max_shard_bytes(max_shard_mb)
+            saving.check_format(save_format)
+            for line in saving.prepare(model_dir, save, force):
+                err.print(line, highlight=False)
+        verify = _verify_mode("never" if no_verify else verify)
+        with err.status(f"loading {model_dir}"):
+            model, _, _ = load(model_dir, lazy=verify == "never", verify=verify)
+        with err.status("applying and verifying") as status:
+            report = verified.apply(
+                model, passes or None, model_dir, verify, progress=status.update
+            )
+    except VerificationError as e:
+        if e.report is not None and not json:
+            _print(e.report, json, verbose)
+        fail(str(e), code=1, report=e.report)
+    except GraphpatchError as e:
+        fail(str(e))
+    _print(report, json, verbose)
+    if save is not None:
+        try:
+            with err.status(f"saving {save}") as status:
+                graphpatch.save(
+                    model,
+                    model_dir,
+                    save,
+                    force,
+                    shard_bytes,
+                    status.update,
+                    save_format,
+                )
+        except GraphpatchError as e:
+            fail(str(e))
+        err.print(f"saved {save}", highlight=False)
+
+
+def _verify_mode(verify: str) -> str:
+    if verify not in verified.MODES:
+        fail(f"--verify must be one of {', '.join(verified.MODES)}, got {verify}")
+    return verify
+
+
+def _print(report: graphpatch.Report, as_json: bool, verbose: bool) -> None:
+    if as_json:
+        print(report.to_json())
+    else:
+        report.print(out, verbose)
+
+
+@app.command(
+    "run",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    options_metavar="[OPTIONS] -- CMD [ARGS]...",
+)
+def run_cmd(
+    ctx: typer.Context,
+    passes: Annotated[
+        str, typer.Option(help="comma-separated; default: GRAPHPATCH_PASSES")
+    ] = "",
+    verify: Annotated[
+        str, typer.Option(help="always, cached (a matching record) or never")
+    ] = "cached",
+) -> None:
+    """Run a program (after --) with every model it loads patched.
+
+    Models loaded through mlx-lm's loaders are patched, in child processes too.
+    """
+    _run(ctx.args, passes, verify)
+
+
+@app.command(
+    "serve",
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)
+def serve_cmd(
+    ctx: typer.Context,
+    model: Annotated[
+        str,
+        typer.Argument(
+            metavar="MODEL", help="a model directory or Hugging Face repo id"
+        ),
+    ],
+    passes: Annotated[
+        str, typer.Option(help="comma-separated; default: GRAPHPATCH_PASSES")
+    ] = "",
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 8080,
+    verify: Annotated[
+        str, typer.Option(help="always, cached (a matching record) or never")
+    ] = "cached",
+) -> None:
+    """mlx-lm's server with the model patched and verified before it listens.
+
+    Other flags (--draft-model, --max-tokens, ...) go to mlx_lm server.
+    """
+    from graphpatch import serving
+
+    env = {**os.environ, **({"GRAPHPATCH_PASSES": passes} if passes else {})}
+    os.environ["GRAPHPATCH_VERIFY"] = _verify_mode(verify)  # read by the hook
+    try:
+        plan, _ = graphpatch.resolve(None, env)
+        _refuse_elide_without_logits(plan)
+        serving.check_address(host, port)
+        model_dir = model_path(model)
+        config = read_config(model_dir)
+        check_config(model_dir, config, check_weights(model_dir))
+        serving.serve(model_dir, host, port, passes, ctx.args)
+    except GraphpatchError as e:
+        fail(str(e))
+
+
+def _refuse_elide_without_logits(plan) -> None:
+    if any(p.name == "elide_head" and not o["logits"] for p, o in plan):
+        fail(
+            "elide_head needs elide_head.sampler(...) where the program samples, "
+            "which graphpatch run cannot add: use elide_head:logits (rank 0's "
+            "logits reach every rank), or apply it from your runtime"
+        )
+
+
+def _run(command: list[str], passes: str, verify: str) -> None:
+    if not command:
+        fail("no command: graphpatch run [--passes a,b] -- CMD ARGS...")
+    env = {**os.environ, "GRAPHPATCH_VERIFY": _verify_mode(verify)}
+    if passes:
+        env["GRAPHPATCH_PASSES"] = passes
+    try:
+        plan, _ = graphpatch.resolve(None, env)
+    except GraphpatchError as e:
+        fail(str(e))
+    for warning in unknown_variables(
+        env
+    ):  # before the child runs, which may load no model
+        err.print(f"warning: {warning}", highlight=False)
+    _refuse_elide_without_logits(plan)
+    if not plan:
+        err.print("warning: no passes chosen (--passes or GRAPHPATCH_PASSES)")
+    if shutil.which(command[0]) is None:
+        fail(f"command not found: {command[0]}", code=127)
+    if report := env.get("GRAPHPATCH_REPORT"):
+        try:
+            open(report, "a").close()
+        except OSError as e:
+            fail(f"GRAPHPATCH_REPORT={report}: cannot be written ({e.strerror})")
+    from graphpatch import hook
+
+    startup = str(Path(graphpatch.__file__).parent / "_startup")
+    try:
+        code = hook.run(command, env, startup)
+    except hook.CannotRun as e:
+        fail(str(e), code=126)
+    raise typer.Exit(code)
+
+
+@app.command("coverage")
+def coverage_cmd(
+    names: Annotated[
+        list[str] | None, typer.Argument(help="architectures (default: all)")
+    ] = None,
+    json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    write: Annotated[
+        Path | None, typer.Option(help="also write the markdown table here")
+    ] = None,
+) -> None:
+    """Which architectures each pass rewrites, verified, or why not.
+
+    Builds every architecture of the installed mlx-lm from a small config.
+    """
+    from graphpatch.testing import coverage
+
+    known = coverage.architectures()
+    unknown = [n for n in names or [] if n not in known]
+    if unknown:
+        fail(f"not an mlx-lm architecture: {', '.join(unknown)}")
+    if write is not None and (write.is_dir() or not _writable_dir(write.parent)):
+        fail(f"--write {write}: not a file in a writable directory")
+    with err.status("building architectures") as status:
+        results = coverage.run(names or None, progress=status.update)
+    table = coverage.markdown(results)
+    if write is not None:
+        try:
+            write.parent.mkdir(parents=True, exist_ok=True)
+            write.write_text(table)
+        except OSError as e:
+            fail(f"--write {write}: cannot be written ({e.strerror})")
+    if json:
+        print(_json.dumps(coverage.as_dicts(results), indent=2))
+    else:
+        out.print(table, highlight=False, markup=False)
+
+
+def _writable_dir(path: Path) -> bool:
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    return existing.is_dir() and os.access(existing, os.W_OK)
+
+
+golden_app = typer.Typer(no_args_is_help=True, help="Record and check golden logits.")
+app.add_typer(golden_app, name="golden")
+
+
+@golden_app.command("record")
+def golden_record(
+    model: Annotated[
+        str,
+        typer.Argument(
+            metavar="MODEL", help="a model directory or Hugging Face repo id"
+        ),
+    ],
+    out_file: Annotated[
+        Path, typer.Argument(metavar="OUT", help="the golden .safetensors to write")
+    ],
+    passes: Annotated[str, typer.Option(help="passes to apply first")] = "",
+    prompts: Annotated[
+        Path | None, typer.Option(help="a text file, one prompt per line")
+    ] = None,
+) -> None:
+    """Write the logits of fixed prompts (and their metadata) to OUT."""
+    try:
+        texts = None if prompts is None else _read_prompts(prompts)
+        file = golden.record(model_path(model), out_file, passes, texts)
+    except GraphpatchError as e:
+        fail(str(e))
+    out.print(f"wrote {file}", highlight=False)
+
+
+def _read_prompts(file: Path) -> list[str]:
+    try:
+        text = regular_file(file, "prompts file").read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        fail(f"{file}: not UTF-8 text (one prompt per line)")
+    except OSError as e:
+        fail(f"{file}: cannot be read ({e.strerror})")
+    texts = [line for line in text.splitlines() if line.strip()]
+    if not texts or "\0" in text:
+        fail(f"{file}: no prompts (one per line)" if not texts else f"{file}: binary")
+    return texts
+
+
+@golden_app.command("check")
+def golden_check(
+    model: Annotated[
+        str,
+        typer.Argument(
+            metavar="MODEL", help="a model directory or Hugging Face repo id"
+        ),
+    ],
+    file: Annotated[Path, typer.Argument(help="a golden file from golden record")],
+    passes: Annotated[
+        str | None, typer.Option(help="default: the passes it was recorded with")
+    ] = None,
+) -> None:
+    """Recompute and compare: exit 0 within tolerance, 1 with the diff."""
+    try:
+        result = golden.check(model_path(model), file, passes)
+    except GraphpatchError as e:
+        fail(str(e))
+    for line in result.lines:
+        out.print(line, highlight=False, soft_wrap=True)
+    raise typer.Exit(0 if result.ok else 1)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -39,13 +39,23 @@ class VerificationError(GraphpatchError):
 class Site:
     """One place in the module tree a pass could rewrite.
 
-    ``path`` is the dotted module path (``model.layers.3.mlp``); ``kind`` a
-    short word for the report (``dense``, ``moe``, ``head``); ``detail`` holds
-    numbers and names only, never modules or arrays.
+    Attributes:
+        path: the dotted module path (``model.layers.3.mlp``).
+        kind: a short word for the report (``dense``, ``moe``, ``head``).
+        note: what finding the site learned, for the report (which head).
+        collective: the site exists on every rank of the distributed group
+            and its probe runs collectives: the ranks agree on whether to
+            rewrite it and on its check, so that none waits for another.
+        changes_logits: the rewrite changes the model's logits by design
+            (an untied head); the model check moves its reference on.
+        detail: the pass's own numbers and names, never modules or arrays.
     """
 
     path: str
     kind: str
+    note: str | None = None
+    collective: bool = False
+    changes_logits: bool = False
     detail: dict[str, Any] = field(default_factory=dict)
 
 
@@ -63,7 +73,8 @@ class Pass:
             (options carry ``model_dir``, the checkpoint, or None).
         why_not: ``why_not(model, site, options) -> str | None``, the reason a
             site is left untouched, or None when it can be rewritten.
-        rewrite: ``rewrite(model, site, options) -> None``, rewrites in place.
+        rewrite: ``rewrite(model, site, options) -> str | None``, rewrites in
+            place; returns a note for the report (what it did), or None.
         undo: ``undo(model, path) -> None``, restores one rewritten site
             exactly (bit for bit) from the rewritten state alone.
         applied: ``applied(model) -> list[str]``, paths this pass has rewritten.
@@ -97,17 +108,13 @@ class Pass:
         fuses: the fused child a rewrite adds and the children it stands for
             (``{"gate_up_proj": ("gate_proj", "up_proj")}``): a fused save
             quantizes those children as the fused arrays say.
-
-    A site whose ``detail["collective"]`` is true exists on every rank of the
-    distributed group and its probe runs collectives: the ranks agree on
-    whether to rewrite it and on its check, so that none waits for another.
     """
 
     name: str
     summary: str
-    find: Callable[[nn.Module], list[Site]]
+    find: Callable[[nn.Module, dict], list[Site]]
     why_not: Callable[[nn.Module, Site, dict], str | None]
-    rewrite: Callable[[nn.Module, Site, dict], None]
+    rewrite: Callable[[nn.Module, Site, dict], str | None]
     undo: Callable[[nn.Module, str], None]
     applied: Callable[[nn.Module], list[str]]
     probe: Callable[[nn.Module, Site, mx.Dtype, dict, dict], Probe]
@@ -127,11 +134,11 @@ class Pass:
         return f"GRAPHPATCH_{self.name.upper()}"
 
 
-def rebuilt(module: nn.Module, cls: type | None = None) -> nn.Module:
+def rebuilt(module: nn.Module, cls: type[nn.Module] | None = None) -> nn.Module:
     """A new instance of ``cls`` (default: the module's own class) holding the
     same arrays, children and settings, built without ``__init__``."""
     cls = cls or type(module)
-    new = cls.__new__(cls)
+    new = nn.Module.__new__(cls)
     dict.update(new, module)
     vars(new).update(vars(module))
     new._no_grad = set(module._no_grad)  # not shared with the original

@@ -26,7 +26,8 @@ class FusedCall:
         self.owner = weakref.ref(owner)
         self.fused = fused
         self.sizes = sizes  # each part's output rows, in order
-        self.pending = None  # (args, kwargs, {index: output}) of the last call
+        # (args, kwargs, {index: output}) of the last call, until all are taken
+        self.pending: tuple[tuple, dict, dict[int, mx.array]] | None = None
 
     @property
     def split(self) -> int:  # two parts: where the second begins
@@ -44,7 +45,9 @@ class FusedCall:
                 if not outputs:
                     self.pending = None
                 return out
-        out = self.owner()[self.fused](*args, **kwargs)
+        owner = self.owner()
+        assert owner is not None, "a fused part outlived its module"
+        out = owner[self.fused](*args, **kwargs)
         cuts = [sum(self.sizes[: i + 1]) for i in range(len(self.sizes) - 1)]
         parts = dict(enumerate(mx.split(out, cuts, axis=-1)))
         mine = parts.pop(index)

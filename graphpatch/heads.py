@@ -110,7 +110,10 @@ def head_input(
     calls = inputs(recorded, tap) if tap else []
     if calls:
         return calls[0][0][..., -positions:, :]
-    dims = dims_of(find_embedding(model)[1])
+    embedding = find_embedding(model)
+    if embedding is None:
+        raise ValueError("no token embedding to size a head's input by")
+    dims = dims_of(embedding[1])
     shape = (2, positions, dims)
     return mx.random.normal(shape, key=mx.random.key(7)).astype(dtype)
 

@@ -14,6 +14,7 @@ import stat
 import typing
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import huggingface_hub.constants
 import mlx.core as mx
@@ -53,7 +54,7 @@ def quiet_transformers():
         logging.set_verbosity(level)
 
 
-def model_classes(config: dict) -> tuple[type, type]:
+def model_classes(config: dict) -> tuple[Any, Any]:
     """(Model, ModelArgs) of ``config`` as mlx-lm's loader resolves them,
     remapped model types included. mlx-lm names no public function for this
     (``load_model`` takes it as its ``get_model_classes`` default), so its
@@ -223,7 +224,7 @@ def check_config(model_dir: Path, config: dict, names: list[str]) -> None:
     }
     for key in LAYER_KEYS:
         count = config.get(key)
-        if _is_int(count) and in_weights and count > max(in_weights) + 1:
+        if isinstance(count, int) and in_weights and count > max(in_weights) + 1:
             raise LoadError(
                 f"{where}: {key} is {count}, but the weights hold "
                 f"{max(in_weights) + 1} layers"
@@ -390,6 +391,6 @@ def _only_head_left_over(error: ValueError) -> bool:
     match = re.match(
         r"Received \d+ parameters not in model: \n(.*)\.$", str(error), re.S
     )
-    return bool(match) and all(
+    return match is not None and all(
         name.startswith("lm_head.") for name in match.group(1).split(",\n")
     )

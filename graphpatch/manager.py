@@ -88,15 +88,15 @@ def apply(
         if p.validate and (problem := p.validate(options, model)):
             raise PassSpecError(problem)
     _agree(plan)
-    tokens = probe_tokens(probe) if verify else None
-    reference, recorded = None, None  # None: nothing is verified
+    tokens = probe_tokens(probe)
+    reference, recorded, dtype = None, None, None  # None: nothing is verified
     if verify:
         check_tokens(model, tokens.tolist(), "probe")
         taps = [t for p, o in plan if p.taps for t in p.taps(model, o)]
         reference, recorded = _reference(model, tokens, taps)
-    # The dtype the model computes its logits in (sites report their own);
-    # unverified, the model is not run at all, not even to build a graph.
-    dtype = reference.dtype if verify else None
+        # The dtype the model computes its logits in (sites report their own);
+        # unverified, the model is not run at all, not even to build a graph.
+        dtype = reference.dtype
     report = Report(
         [p.name for p, _ in plan],
         dtype_name(dtype) if verify else "not computed",
@@ -179,8 +179,8 @@ def _check_model(
     """Compare the model's logits with the reference and return the reference
     the next pass is checked against: a new one after a pass whose sites
     change the logits by design (each proven against its own site probe)."""
-    rebase = any(s.detail.get("changes_logits") for s in sites)
-    collective = any(s.detail.get("collective") for s in sites)
+    rebase = any(s.changes_logits for s in sites)
+    collective = any(s.collective for s in sites)
     try:
         logits = last_logits(model, tokens)
         cmp = compare([reference], [logits])
@@ -215,18 +215,18 @@ def _apply_site(
     start = time.perf_counter()
     result = SiteResult(p.name, site.path, site.kind, SKIPPED)
     result.reason = p.why_not(model, site, options)
-    if site.detail.get("collective") and not _everywhere(result.reason is None):
+    if site.collective and not _everywhere(result.reason is None):
         result.reason = result.reason or ANOTHER_RANK
     if result.reason:
         return result
     result.bytes_before = nbytes(module_at(model, site.path))
     verify = recorded is not None
-    if verify:
+    if recorded is not None:
         result.reason = _rewrite_verified(
             model, p, site, options, dtype, recorded, result
         )
     else:
-        p.rewrite(model, site, options)
+        result.note = p.rewrite(model, site, options)
     if result.reason:
         return result
     if verify and options.get("tune") and p.tune:
@@ -234,7 +234,7 @@ def _apply_site(
         if result.reason:
             return result
     result.status = REWRITTEN
-    result.note = site.detail.get("note")  # what the rewrite found
+    result.note = result.note or site.note
     result.bytes_after = nbytes(module_at(model, site.path))
     result.seconds = time.perf_counter() - start
     return result
@@ -258,7 +258,7 @@ def _rewrite_verified(
     except Exception as e:
         return f"cannot run the site on a probe: {e}"
     held = _hold(model, site.path)
-    p.rewrite(model, site, options)
+    result.note = p.rewrite(model, site, options)
     mx.eval(module_at(model, site.path).parameters())
     try:
         cmp = compare(reference, run())
@@ -271,7 +271,7 @@ def _rewrite_verified(
         cmp.top1,
         cmp.dtype,
     )
-    ok = _everywhere(cmp.ok) if site.detail.get("collective") else cmp.ok
+    ok = _everywhere(cmp.ok) if site.collective else cmp.ok
     if not ok:
         _restore(held)
         if cmp.ok:

@@ -68,7 +68,7 @@ class ElidedHead(StandIn, nn.Module):
         self.vocab = vocab
         self.share = share
         if released:
-            vars(self)["held"] = held  # not a child: its arrays are unevaluated
+            self.__dict__["held"] = held  # not a child: its arrays are unevaluated
         else:
             self.held = held  # still in memory, so still counted
 
@@ -91,7 +91,7 @@ class Shared(Kept):
     """Rank 0's head, whose logits every rank receives (``logits``)."""
 
     def __call__(self, h: mx.array) -> mx.array:
-        logits = super().__call__(h)
+        logits = super().__call__(h)  # type: ignore[misc]  # the head's own class
         return broadcast_logits(logits).astype(logits.dtype)
 
 

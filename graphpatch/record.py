@@ -36,12 +36,13 @@ def _recording_class(cls: type, method: str) -> type:
 def recording(model: nn.Module, taps: list[Tap], run: Callable[[], mx.array]):
     """Run ``run()`` with every tap recording; returns (its result, the
     calls each tap saw). Arrays are evaluated with the result."""
-    held, recorded = [], {}
+    held: list[tuple] = []
+    recorded: Recorded = {}
     try:
         for path, method in dict.fromkeys(taps):
             parent, key = parent_and_key(model, path)
             original = parent[key]
-            copy = rebuilt(original, _recording_class(type(original), method))
+            copy = rebuilt(original, _recording_class(original.__class__, method))
             vars(copy)["graphpatch_calls"] = recorded.setdefault((path, method), [])
             held.append((parent, key, original))
             parent[key] = copy

@@ -21,6 +21,7 @@ import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -59,7 +60,9 @@ MAX_SHARD_BYTES = 5 << 30  # mlx-lm's own limit per safetensors file
 def _weights(model: nn.Module) -> tuple[dict[str, mx.array], dict[str, str]]:
     """Each array once, and ``alias -> name`` for arrays held twice (a tied
     head holds the embedding's own)."""
-    weights, aliases, seen = {}, {}, {}
+    weights: dict[str, mx.array] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[int, str] = {}
     for name, array in tree_flatten(model.parameters()):
         if id(array) in seen:
             aliases[name] = seen[id(array)]
@@ -72,7 +75,9 @@ def _weights(model: nn.Module) -> tuple[dict[str, mx.array], dict[str, str]]:
 def _shards(weights: dict[str, mx.array], max_bytes: int) -> list[dict]:
     # mlx_lm.utils.make_shards splits at whole GiB only; --max-shard-mb and
     # the tests need smaller shards.
-    shards, current, size = [], {}, 0
+    shards: list[dict] = []
+    current: dict[str, mx.array] = {}
+    size = 0
     for name, array in weights.items():
         if current and size + array.nbytes > max_bytes:
             shards.append(current)
@@ -151,11 +156,11 @@ def save(
     config = json.loads((source_dir / "config.json").read_text())
     if config.get("model_type") == MODEL_TYPE:
         raise SaveError(f"{source_dir} is already a saved patched model")
-    section = {"version": graphpatch.__version__, "format": format}
+    section: dict = {"version": graphpatch.__version__, "format": format}
     section["passes"] = _record(model)
     if format == "fused":
         weights, aliases = _weights(model)
-        extra = {}
+        extra: dict[str, mx.array] = {}
         section |= {"model_type": config["model_type"], "aliases": aliases}
         config = {**config, "model_type": MODEL_TYPE}
     else:
@@ -200,12 +205,12 @@ def _untied_config(model: nn.Module, config: dict, stray: list[str]) -> dict | N
     """A config under which the architecture loads every stray array (an
     untied head): the same one where it decides by the arrays present
     (gemma3), or with ``tie_word_embeddings: false``; None when none does."""
-    args = getattr(model, "args", None)
+    args: Any = getattr(model, "args", None)
     if not stray or not dataclasses.is_dataclass(args):
         return None
-    candidates = [({}, args)]
+    candidates: list[tuple[dict, Any]] = [({}, args)]
     if "tie_word_embeddings" in {f.name for f in dataclasses.fields(args)}:
-        untied = dataclasses.replace(args, tie_word_embeddings=False)
+        untied = dataclasses.replace(args, tie_word_embeddings=False)  # type: ignore[type-var]
         candidates.append(({"tie_word_embeddings": False}, untied))
     for change, candidate in candidates:
         # Built lazily: its random initial arrays are never evaluated.
@@ -248,7 +253,7 @@ def recorded(model_dir: Path, config: dict) -> list[str]:
     """
     section = config.get("graphpatch")
     problem = _saved_problem(section)
-    if problem:
+    if problem or not isinstance(section, dict):
         raise LoadError(f"{model_dir / 'config.json'}: graphpatch section: {problem}")
     return [_spec(entry["name"], entry["options"]) for entry in section["passes"]]
 

@@ -70,19 +70,24 @@ def apply(
     if mode not in MODES:
         raise graphpatch.PassSpecError(f"--verify must be one of {', '.join(MODES)}")
     model_dir = Path(model_dir)
-    common = {"progress": progress, "model_dir": str(model_dir)}
+
+    def apply_with(verify: bool) -> Report:
+        return apply_passes(
+            model, passes, verify=verify, progress=progress, model_dir=str(model_dir)
+        )
+
     if mode == "never":
-        return apply_passes(model, passes, verify=False, **common)
+        return apply_with(False)
     file = cache_dir() / f"{key(model_dir, _specs(passes))}.json"
     if mode == "cached" and file.is_file():
-        report = apply_passes(model, passes, verify=False, **common)
+        report = apply_with(False)
         record = json.loads(file.read_text())
         if record.get("sites") == _sites(report):
             report.record = f"verified on {record['date']}, record {file}"
             settle(model, report)
             return report
         graphpatch.revert(model)  # another structure than recorded: verify
-    report = apply_passes(model, passes, verify=True, **common)
+    report = apply_with(True)
     if not report.passes:
         return report  # nothing to record
     _write(file, model_dir, report)
@@ -99,7 +104,7 @@ def settle(model: nn.Module, report: Report) -> None:
 
 
 def _sites(report: Report) -> dict[str, list[str]]:
-    sites = {name: [] for name in report.passes}
+    sites: dict[str, list[str]] = {name: [] for name in report.passes}
     for site in report.rewritten():
         sites[site.pass_name].append(site.path)
     return sites

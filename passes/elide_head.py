@@ -84,10 +84,10 @@ class ElideError(GraphpatchError):
 def find(model: nn.Module, options: dict) -> list[Site]:
     found = pipelined(model)
     if found is None:
-        return [Site("", "none", {"why": NOT_PIPELINED})]
+        return [Site("", "none", detail={"why": NOT_PIPELINED})]
     body_path, body = found
     if body.pipeline_size == 1:
-        return [Site("", "none", {"why": ONE_RANK})]
+        return [Site("", "none", detail={"why": ONE_RANK})]
     group = mx.distributed.init()
     if (group.size(), group.rank()) != (body.pipeline_size, body.pipeline_rank):
         raise ElideError(
@@ -100,14 +100,14 @@ def find(model: nn.Module, options: dict) -> list[Site]:
         )
     path = head_path(model)
     if path is None:
-        return [Site("", "none", {"why": NO_HEAD})]
+        return [Site("", "none", detail={"why": NO_HEAD})]
     # Every rank has these two sites: their checks are collectives.
     if body.pipeline_rank == 0:
-        head = Site(path, "final", {"collective": True})
+        head = Site(path, "final", collective=True)
     else:
         moves = not options["logits"]  # zeros, unless rank 0's are shared
-        head = Site(path, "elided", {"collective": True, "changes_logits": moves})
-    return [head, Site(body_path, "gather", {"collective": True, "head": path})]
+        head = Site(path, "elided", collective=True, changes_logits=moves)
+    return [head, Site(body_path, "gather", collective=True, detail={"head": path})]
 
 
 def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
@@ -125,29 +125,31 @@ def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
     return None
 
 
-def rewrite(model: nn.Module, site: Site, options: dict) -> None:
+def rewrite(model: nn.Module, site: Site, options: dict) -> str | None:
     parent, key = parent_and_key(model, site.path)
     module = parent[key]
     if site.kind == "gather":
-        parent[key] = rebuilt(module, marked_class(type(module), Ungathered))
+        parent[key] = rebuilt(module, marked_class(module.__class__, Ungathered))
     elif site.kind == "final":
         marker = Shared if options["logits"] else Kept
-        parent[key] = rebuilt(module, marked_class(type(module), marker))
+        parent[key] = rebuilt(module, marked_class(module.__class__, marker))
     else:
-        parent[key] = _elided(model, module, options, site)
+        parent[key], note = _elided(model, module, options)
+        return note
+    return None
 
 
-def _elided(model: nn.Module, head: nn.Module, options: dict, site: Site):
+def _elided(model: nn.Module, head: nn.Module, options: dict) -> tuple:
     mib = sum(v.nbytes for _, v in tree_flatten(head.parameters())) / 2**20
     released = False
     if is_tied(model, head):
-        site.detail["note"] = TIED
+        note = TIED
     elif released := release_to_checkpoint(head, options.get("model_dir")):
-        site.detail["note"] = RELEASED.format(mib=mib)
+        note = RELEASED.format(mib=mib)
     else:
-        site.detail["note"] = KEPT
+        note = KEPT
     vocab = head.weight.shape[0]
-    return ElidedHead(head, vocab, released, share=options["logits"])
+    return ElidedHead(head, vocab, released, share=options["logits"]), note
 
 
 def undo(model: nn.Module, path: str) -> None:

@@ -41,7 +41,7 @@ def find(model: nn.Module, options: dict) -> list[Site]:
         if all(isinstance(module.get(name), nn.Module) for name in NAMES):
             sites.append(Site(path, "attention"))
         elif shipped := _shipped(module):
-            sites.append(Site(path, "fused", {"name": shipped}))
+            sites.append(Site(path, "fused", detail={"name": shipped}))
     return sites
 
 

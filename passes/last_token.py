@@ -72,7 +72,7 @@ def find(model: nn.Module, options: dict) -> list[Site]:
         return [Site("", "none")]
     # Every rank of a sharded or pipelined model has its head, and the
     # probe runs the whole model: its collectives.
-    return [Site(path, "head", {"collective": True})]
+    return [Site(path, "head", collective=True)]
 
 
 def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
@@ -88,7 +88,7 @@ def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
 
 def rewrite(model: nn.Module, site: Site, options: dict) -> None:
     parent, key = parent_and_key(model, site.path)
-    head = rebuilt(parent[key], last_token_class(type(parent[key])))
+    head = rebuilt(parent[key], last_token_class(parent[key].__class__))
     head.keep, head.short = options["keep"], options["short"]
     parent[key] = head
 

@@ -80,19 +80,19 @@ def find(model: nn.Module, options: dict) -> list[Site]:
     if explicit is not None and not isinstance(module, Headed):
         return [Site(explicit, "linear")]
     if isinstance(module, Headed) or not options.get("model_dir"):
-        return [Site(path, "tied", {"note": NOT_READ})]
+        return [Site(path, "tied", note=NOT_READ)]
     arrays = read_arrays(options["model_dir"], "lm_head.")
     if not arrays:
-        return [Site(path, "tied", {"note": NO_CHECKPOINT_HEAD})]
+        return [Site(path, "tied", note=NO_CHECKPOINT_HEAD)]
     head = checkpoint_head(arrays, module)
     if (foreign := not_this_model(model, options["model_dir"])) is not None:
-        return [Site(path, "foreign", {"note": foreign})]
+        return [Site(path, "foreign", note=foreign)]
     diff = max_difference(head, tied_head(module))
     if diff == 0:
-        return [Site(path, "tied", {"note": SAME_AS_EMBEDDING})]
+        return [Site(path, "tied", note=SAME_AS_EMBEDDING)]
     tie = _config_tie(Path(options["model_dir"]))
     note = UNTIED.format(tie=tie, diff=diff)
-    return [Site(path, "untied", {"note": note, "changes_logits": True})]
+    return [Site(path, "untied", note=note, changes_logits=True)]
 
 
 def _config_tie(model_dir: Path) -> str:
@@ -105,7 +105,10 @@ def _config_tie(model_dir: Path) -> str:
 def not_this_model(model: nn.Module, model_dir: str) -> str | None:
     """Why the checkpoint cannot be proven to be the one ``model`` was loaded
     from, or None: its embedding and norms must equal the loaded ones."""
-    path, embedding = find_embedding(model)
+    found = find_embedding(model)
+    if found is None:
+        return NO_HEAD
+    path, embedding = found
     mine = {f"{path}.{k}": v for k, v in tree_flatten(embedding.parameters())}
     mine |= {k: v for k, v in tree_flatten(model.parameters()) if v.ndim == 1}
     theirs = read_arrays(model_dir, "")
@@ -124,7 +127,7 @@ def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
     if site.kind == "none":
         return NO_HEAD
     if site.kind == "foreign":
-        return site.detail["note"]
+        return site.note
     if site.kind == "linear":
         head = module_at(model, site.path)
         return ALREADY_EXPLICIT.format(cls=type(head).__name__)
@@ -141,7 +144,7 @@ def rewrite(model: nn.Module, site: Site, options: dict) -> None:
         head = checkpoint_head(arrays, embedding)
     else:
         head = tied_head(embedding)
-    new = rebuilt(embedding, headed_class(type(embedding)))
+    new = rebuilt(embedding, headed_class(embedding.__class__))
     new.lm_head = head
     parent[key] = new
 

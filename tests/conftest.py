@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
-from graphpatch import zoo
+from graphpatch.testing import zoo
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -18,7 +18,8 @@ from test_attack_inputs import PROPERTY
 from test_attack_save import digest, one_error_line
 from test_cli import run
 
-from graphpatch import golden, ring
+from graphpatch import golden
+from graphpatch.testing import ring
 
 GRAPHPATCH = Path(sys.executable).parent / "graphpatch"
 PYTHON = sys.executable

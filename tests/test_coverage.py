@@ -9,7 +9,7 @@ from pathlib import Path
 
 from test_cli import run
 
-from graphpatch import coverage
+from graphpatch.testing import coverage
 
 TABLE = Path(__file__).parent.parent / "docs" / "COVERAGE.md"
 SUBSET = [

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from graphpatch import ring
+from graphpatch.testing import ring
 
 RANKS = Path(__file__).parent / "ranks"
 

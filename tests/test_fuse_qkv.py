@@ -11,8 +11,8 @@ from mlx_lm.utils import quantize_model
 from test_distributed import launch
 
 import graphpatch
-from graphpatch import zoo
 from graphpatch.passes import fuse_qkv
+from graphpatch.testing import zoo
 
 # name, build options, sites rewritten, reasons of the sites left alone
 ARCHITECTURES = [

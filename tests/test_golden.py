@@ -7,12 +7,13 @@ import pytest
 from test_cli import run
 
 from graphpatch import golden
+from graphpatch.testing import zoo
 
 GOLDEN = sorted((Path(__file__).parent.parent / "golden").glob("*.safetensors"))
 
 
 def test_every_zoo_model_has_its_golden_files():
-    names = {golden.zoo_file_name(*entry) for entry in golden.ZOO}
+    names = {zoo.zoo_file_name(*entry) for entry in zoo.ZOO}
     assert {f.name for f in GOLDEN} == names
     assert all(f.stat().st_size < 16 * 1024 for f in GOLDEN)
 

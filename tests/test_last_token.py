@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 from mlx_lm.models.cache import make_prompt_cache
 
 import graphpatch
-from graphpatch import PassSpecError, zoo
+from graphpatch import PassSpecError
 from graphpatch.passes import last_token
+from graphpatch.testing import zoo
 
 # name, build options, where the head is found
 ARCHITECTURES = [

@@ -8,7 +8,7 @@ import mlx_lm
 import pytest
 
 import graphpatch
-from graphpatch import checkpoint, golden
+from graphpatch.testing import checkpoint, golden
 
 PASSES = "untied_head,fuse_glu,last_token"
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from graphpatch import ring
+from graphpatch.testing import ring
 
 GRAPHPATCH = str(Path(sys.executable).parent / "graphpatch")
 PYTHON = sys.executable

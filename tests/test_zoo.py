@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx_lm
 import pytest
 
-from graphpatch import zoo
+from graphpatch.testing import zoo
 
 
 @pytest.mark.parametrize("name", list(zoo.CONFIGS))

@@ -15,7 +15,7 @@ from mlx_lm.models.cache import make_prompt_cache
 import graphpatch
 from graphpatch.passes import elide_head
 from graphpatch.pipeline import pipelined
-from graphpatch.small_configs import build
+from graphpatch.testing.small_configs import build
 
 PROMPT = [[1, 7, 42, 5, 60, 3, 11, 2]]
 

@@ -24,7 +24,7 @@ import mlx_lm.models
 
 import graphpatch
 from graphpatch.passes import PASSES
-from graphpatch.small_configs import VOCAB, build
+from graphpatch.testing.small_configs import VOCAB, build
 
 TOKENS = [[1, 7, 42, 5, 60, 3, 11, 2]]
 
@@ -48,8 +48,10 @@ class Architecture:
 def architectures() -> list[str]:
     names = []
     for info in pkgutil.iter_modules(mlx_lm.models.__path__):
-        source = importlib.util.find_spec(f"mlx_lm.models.{info.name}").origin
-        with open(source) as f:
+        spec = importlib.util.find_spec(f"mlx_lm.models.{info.name}")
+        if spec is None or spec.origin is None:
+            continue
+        with open(spec.origin) as f:
             text = f.read()
         if "class Model(" in text and "class ModelArgs(" in text:
             names.append(info.name)
@@ -118,7 +120,7 @@ def cover_in_child(name: str, timeout: float = 300) -> Architecture:
     """``cover`` in a child process: an architecture that crashes the
     interpreter (a segfault, an exit on a missing dependency) or hangs is
     reported, not fatal."""
-    command = [sys.executable, "-m", "graphpatch.coverage", "--child", name]
+    command = [sys.executable, "-m", "graphpatch.testing.coverage", "--child", name]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

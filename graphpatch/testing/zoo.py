@@ -11,12 +11,14 @@ import contextlib
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import quantize_model
 
+from graphpatch import golden
 from graphpatch.loading import model_classes, write_safetensors
 
 VOCAB = 512
@@ -252,11 +254,53 @@ def write_tokenizer(out: Path) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
 
 
+# The golden files of golden/, checked by tests/test_golden.py:
+# (architecture, build options, passes).
+ZOO: list[tuple[str, dict[str, Any], str]] = [
+    ("llama", {}, ""),
+    ("llama", {}, "untied_head"),
+    ("llama", {}, "fuse_glu"),
+    ("llama", {}, "last_token"),
+    ("llama", {}, "fuse_glu,last_token"),
+    ("llama", {}, "fuse_qkv"),
+    ("llama", {"head": "negated"}, "untied_head"),
+    ("qwen3_moe", {"quant": "affine4"}, ""),
+    ("qwen3_moe", {"quant": "affine4"}, "fuse_glu"),
+    ("qwen3_moe", {"quant": "affine4"}, "fuse_glu,last_token"),
+    ("qwen3_moe", {"quant": "affine4"}, "fuse_glu,fuse_qkv,last_token"),
+    ("gemma2", {}, ""),
+    ("gemma2", {}, "last_token"),
+]
+
+
+def zoo_file_name(name: str, build: dict, passes: str) -> str:
+    parts = [name, *(f"{k}-{v}" for k, v in sorted(build.items()))]
+    parts.append(passes.replace(",", "+").replace(":", "-") or "unpatched")
+    return "_".join(parts) + ".safetensors"
+
+
+def record_zoo(out_dir: str | Path, work_dir: str | Path) -> list[Path]:
+    """Re-record every golden file of the zoo (a reviewed change: the diff of
+    golden/ is what a reviewer reads)."""
+    written = []
+    for name, options, passes in ZOO:
+        key = name + "".join(f"-{k}={v}" for k, v in sorted(options.items()))
+        model_dir = Path(work_dir) / key
+        if not model_dir.is_dir():
+            build(name, model_dir, **options)
+        out = Path(out_dir) / zoo_file_name(name, options, passes)
+        extra = {"zoo": json.dumps({"name": name, "build": options})}
+        written.append(golden.record(model_dir, out, passes, extra=extra))
+    return written
+
+
 def main() -> None:
     import sys
 
     if len(sys.argv) != 3 or sys.argv[1] not in CONFIGS:
-        sys.exit(f"usage: python -m graphpatch.zoo {{{','.join(CONFIGS)}}} OUT_DIR")
+        sys.exit(
+            f"usage: python -m graphpatch.testing.zoo {{{','.join(CONFIGS)}}} OUT_DIR"
+        )
     print(f"wrote {build(sys.argv[1], sys.argv[2])}")
 
 

@@ -10,6 +10,7 @@ table says why.
 import dataclasses
 import importlib
 import re
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -17,7 +18,7 @@ from mlx.utils import tree_flatten
 
 VOCAB = 256
 # Small values for the fields the architectures share; the rest keep defaults.
-SMALL = {
+SMALL: dict[str, Any] = {
     "hidden_size": 256,
     "dim": 256,
     "d_model": 256,
@@ -76,7 +77,7 @@ LLAMA4_ROPE = {
     "original_max_position_embeddings": 512,
 }
 HYBRID = {"full_attention_interval": 2, "num_hidden_layers": 4}
-HINTS = {
+HINTS: dict[str, dict[str, Any]] = {
     "deepseek_v2": {"rope_scaling": YARN},
     "deepseek_v32": {
         "rope_scaling": YARN,
@@ -98,7 +99,7 @@ HINTS = {
 
 
 def small_config(name: str, args_class: type) -> dict:
-    config = {"model_type": name}
+    config: dict[str, Any] = {"model_type": name}
     for f in dataclasses.fields(args_class):
         if f.name in SMALL:
             config[f.name] = SMALL[f.name]

@@ -10,7 +10,7 @@ embedding at 8) over float16 scales and float32 norms, as GGUF conversions
 keep them, and the tokenizer built from the file's vocabulary by transformers'
 GGUF converter. MLX's own GGUF reader refuses K-quants, hence ``gguf``.
 
-    python -m graphpatch.checkpoint OUT_DIR
+    python -m graphpatch.testing.checkpoint OUT_DIR
 """
 
 import contextlib
@@ -130,7 +130,7 @@ def _weights(reader, model: nn.Module) -> dict[str, mx.array]:
     weights = {}
     for name, _ in tree_flatten(model.parameters()):
         found = names.get_name(name, try_suffixes=(".weight",))
-        if found not in tensors:
+        if found is None or found not in tensors:
             continue
         tensor = tensors[found]
         array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
@@ -207,7 +207,7 @@ def model_dir(cache: Path = CACHE) -> Path:
 
 def main() -> None:
     if len(sys.argv) != 2:
-        sys.exit("usage: python -m graphpatch.checkpoint OUT_DIR")
+        sys.exit("usage: python -m graphpatch.testing.checkpoint OUT_DIR")
     out = Path(sys.argv[1])
     shutil.copytree(model_dir(), out)
     print(f"wrote {out}")
