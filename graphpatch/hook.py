@@ -175,7 +175,7 @@ def _emit(report, model: str) -> None:
         return
     lines = [f"{model}: {line}" for line in report.summary_lines()]
     lines += [f"{model}: {report.record}"] if report.record else []
-    lines += [f"  skipped {s.pass_name} {s.path}: {s.reason}" for s in report.skipped()]
+    lines += [f"  skipped {line}" for line in report.skipped_lines()]
     lines += [f"  warning: {warning}" for warning in report.warnings]
     for line in lines or [f"{model}: no passes chosen"]:
         print(f"{_prefix()}: {line}", file=sys.stderr, flush=True)

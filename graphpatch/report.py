@@ -98,6 +98,19 @@ class Report:
             )
         return lines
 
+    def skipped_lines(self) -> list[str]:
+        """One line per pass and reason: ``fuse_qkv model.layers.{0..1}.self_attn
+        (2 sites): q and v differ in bits (4 vs 6)``."""
+        groups: dict[tuple, list[str]] = {}
+        for site in self.skipped():
+            groups.setdefault((site.pass_name, site.reason), []).append(site.path)
+        return [
+            f"{name} {path_pattern(paths)}"
+            + (f" ({len(paths)} sites)" if len(paths) > 1 else "")
+            + f": {reason}"
+            for (name, reason), paths in groups.items()
+        ]
+
     def print(self, console: Console | None = None, verbose: bool = False) -> None:
         console = console or Console()
         console.print(self.table(verbose, console.width))

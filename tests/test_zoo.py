@@ -64,9 +64,11 @@ def test_wheel_ships_the_passes_and_the_command(tmp_path):
         check=True,
         timeout=300,
     )
-    (wheel,) = tmp_path.glob("graphpatch-*.whl")
+    (wheel,) = tmp_path.glob("mlx_graphpatch-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "graphpatch/passes/fuse_glu.py" in names
+    assert "graphpatch/passes/fuse_qkv.py" in names
+    assert "graphpatch/testing/zoo.py" in names
     assert "graphpatch/cli.py" in names
     assert not any(n.startswith(("passes/", "cli.py", "tests/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
