@@ -5,6 +5,7 @@ rewrites and undoes one site at a time. The manager owns verification: it runs
 the pass's probe on the site before and after the rewrite and compares.
 """
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -143,6 +144,38 @@ def rebuilt(module: nn.Module, cls: type[nn.Module] | None = None) -> nn.Module:
     vars(new).update(vars(module))
     new._no_grad = set(module._no_grad)  # not shared with the original
     return new
+
+
+@functools.cache
+def _marked_class(cls: type, marker: type) -> type:
+    return type(f"{marker.__name__}{cls.__name__}", (marker, cls), {"original": cls})
+
+
+def mark(module: nn.Module, marker: type, **settings) -> nn.Module:
+    """The one way a pass changes what a module does: a copy of ``module``
+    (same arrays, children and settings) whose class puts ``marker`` in front
+    of its own, so the marker's methods run first and reach the module's own
+    through ``super()``; ``settings`` become the copy's attributes (the
+    marker declares them, with defaults, as class attributes)."""
+    new = rebuilt(module, _marked_class(module.__class__, marker))
+    for name, value in settings.items():
+        setattr(new, name, value)
+    return new
+
+
+def unmark(module: nn.Module) -> nn.Module:
+    """The module as it was before ``mark``, its marker's settings dropped."""
+    cls = type(module)
+    original = rebuilt(module, cls.original)  # type: ignore[attr-defined]
+    marker = cls.__bases__[0]
+    for name in vars(marker):
+        vars(original).pop(name, None)
+    return original
+
+
+def marked(model: nn.Module, marker: type) -> list[str]:
+    """The paths of the modules ``mark`` gave ``marker``, in reading order."""
+    return [path for path, module in walk(model) if isinstance(module, marker)]
 
 
 def walk(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -10,6 +10,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from graphpatch.contract import module_at, rebuilt, walk
+from graphpatch.timing import interleaved_ratio
 
 
 class FusedCall:
@@ -211,3 +212,26 @@ def plain(model: nn.Module, weights: dict, names: tuple, fused: str) -> dict:
                 start, stop = call.bounds(index)
                 weights[f"{path}.{part_name}.{key}"] = rows(key, array, start, stop)
     return weights
+
+
+def timed(module: nn.Module, names: tuple, fused: str, calls: dict) -> dict:
+    """Unfused/fused time of ``module`` on each of ``calls`` (name -> args),
+    interleaved (``tune``): above 1 means fused is faster."""
+    parts = {name: module[name] for name in names}
+    call = parts[names[0]].call
+    unfused = {n: part(module[fused], *call.bounds(i)) for i, n in enumerate(names)}
+    mx.eval([m.parameters() for m in unfused.values()])
+
+    def run_with(children: dict, args: tuple):
+        def run():
+            module.update_modules(children)
+            mx.eval(module(*args))
+
+        return run
+
+    ratios = {
+        name: interleaved_ratio(run_with(unfused, args), run_with(parts, args))
+        for name, args in calls.items()
+    }
+    module.update_modules(parts)
+    return ratios

@@ -34,10 +34,11 @@ def _vocab_size(module: nn.Module) -> int | None:
 
 
 class Headed:
-    """Marks the embedding classes untied_head makes (their ``as_linear``
-    runs ``self.lm_head``); ``original`` names the class each was made from."""
+    """The marker untied_head puts on an embedding: its ``as_linear`` runs
+    its explicit ``lm_head`` child."""
 
-    original: type
+    def as_linear(self, x):
+        return self.lm_head(x)
 
 
 def logits_width(model: nn.Module) -> int | None:

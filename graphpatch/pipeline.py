@@ -12,8 +12,6 @@ cache edges that keep the ranks in step are untouched. ``gather_taken``
 proves it worked: a rank that still gathers sees rank 0's h exactly.
 """
 
-import functools
-
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.pipeline import PipelineMixin
@@ -82,9 +80,7 @@ class ElidedHead(StandIn, nn.Module):
 
 
 class Kept:
-    """Marks rank 0's head; ``original`` names the class it was made from."""
-
-    original: type
+    """The marker elide_head puts on rank 0's head, which still computes."""
 
 
 class Shared(Kept):
@@ -100,13 +96,6 @@ def is_elided(head: nn.Module) -> bool:
     return isinstance(head, (ElidedHead, Kept))
 
 
-@functools.cache
-def marked_class(cls: type, marker: type) -> type:
-    """``cls`` with ``marker`` (Kept, Shared or Ungathered) in front of it."""
-    name = f"{marker.__name__}{cls.__name__}"
-    return type(name, (marker, cls), {"original": cls})
-
-
 class NoGather(int):
     """The pipeline size, except that ``size > 1`` (mlx-lm's test for the
     gather) is False. Arithmetic gives plain ints, so recv and send still
@@ -120,9 +109,7 @@ class NoGather(int):
 
 
 class Ungathered:
-    """A pipelined body whose forward skips the final all-gather."""
-
-    original: type
+    """The marker on a pipelined body whose forward skips the final gather."""
 
     def __call__(self, *args, **kwargs):
         size = self.pipeline_size

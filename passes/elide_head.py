@@ -31,9 +31,10 @@ from graphpatch.contract import (
     GraphpatchError,
     Pass,
     Site,
+    mark,
     module_at,
     parent_and_key,
-    rebuilt,
+    unmark,
     walk,
 )
 from graphpatch.heads import head_path, is_tied, release_to_checkpoint
@@ -45,7 +46,6 @@ from graphpatch.pipeline import (
     broadcast_token,
     gather_taken,
     is_elided,
-    marked_class,
     pipelined,
 )
 from graphpatch.pipeline import sampler as sampler  # the documented name
@@ -129,10 +129,10 @@ def rewrite(model: nn.Module, site: Site, options: dict) -> str | None:
     parent, key = parent_and_key(model, site.path)
     module = parent[key]
     if site.kind == "gather":
-        parent[key] = rebuilt(module, marked_class(module.__class__, Ungathered))
+        parent[key] = mark(module, Ungathered)
     elif site.kind == "final":
         marker = Shared if options["logits"] else Kept
-        parent[key] = rebuilt(module, marked_class(module.__class__, marker))
+        parent[key] = mark(module, marker)
     else:
         parent[key], note = _elided(model, module, options)
         return note
@@ -158,7 +158,7 @@ def undo(model: nn.Module, path: str) -> None:
     if isinstance(module, ElidedHead):
         parent[key] = module.held
     else:
-        parent[key] = rebuilt(module, type(module).original)
+        parent[key] = unmark(module)
 
 
 def applied(model: nn.Module) -> list[str]:

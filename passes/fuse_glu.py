@@ -19,9 +19,8 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from graphpatch import fusion, record
 from graphpatch.contract import Pass, Site, module_at, walk
-from graphpatch.fusion import FusedPart, part
+from graphpatch.fusion import FusedPart
 from graphpatch.fusion import joined as _joined  # looked up per call: tests swap it
-from graphpatch.timing import interleaved_ratio
 
 LAYERS = (
     nn.Linear,
@@ -156,36 +155,18 @@ def probe(model: nn.Module, site: Site, dtype, options: dict, recorded: dict):
 
 
 def tune(model: nn.Module, site: Site, dtype) -> tuple[dict, str | None]:
-    """Time the fused site against the unfused one, interleaved, on decode
-    (B=1, L=1) and prefill (B=1, L=128) shapes; undo the fusion where either
-    is slower. Returns the unfused/fused ratios and the reason, if undone."""
-    module = module_at(model, site.path)
-    fused = {"gate_proj": module["gate_proj"], "up_proj": module["up_proj"]}
-    split = fused["gate_proj"].call.split
-    unfused = {
-        "gate_proj": part(module["gate_up_proj"], 0, split),
-        "up_proj": part(module["gate_up_proj"], split, None),
+    """Time the fused site against the unfused one on decode (B=1, L=1) and
+    prefill (B=1, L=128) shapes; undo the fusion where either is slower."""
+    shapes = {"decode": (1, 1), "prefill": (1, 128)}
+    calls = {
+        name: _inputs(model, site, dtype, [shape])[0] for name, shape in shapes.items()
     }
-    mx.eval([m.parameters() for m in unfused.values()])
-    ratios = {}
-    for name, shape in (("decode", (1, 1)), ("prefill", (1, 128))):
-        (args,) = _inputs(model, site, dtype, [shape])
-        ratios[name] = interleaved_ratio(
-            _run_with(module, unfused, args), _run_with(module, fused, args)
-        )
-    module.update_modules(fused)
+    module = module_at(model, site.path)
+    ratios = fusion.timed(module, NAMES, FUSED, calls)
     if min(ratios.values()) < 1.0:
         undo(model, site.path)
         return ratios, SLOWER.format(**ratios)
     return ratios, None
-
-
-def _run_with(module: nn.Module, children: dict, args: tuple):
-    def run():
-        module.update_modules(children)
-        mx.eval(module(*args))
-
-    return run
 
 
 PASS = Pass(

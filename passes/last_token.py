@@ -14,12 +14,18 @@ Equivalence:   the last ``keep`` positions of a long call and every position
                of a short one equal the unpatched model's.
 """
 
-import functools
-
 import mlx.core as mx
 import mlx.nn as nn
 
-from graphpatch.contract import Pass, Site, module_at, parent_and_key, rebuilt, walk
+from graphpatch.contract import (
+    Pass,
+    Site,
+    mark,
+    marked,
+    module_at,
+    parent_and_key,
+    unmark,
+)
 from graphpatch.heads import head_input, head_path, head_tap
 from graphpatch.limits import context_length
 from graphpatch.pipeline import is_elided
@@ -42,28 +48,21 @@ SPECULATIVE = (
 
 
 class LastToken:
-    """Marks the classes this pass makes; ``keep`` and ``short`` are set per
-    instance and ``original`` names the class it was made from."""
+    """The marker this pass puts on a head: it runs on the last ``keep``
+    positions of calls longer than ``short``."""
 
     keep: int = 1
     short: int = 32
-    original: type
 
     def kept(self, length: int) -> int:
         """How many positions a call of ``length`` returns (elide_head's
         stand-in asks, to shape its zeros like rank 0's logits)."""
         return self.keep if length > max(self.keep, self.short) else length
 
-
-@functools.cache
-def last_token_class(cls: type) -> type:
     def __call__(self, x):
         if x.ndim >= 3:
             x = x[..., -self.kept(x.shape[-2]) :, :]
-        return cls.__call__(self, x)
-
-    body = {"__call__": __call__, "original": cls}
-    return type(f"LastToken{cls.__name__}", (LastToken, cls), body)
+        return super().__call__(x)  # type: ignore[misc]  # the head's own
 
 
 def find(model: nn.Module, options: dict) -> list[Site]:
@@ -88,20 +87,17 @@ def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
 
 def rewrite(model: nn.Module, site: Site, options: dict) -> None:
     parent, key = parent_and_key(model, site.path)
-    head = rebuilt(parent[key], last_token_class(parent[key].__class__))
-    head.keep, head.short = options["keep"], options["short"]
-    parent[key] = head
+    keep, short = options["keep"], options["short"]
+    parent[key] = mark(parent[key], LastToken, keep=keep, short=short)
 
 
 def undo(model: nn.Module, path: str) -> None:
     parent, key = parent_and_key(model, path)
-    head = rebuilt(parent[key], type(parent[key]).original)
-    del vars(head)["keep"]
-    parent[key] = head
+    parent[key] = unmark(parent[key])
 
 
 def applied(model: nn.Module) -> list[str]:
-    return [p for p, m in walk(model) if isinstance(m, LastToken)]
+    return marked(model, LastToken)
 
 
 def options_in(model: nn.Module) -> dict:

@@ -15,7 +15,6 @@ Equivalence:   tied: every position, bit for bit. Untied: the head computes
                and the report says by how much the two heads differ.
 """
 
-import functools
 import json
 from pathlib import Path
 
@@ -23,7 +22,15 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from graphpatch.contract import Pass, Site, module_at, parent_and_key, rebuilt, walk
+from graphpatch.contract import (
+    Pass,
+    Site,
+    mark,
+    marked,
+    module_at,
+    parent_and_key,
+    unmark,
+)
 from graphpatch.heads import (
     Headed,
     checkpoint_head,
@@ -60,15 +67,6 @@ UNTIED = (
     "the checkpoint's own lm_head.* (config {tie}), which differs from the "
     "embedding by up to {diff:.3g}: logits change by design"
 )
-
-
-@functools.cache
-def headed_class(cls: type) -> type:
-    def as_linear(self, x):
-        return self.lm_head(x)
-
-    body = {"as_linear": as_linear, "original": cls}
-    return type(f"Headed{cls.__name__}", (Headed, cls), body)
 
 
 def find(model: nn.Module, options: dict) -> list[Site]:
@@ -144,20 +142,20 @@ def rewrite(model: nn.Module, site: Site, options: dict) -> None:
         head = checkpoint_head(arrays, embedding)
     else:
         head = tied_head(embedding)
-    new = rebuilt(embedding, headed_class(embedding.__class__))
+    new = mark(embedding, Headed)
     new.lm_head = head
     parent[key] = new
 
 
 def undo(model: nn.Module, path: str) -> None:
     parent, key = parent_and_key(model, path)
-    embedding = rebuilt(parent[key], type(parent[key]).original)
+    embedding = unmark(parent[key])
     del embedding["lm_head"]
     parent[key] = embedding
 
 
 def applied(model: nn.Module) -> list[str]:
-    return [p for p, m in walk(model) if isinstance(m, Headed)]
+    return marked(model, Headed)
 
 
 def plain(model: nn.Module, weights: dict) -> dict:
