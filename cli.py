@@ -16,7 +16,6 @@ from graphpatch.contract import GraphpatchError, VerificationError
 from graphpatch.loading import (
     check_config,
     check_weights,
-    load,
     model_path,
     read_config,
     regular_file,
@@ -177,7 +176,9 @@ def apply_cmd(
                 err.print(line, highlight=False)
         verify = _verify_mode("never" if no_verify else verify)
         with err.status(f"loading {model_dir}"):
-            model, _, _ = load(model_dir, lazy=verify == "never", verify=verify)
+            model, _, _ = graphpatch.load(
+                model_dir, lazy=verify == "never", verify=verify
+            )
         with err.status("applying and verifying") as status:
             report = verified.apply(
                 model, passes or None, model_dir, verify, progress=status.update

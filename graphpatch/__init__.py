@@ -1,20 +1,20 @@
 """graphpatch: verified rewrite passes for loaded MLX language models."""
 
+from graphpatch._version import __version__
 from graphpatch.contract import (
     GraphpatchError,
     NotAModelError,
     PassSpecError,
     VerificationError,
 )
-from graphpatch.loading import LoadError, load
+from graphpatch.loading import LoadError
 from graphpatch.manager import apply, resolve, revert
 from graphpatch.passes import PASSES
 from graphpatch.report import Report
-from graphpatch.saving import SaveError, save
-
-__version__ = "0.1.0"
+from graphpatch.saving import SaveError, load, save
 
 __all__ = [
+    "__version__",
     "PASSES",
     "GraphpatchError",
     "LoadError",

@@ -18,17 +18,18 @@ import mlx.core as mx
 import mlx_lm
 
 import graphpatch
+from graphpatch._version import __version__
 from graphpatch.contract import GraphpatchError
 from graphpatch.limits import check_tokens
 from graphpatch.loading import (
     LoadError,
     check_safetensors,
-    load,
     quiet_transformers,
     read_config,
     regular_file,
     write_failure,
 )
+from graphpatch.saving import load
 from graphpatch.verify import PROBE_TOKENS, TOLERANCE, dtype_name, logits_dtype
 
 TOP_K = 8
@@ -81,7 +82,7 @@ def _metadata(
     dtype = logits_dtype(model)
     atol, rtol = TOLERANCE.get(dtype, TOLERANCE[mx.float32])
     return {
-        "graphpatch": graphpatch.__version__,
+        "graphpatch": __version__,
         "mlx": mx.__version__,
         "mlx_lm": mlx_lm.__version__,
         "platform": platform.platform(),

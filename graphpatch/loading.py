@@ -329,47 +329,9 @@ def read_arrays(model_dir: str | Path, prefix: str) -> dict[str, mx.array]:
     return arrays
 
 
-def load(
-    model_dir: str | Path, lazy: bool = False, verify: str = "cached"
-) -> tuple[nn.Module, object, dict]:
-    """Load a local model directory with ``mlx_lm.load``; a graphpatch save
-    comes back patched as it was saved.
-
-    Args:
-        model_dir: a directory with config.json, safetensors and a tokenizer.
-        lazy: leave the weights unevaluated (loaded when first used).
-        verify: for a plain save, how the recorded passes it re-applies are
-            verified: ``always``, ``cached`` or ``never`` (the only one that
-            keeps a lazy model lazy).
-
-    Returns:
-        (model, tokenizer, config).
-
-    Raises:
-        LoadError: the directory cannot be loaded; the message says why.
-    """
-    from graphpatch import saving  # saving writes with loading's helpers
-
-    model_dir = model_path(model_dir)
-    config = read_config(model_dir)
-    names = check_weights(model_dir)
-    if saving.is_fused(config):
-        try:
-            return saving.load_fused(model_dir, lazy)
-        except GraphpatchError:
-            raise
-        except Exception as e:
-            raise LoadError(f"{model_dir}: cannot open the saved model: {e}") from None
-    if "graphpatch" in config:
-        saving.recorded(model_dir, config)  # a bad section, before loading
-    check_config(model_dir, config, names)
-    model, tokenizer, config = _mlx_lm_load(model_dir, lazy)
-    if "graphpatch" in config:
-        saving.reapply(model, model_dir, config, verify)
-    return model, tokenizer, config
-
-
-def _mlx_lm_load(model_dir: Path, lazy: bool) -> tuple[nn.Module, object, dict]:
+def mlx_lm_load_checked(model_dir: Path, lazy: bool) -> tuple[nn.Module, object, dict]:
+    """``mlx_lm.load``, its errors as one LoadError line; a tied model whose
+    checkpoint holds a quantized head's scales and biases loads too."""
     try:
         return mlx_lm_load(str(model_dir), lazy=lazy, return_config=True)
     except ValueError as e:

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field
 from rich.console import Console
 from rich.table import Table
 
+from graphpatch._version import __version__
+
 REWRITTEN = "rewritten"
 SKIPPED = "skipped"
 SCHEMA = 1  # of to_dict(): bumped when a key changes meaning or goes away
@@ -78,8 +80,6 @@ class Report:
         return sum(s.bytes_after - s.bytes_before for s in self.rewritten())
 
     def to_dict(self) -> dict:
-        from graphpatch import __version__
-
         return {"schema": SCHEMA, "graphpatch": __version__, **asdict(self)}
 
     def to_json(self) -> str:

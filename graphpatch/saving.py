@@ -1,4 +1,5 @@
-"""Save a patched model as a model directory, and open it again.
+"""Open a model directory (``load``: plain mlx-lm models and graphpatch
+saves alike), and save a patched model as one.
 
 The default, plain, format is a directory ``mlx_lm.load`` opens as a normal
 model: the weights under the unpatched architecture's names (a fused
@@ -28,14 +29,19 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import infer_quant_config, load_tokenizer
 
-import graphpatch
+from graphpatch._version import __version__
 from graphpatch.contract import GraphpatchError
 from graphpatch.loading import (
     EXTRA_WEIGHTS,
     LoadError,
+    check_config,
+    check_weights,
+    mlx_lm_load_checked,
     model_classes,
+    model_path,
     quiet_transformers,
     read_arrays,
+    read_config,
     write_failure,
     write_safetensors,
 )
@@ -156,7 +162,7 @@ def save(
     config = json.loads((source_dir / "config.json").read_text())
     if config.get("model_type") == MODEL_TYPE:
         raise SaveError(f"{source_dir} is already a saved patched model")
-    section: dict = {"version": graphpatch.__version__, "format": format}
+    section: dict = {"version": __version__, "format": format}
     section["passes"] = _record(model)
     if format == "fused":
         weights, aliases = _weights(model)
@@ -239,6 +245,44 @@ def _copy_other_files(source_dir: Path, out: Path) -> None:
     for file in source_dir.iterdir():
         if file.is_file() and file.name not in skip and file.suffix != ".safetensors":
             shutil.copy2(file, out / file.name)
+
+
+def load(
+    model_dir: str | Path, lazy: bool = False, verify: str = "cached"
+) -> tuple[nn.Module, object, dict]:
+    """Load a local model directory with ``mlx_lm.load``; a graphpatch save
+    comes back patched as it was saved.
+
+    Args:
+        model_dir: a directory with config.json, safetensors and a tokenizer.
+        lazy: leave the weights unevaluated (loaded when first used).
+        verify: for a plain save, how the recorded passes it re-applies are
+            verified: ``always``, ``cached`` or ``never`` (the only one that
+            keeps a lazy model lazy).
+
+    Returns:
+        (model, tokenizer, config).
+
+    Raises:
+        LoadError: the directory cannot be loaded; the message says why.
+    """
+    model_dir = model_path(model_dir)
+    config = read_config(model_dir)
+    names = check_weights(model_dir)
+    if is_fused(config):
+        try:
+            return load_fused(model_dir, lazy)
+        except GraphpatchError:
+            raise
+        except Exception as e:
+            raise LoadError(f"{model_dir}: cannot open the saved model: {e}") from None
+    if "graphpatch" in config:
+        recorded(model_dir, config)  # a bad section, before loading
+    check_config(model_dir, config, names)
+    model, tokenizer, config = mlx_lm_load_checked(model_dir, lazy)
+    if "graphpatch" in config:
+        reapply(model, model_dir, config, verify)
+    return model, tokenizer, config
 
 
 def is_fused(config: dict) -> bool:

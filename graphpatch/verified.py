@@ -22,6 +22,7 @@ import mlx.nn as nn
 import mlx_lm
 
 import graphpatch
+from graphpatch._version import __version__
 from graphpatch.contract import module_at
 from graphpatch.manager import apply as apply_passes
 from graphpatch.plan import resolve
@@ -41,7 +42,7 @@ def key(model_dir: Path, specs: list[str]) -> str:
     parts = {
         "config": hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest(),
         "weights": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files],
-        "versions": [graphpatch.__version__, mx.__version__, mlx_lm.__version__],
+        "versions": [__version__, mx.__version__, mlx_lm.__version__],
         "passes": specs,
     }
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]

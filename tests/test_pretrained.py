@@ -8,7 +8,8 @@ import mlx_lm
 import pytest
 
 import graphpatch
-from graphpatch.testing import checkpoint, golden
+from graphpatch import golden
+from graphpatch.testing import checkpoint
 
 PASSES = "untied_head,fuse_glu,last_token"
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]

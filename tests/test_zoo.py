@@ -76,3 +76,12 @@ def test_wheel_ships_the_passes_and_the_command(tmp_path):
         "graphpatch = graphpatch.cli:main"
         in zipfile.ZipFile(wheel).read(entry_points).decode()
     )
+
+
+def test_the_package_links_to_the_top_level_passes_and_cli():
+    """One copy of each: graphpatch/passes and graphpatch/cli.py are links
+    (an editor or ``sed -i`` that writes a copy breaks the layout)."""
+    root = __import__("pathlib").Path(__file__).parents[1]
+    assert (root / "graphpatch" / "cli.py").is_symlink()
+    assert (root / "graphpatch" / "passes").is_symlink()
+    assert (root / "graphpatch" / "cli.py").resolve() == (root / "cli.py").resolve()
