@@ -173,7 +173,7 @@ def apply_cmd(
             shard_bytes = saving.max_shard_bytes(max_shard_mb)
             saving.check_format(save_format)
             for line in saving.prepare(model_dir, save, force):
-                err.print(line, highlight=False)
+                err.print(line, highlight=False, soft_wrap=True)
         verify = _verify_mode("never" if no_verify else verify)
         with err.status(f"loading {model_dir}"):
             model, _, _ = graphpatch.load(
@@ -204,7 +204,7 @@ def apply_cmd(
                 )
         except GraphpatchError as e:
             fail(str(e))
-        err.print(f"saved {save}", highlight=False)
+        err.print(f"saved {save}", highlight=False, soft_wrap=True)
 
 
 def _verify_mode(verify: str) -> str:
@@ -393,7 +393,7 @@ def golden_record(
         file = golden.record(model_path(model), out_file, passes, texts)
     except GraphpatchError as e:
         fail(str(e))
-    out.print(f"wrote {file}", highlight=False)
+    out.print(f"wrote {file}", highlight=False, soft_wrap=True)
 
 
 def _read_prompts(file: Path) -> list[str]:

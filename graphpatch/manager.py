@@ -119,7 +119,7 @@ def apply(
                 if result.status == REWRITTEN:
                     done.append((p, site.path))
             # A rank that rewrote nothing still joins the others' check.
-            if verify and not _everywhere(not report.rewritten(p.name)):
+            if verify and _anywhere(bool(report.rewritten(p.name))):
                 progress(f"{p.name}: checking the model")
                 reference = _check_model(model, p, tokens, reference, report, sites)
     except BaseException:
@@ -162,6 +162,11 @@ def _reference(model: nn.Module, tokens: mx.array, taps: list) -> tuple:
             "nothing can be verified against them"
         )
     return logits, recorded
+
+
+def _anywhere(happened: bool) -> bool:
+    """Whether ``happened`` holds on some rank of the global group."""
+    return not _everywhere(not happened)
 
 
 def _everywhere(ok: bool) -> bool:

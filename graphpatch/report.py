@@ -129,7 +129,7 @@ class Report:
                 f"top-1 agreement {check.top1:.0%}: {mark}"
             )
         if self.record:
-            console.print(self.record, highlight=False)
+            console.print(self.record, highlight=False, soft_wrap=True)  # a path
         for warning in self.warnings:
             console.print(f"[yellow]warning:[/yellow] {warning}")
         delta = self.bytes_delta

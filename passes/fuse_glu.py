@@ -20,7 +20,6 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 from graphpatch import fusion, record
 from graphpatch.contract import Pass, Site, module_at, walk
 from graphpatch.fusion import FusedPart
-from graphpatch.fusion import joined as _joined  # looked up per call: tests swap it
 
 LAYERS = (
     nn.Linear,
@@ -99,7 +98,8 @@ def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
 
 def rewrite(model: nn.Module, site: Site, options: dict) -> None:
     module = module_at(model, site.path)
-    fusion.fuse(module, NAMES, FUSED, _joined(module["gate_proj"], module["up_proj"]))
+    fused = fusion.joined(module["gate_proj"], module["up_proj"])
+    fusion.fuse(module, NAMES, FUSED, fused)
 
 
 def undo(model: nn.Module, path: str) -> None:

@@ -6,7 +6,7 @@ import pytest
 from conftest import TOKENS, assert_same_bits, snapshot
 
 import graphpatch
-from graphpatch import GraphpatchError, PassSpecError, VerificationError
+from graphpatch import GraphpatchError, PassSpecError, VerificationError, fusion
 from graphpatch.contract import NotAModelError, Pass, Site, module_at
 from graphpatch.passes import PASSES, fuse_glu
 
@@ -148,8 +148,8 @@ def test_failed_site_check_restores_the_site(load_zoo, monkeypatch):
 
 def test_wrong_concatenation_order_is_caught(load_zoo, monkeypatch):
     """The field's classic pitfall: [up, gate] where [gate, up] is split."""
-    real = fuse_glu._joined
-    monkeypatch.setattr(fuse_glu, "_joined", lambda gate, up: real(up, gate))
+    real = fusion.joined
+    monkeypatch.setattr(fusion, "joined", lambda gate, up: real(up, gate))
     model, _ = load_zoo("qwen3_moe")
     before = snapshot(model)
     report = graphpatch.apply(model, ["fuse_glu"])

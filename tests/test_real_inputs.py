@@ -7,7 +7,7 @@ import pytest
 from conftest import TOKENS
 
 import graphpatch
-from graphpatch import record
+from graphpatch import fusion, record
 from graphpatch.contract import rebuilt
 from graphpatch.fusion import joined
 from graphpatch.passes import fuse_glu
@@ -61,7 +61,7 @@ class HalfInput(nn.QuantizedLinear):
 
 def test_a_wrong_rewrite_visible_only_in_float32_is_caught(load_zoo, monkeypatch):
     monkeypatch.setattr(
-        fuse_glu, "_joined", lambda gate, up: rebuilt(joined(gate, up), HalfInput)
+        fusion, "joined", lambda gate, up: rebuilt(joined(gate, up), HalfInput)
     )
     model, _ = load_zoo("llama", dtype="float16", quant="affine4", norms="float32")
     reference = model(TOKENS)
