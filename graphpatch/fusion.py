@@ -235,3 +235,23 @@ def timed(module: nn.Module, names: tuple, fused: str, calls: dict) -> dict:
     }
     module.update_modules(parts)
     return ratios
+
+
+def hooks(names: tuple[str, ...], fused: str) -> dict:
+    """What every fusing pass does alike, as ``Pass`` fields: rewrite (join
+    ``names`` under ``fused``), undo, applied, plain and fuses."""
+
+    def rewrite(model: nn.Module, site, options: dict) -> None:
+        module = module_at(model, site.path)
+        fuse(module, names, fused, joined(*(module[n] for n in names)))
+
+    def undo(model: nn.Module, path: str) -> None:
+        unfuse(module_at(model, path), names, fused)
+
+    return {
+        "rewrite": rewrite,
+        "undo": undo,
+        "applied": lambda model: fused_paths(model, names[0]),
+        "plain": lambda model, weights: plain(model, weights, names, fused),
+        "fuses": {fused: names},
+    }

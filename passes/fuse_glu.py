@@ -96,25 +96,6 @@ def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
     return fusion.why_not_joined(layers, LAYERS)
 
 
-def rewrite(model: nn.Module, site: Site, options: dict) -> None:
-    module = module_at(model, site.path)
-    fused = fusion.joined(module["gate_proj"], module["up_proj"])
-    fusion.fuse(module, NAMES, FUSED, fused)
-
-
-def undo(model: nn.Module, path: str) -> None:
-    fusion.unfuse(module_at(model, path), NAMES, FUSED)
-
-
-def applied(model: nn.Module) -> list[str]:
-    return fusion.fused_paths(model, NAMES[0])
-
-
-def plain(model: nn.Module, weights: dict) -> dict:
-    """Each fused array back under gate_proj and up_proj, bit for bit."""
-    return fusion.plain(model, weights, NAMES, FUSED)
-
-
 def _inputs(model: nn.Module, site: Site, dtype, shapes, k: int = 2) -> list[tuple]:
     """Synthetic inputs of ``dtype``: (x,) or, for experts, (x, indices)."""
     module = module_at(model, site.path)
@@ -164,7 +145,7 @@ def tune(model: nn.Module, site: Site, dtype) -> tuple[dict, str | None]:
     module = module_at(model, site.path)
     ratios = fusion.timed(module, NAMES, FUSED, calls)
     if min(ratios.values()) < 1.0:
-        undo(model, site.path)
+        fusion.unfuse(module, NAMES, FUSED)
         return ratios, SLOWER.format(**ratios)
     return ratios, None
 
@@ -174,13 +155,9 @@ PASS = Pass(
     summary="gate_proj + up_proj as one matmul (dense and MoE, any activation)",
     find=find,
     why_not=why_not,
-    rewrite=rewrite,
-    undo=undo,
-    applied=applied,
     probe=probe,
     options={"tune": False},
     tune=tune,
     taps=taps,
-    plain=plain,
-    fuses={FUSED: NAMES},
+    **fusion.hooks(NAMES, FUSED),
 )

@@ -60,24 +60,6 @@ def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
     return fusion.why_not_joined({name: module[name] for name in NAMES}, LAYERS)
 
 
-def rewrite(model: nn.Module, site: Site, options: dict) -> None:
-    module = module_at(model, site.path)
-    fusion.fuse(module, NAMES, FUSED, fusion.joined(*(module[n] for n in NAMES)))
-
-
-def undo(model: nn.Module, path: str) -> None:
-    fusion.unfuse(module_at(model, path), NAMES, FUSED)
-
-
-def applied(model: nn.Module) -> list[str]:
-    return fusion.fused_paths(model, NAMES[0])
-
-
-def plain(model: nn.Module, weights: dict) -> dict:
-    """Each fused array back under q_proj, k_proj and v_proj, bit for bit."""
-    return fusion.plain(model, weights, NAMES, FUSED)
-
-
 def taps(model: nn.Module, options: dict) -> list[tuple[str, str]]:
     sites = [s for s in find(model, options) if s.kind == "attention"]
     return [(f"{s.path}.q_proj", "__call__") for s in sites]
@@ -107,11 +89,7 @@ PASS = Pass(
     summary="q_proj + k_proj + v_proj as one matmul (any head counts, GQA, biases)",
     find=find,
     why_not=why_not,
-    rewrite=rewrite,
-    undo=undo,
-    applied=applied,
     probe=probe,
     taps=taps,
-    plain=plain,
-    fuses={FUSED: NAMES},
+    **fusion.hooks(NAMES, FUSED),
 )

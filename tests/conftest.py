@@ -61,3 +61,18 @@ def assert_same_bits(before: dict, after: dict) -> None:
 
 
 TOKENS = mx.array([[5, 9, 33, 2, 17, 41, 8, 3, 12, 60]])
+
+
+def calls_of(layer, run) -> int:
+    """How many times ``run()`` calls ``layer`` (its class's ``__call__``
+    counted for this instance only)."""
+    calls = []
+    original = type(layer).__call__
+    type(layer).__call__ = lambda self, *a, **k: (
+        calls.append(self) or original(self, *a, **k)
+    )
+    try:
+        run()
+    finally:
+        type(layer).__call__ = original
+    return sum(c is layer for c in calls)

@@ -4,7 +4,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
 import pytest
-from conftest import TOKENS, assert_same_bits, snapshot
+from conftest import TOKENS, assert_same_bits, calls_of, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlx_lm.utils import quantize_model
@@ -51,17 +51,8 @@ def test_moe_runs_one_gather_for_gate_and_up(load_zoo):
     assert isinstance(switch.gate_up_proj, type(switch.down_proj))
     assert switch.gate_up_proj.weight.shape == (8, 256, 128)
     assert isinstance(switch.gate_proj, fuse_glu.FusedPart)
-    calls = []
-    fused = switch.gate_up_proj
-    original = type(fused).__call__
-    type(fused).__call__ = lambda self, *a, **k: (
-        calls.append(self) or original(self, *a, **k)
-    )
-    try:
-        model(TOKENS)
-    finally:
-        type(fused).__call__ = original
-    assert sum(c is fused for c in calls) == 1  # gate and up: one gather_mm
+    # gate and up: one gather_mm
+    assert calls_of(switch.gate_up_proj, lambda: model(TOKENS)) == 1
 
 
 MODES = st.sampled_from(

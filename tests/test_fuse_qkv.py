@@ -4,7 +4,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
 import pytest
-from conftest import TOKENS, assert_same_bits, snapshot
+from conftest import TOKENS, assert_same_bits, calls_of, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlx_lm.utils import quantize_model
@@ -48,17 +48,7 @@ def test_one_matmul_for_q_k_and_v(load_zoo):
     # 4 query heads and 2 key/value heads of 32: 128 + 64 + 64 rows, with bias
     assert attention.qkv_proj.weight.shape == (256, 128)
     assert attention.qkv_proj.bias.shape == (256,)
-    calls = []
-    fused = attention.qkv_proj
-    original = type(fused).__call__
-    type(fused).__call__ = lambda self, *a, **k: (
-        calls.append(self) or original(self, *a, **k)
-    )
-    try:
-        model(TOKENS)
-    finally:
-        type(fused).__call__ = original
-    assert sum(c is fused for c in calls) == 1
+    assert calls_of(attention.qkv_proj, lambda: model(TOKENS)) == 1
 
 
 MODES = st.sampled_from(
