@@ -8,7 +8,9 @@ import mlx_lm
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
+from mlx_lm.utils import quantize_model
 
+import graphpatch
 from graphpatch.testing import zoo
 
 
@@ -76,3 +78,22 @@ def calls_of(layer, run) -> int:
     finally:
         type(layer).__call__ = original
     return sum(c is layer for c in calls)
+
+
+def assert_exact_and_redone(model, config, mode, dtype: str, tokens, name: str):
+    """Cast to ``dtype`` and quantized as ``mode`` (kind, bits, group, or
+    None), the model is rewritten by ``name`` at both layers, bit-exactly on
+    ``tokens``; revert and a second apply give the same bits."""
+    model.set_dtype(getattr(mx, dtype))
+    if mode is not None:
+        kind, bits, group = mode
+        model, _ = quantize_model(model, config, group, bits, mode=kind)
+    reference = model(tokens)
+    report = graphpatch.apply(model, [name], probe=tokens)
+    assert len(report.rewritten()) == 2, [s.reason for s in report.skipped()]
+    out = model(tokens)
+    assert out.dtype == reference.dtype and mx.array_equal(out, reference)
+    before = snapshot(model)
+    graphpatch.revert(model)
+    graphpatch.apply(model, [name], verify=False)
+    assert_same_bits(before, snapshot(model))

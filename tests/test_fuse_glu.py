@@ -4,7 +4,13 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
 import pytest
-from conftest import TOKENS, assert_same_bits, calls_of, snapshot
+from conftest import (
+    TOKENS,
+    assert_exact_and_redone,
+    assert_same_bits,
+    calls_of,
+    snapshot,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mlx_lm.utils import quantize_model
@@ -83,21 +89,8 @@ def test_equivalence_property(
         name, hidden_size=hidden, intermediate_size=intermediate, **sizes
     )
     model = zoo.make_model(config, seed)
-    model.set_dtype(getattr(mx, dtype))
-    if mode is not None:
-        kind, bits, group = mode
-        model, _ = quantize_model(model, config, group, bits, mode=kind)
     tokens = mx.random.randint(0, 512, (batch, length), key=mx.random.key(seed))
-    reference = model(tokens)
-    report = graphpatch.apply(model, ["fuse_glu"], probe=tokens)
-    assert len(report.rewritten()) == 2, [s.reason for s in report.skipped()]
-    out = model(tokens)
-    assert out.dtype == reference.dtype
-    assert mx.array_equal(out, reference)
-    before = snapshot(model)
-    graphpatch.revert(model)
-    graphpatch.apply(model, ["fuse_glu"], verify=False)
-    assert_same_bits(before, snapshot(model))
+    assert_exact_and_redone(model, config, mode, dtype, tokens, "fuse_glu")
 
 
 def _llama(**overrides):

@@ -4,10 +4,15 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
 import pytest
-from conftest import TOKENS, assert_same_bits, calls_of, snapshot
+from conftest import (
+    TOKENS,
+    assert_exact_and_redone,
+    assert_same_bits,
+    calls_of,
+    snapshot,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from mlx_lm.utils import quantize_model
 from test_distributed import launch
 
 import graphpatch
@@ -76,19 +81,8 @@ def test_equivalence_property(mode, dtype, heads, head_dim, batch, length, seed)
         head_dim=head_dim,
     )
     model = zoo.make_model(config, seed)
-    model.set_dtype(getattr(mx, dtype))
-    if mode is not None:
-        kind, bits, group = mode
-        model, _ = quantize_model(model, config, group, bits, mode=kind)
     tokens = mx.random.randint(0, 512, (batch, length), key=mx.random.key(seed))
-    reference = model(tokens)
-    report = graphpatch.apply(model, ["fuse_qkv"], probe=tokens)
-    assert len(report.rewritten()) == 2, [s.reason for s in report.skipped()]
-    assert mx.array_equal(model(tokens), reference)
-    before = snapshot(model)
-    graphpatch.revert(model)
-    graphpatch.apply(model, ["fuse_qkv"], verify=False)
-    assert_same_bits(before, snapshot(model))
+    assert_exact_and_redone(model, config, mode, dtype, tokens, "fuse_qkv")
 
 
 def test_revert_restores_every_bit(load_zoo):
