@@ -135,6 +135,12 @@ class Pass:
         return f"GRAPHPATCH_{self.name.upper()}"
 
 
+class TakenOver:
+    """Marks a head one pass has taken over (elide_head's stand-in, and rank
+    0's head it keeps): passes that wrap heads leave such a head alone, so
+    that every rank of a group decides alike."""
+
+
 def rebuilt(module: nn.Module, cls: type[nn.Module] | None = None) -> nn.Module:
     """A new instance of ``cls`` (default: the module's own class) holding the
     same arrays, children and settings, built without ``__init__``."""

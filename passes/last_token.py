@@ -20,6 +20,7 @@ import mlx.nn as nn
 from graphpatch.contract import (
     Pass,
     Site,
+    TakenOver,
     mark,
     marked,
     module_at,
@@ -28,7 +29,6 @@ from graphpatch.contract import (
 )
 from graphpatch.heads import head_input, head_path, head_tap
 from graphpatch.limits import context_length
-from graphpatch.pipeline import is_elided
 from graphpatch.verify import PROBE_TOKENS
 
 # The head's positions at each call; beyond this the pass saves nothing, and
@@ -78,7 +78,7 @@ def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
     if site.kind == "none":
         return NO_HEAD
     head = module_at(model, site.path)
-    if is_elided(head):
+    if isinstance(head, TakenOver):
         return HEAD_ELIDED
     if isinstance(head, LastToken):
         return ALREADY_APPLIED

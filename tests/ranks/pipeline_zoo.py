@@ -14,7 +14,7 @@ from mlx_lm.models.cache import make_prompt_cache
 
 import graphpatch
 from graphpatch.passes import elide_head
-from graphpatch.pipeline import pipelined
+from graphpatch.passes.elide_head.pipeline import pipelined
 from graphpatch.testing.small_configs import build
 
 PROMPT = [[1, 7, 42, 5, 60, 3, 11, 2]]

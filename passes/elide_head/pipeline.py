@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.pipeline import PipelineMixin
 
-from graphpatch.contract import walk
+from graphpatch.contract import TakenOver, walk
 from graphpatch.heads import StandIn
 
 
@@ -58,7 +58,7 @@ def broadcast_logits(logits: mx.array) -> mx.array:
     return from_rank_0(logits.astype(mx.float32))
 
 
-class ElidedHead(StandIn, nn.Module):
+class ElidedHead(StandIn, TakenOver, nn.Module):
     """Stands where the head was on ranks that do not produce the output."""
 
     def __init__(self, held: nn.Module, vocab: int, released: bool, share: bool):
@@ -79,7 +79,7 @@ class ElidedHead(StandIn, nn.Module):
         return broadcast_logits(zeros).astype(h.dtype) if self.share else zeros
 
 
-class Kept:
+class Kept(TakenOver):
     """The marker elide_head puts on rank 0's head, which still computes."""
 
 

@@ -10,7 +10,7 @@ Rewrite:       on a pipelined model (mlx-lm's PipelineMixin after
                others get rank 0's logits instead (one all_sum of the head's
                output; pair with last_token), so a program's own sampler
                works unchanged. Then, on every rank, the body's all-gather of
-               h -> nothing (graphpatch.pipeline.Ungathered);
+               h -> nothing (pipeline.Ungathered);
                ``elide_head:keep_gather`` keeps it. An untied head's arrays
                are released on the elided ranks when they can be re-read
                from the checkpoint (undo reloads them).
@@ -38,7 +38,7 @@ from graphpatch.contract import (
     walk,
 )
 from graphpatch.heads import head_path, is_tied, release_to_checkpoint
-from graphpatch.pipeline import (
+from graphpatch.passes.elide_head.pipeline import (
     ElidedHead,
     Kept,
     Shared,
@@ -48,7 +48,7 @@ from graphpatch.pipeline import (
     is_elided,
     pipelined,
 )
-from graphpatch.pipeline import sampler as sampler  # the documented name
+from graphpatch.passes.elide_head.pipeline import sampler as sampler  # documented
 from graphpatch.verify import PROBE_TOKENS
 
 ALREADY_APPLIED = "already applied"
