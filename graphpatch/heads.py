@@ -5,19 +5,13 @@ elide_head.
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
 
-from graphpatch.contract import GraphpatchError, walk
-from graphpatch.loading import read_arrays
+from graphpatch.contract import walk
 from graphpatch.record import inputs
-from graphpatch.verify import PROBE_TOKENS, dtype_name
+from graphpatch.verify import PROBE_TOKENS
 
 HEADS = (nn.Linear, nn.QuantizedLinear)
 EMBEDDINGS = (nn.Embedding, nn.QuantizedEmbedding)
-
-
-class CheckpointHeadError(GraphpatchError):
-    """The checkpoint's lm_head.* arrays are missing pieces or have wrong shapes."""
 
 
 class StandIn:
@@ -119,163 +113,7 @@ def head_input(
     return mx.random.normal(shape, key=mx.random.key(7)).astype(dtype)
 
 
-def tied_head(embedding: nn.Module) -> nn.Module:
-    """A Linear / QuantizedLinear holding the embedding's own arrays."""
-    vocab, dims = embedding.weight.shape[0], dims_of(embedding)
-    if isinstance(embedding, nn.QuantizedEmbedding):
-        head = nn.QuantizedLinear(
-            dims, vocab, False, embedding.group_size, embedding.bits, embedding.mode
-        )
-    else:
-        head = nn.Linear(dims, vocab, bias=False)
-    # Lazy random init above is never evaluated: replaced before use.
-    head.update({k: v for k, v in embedding.items() if k in head})
-    return head
-
-
 def dims_of(embedding: nn.Module) -> int:
     if isinstance(embedding, nn.QuantizedEmbedding):
         return embedding.dims
     return embedding.weight.shape[1]
-
-
-def checkpoint_head(arrays: dict[str, mx.array], embedding: nn.Module) -> nn.Module:
-    """A head holding the checkpoint's lm_head.* arrays, checked against the
-    shapes a head for this embedding must have."""
-    vocab, dims = embedding.weight.shape[0], dims_of(embedding)
-    given = {k.removeprefix("lm_head."): v for k, v in arrays.items()}
-    if "scales" in given:
-        if not isinstance(embedding, nn.QuantizedEmbedding):
-            raise CheckpointHeadError(
-                "lm_head.scales in the checkpoint, but the embedding is not "
-                "quantized: cannot tell the head's bits and group size"
-            )
-        head = tied_head(embedding)
-    else:
-        head = nn.Linear(dims, vocab, bias="bias" in given)
-    wanted = dict(tree_flatten(head.parameters()))
-    if given.keys() != wanted.keys():
-        raise CheckpointHeadError(
-            f"checkpoint lm_head.* holds {sorted(given)}, a head for this "
-            f"embedding needs {sorted(wanted)}"
-        )
-    for key, value in given.items():
-        if value.shape != wanted[key].shape:
-            raise CheckpointHeadError(
-                f"checkpoint lm_head.{key} has shape {tuple(value.shape)}, "
-                f"expected {tuple(wanted[key].shape)}"
-            )
-        if value.dtype != wanted[key].dtype and not (
-            mx.issubdtype(value.dtype, mx.floating)
-            and mx.issubdtype(wanted[key].dtype, mx.floating)
-        ):
-            raise CheckpointHeadError(
-                f"checkpoint lm_head.{key} is {dtype_name(value.dtype)}, a head "
-                f"needs {dtype_name(wanted[key].dtype)}"
-            )
-    head.update(tree_unflatten(list(given.items())))
-    if not all_finite(head):
-        raise CheckpointHeadError("checkpoint lm_head.* holds NaN or inf values")
-    return head
-
-
-def all_finite(head: nn.Module, chunk: int = 8192) -> bool:
-    """Whether every weight of the head (dequantized) is finite."""
-    return all(
-        mx.isfinite(dense_weight(head, slice(start, start + chunk))).all().item()
-        for start in range(0, head.weight.shape[0], chunk)
-    )
-
-
-def dense_weight(head: nn.Module, rows: slice = slice(None)) -> mx.array:
-    """The head's weight rows as float32, dequantized when quantized."""
-    if not isinstance(head, nn.QuantizedLinear):
-        return head.weight[rows].astype(mx.float32)
-    biases = head.get("biases")
-    return mx.dequantize(
-        head.weight[rows],
-        head.scales[rows],
-        None if biases is None else biases[rows],
-        head.group_size,
-        head.bits,
-        mode=head.mode,
-        dtype=mx.float32,
-    )
-
-
-def dense_matmul(h: mx.array, head: nn.Module, chunk: int = 8192) -> mx.array:
-    """``h @ W.T`` in float32 with W dequantized a block of rows at a time,
-    each evaluated before the next: never the whole float head at once."""
-    parts = []
-    for start in range(0, head.weight.shape[0], chunk):
-        part = h.astype(mx.float32) @ dense_weight(head, slice(start, start + chunk)).T
-        mx.eval(part)
-        parts.append(part)
-    return mx.concatenate(parts, axis=-1)
-
-
-def max_difference(a: nn.Module, b: nn.Module, chunk: int = 8192) -> float:
-    # Row chunks: a dequantized 150k-vocabulary head would be gigabytes at once.
-    worst = 0.0
-    for start in range(0, a.weight.shape[0], chunk):
-        rows = slice(start, start + chunk)
-        diff = mx.abs(dense_weight(a, rows) - dense_weight(b, rows)).max().item()
-        worst = diff if not diff <= worst else worst  # NaN must not read as equal
-    return worst
-
-
-class _Reached(Exception):
-    pass
-
-
-class _Sentinel(nn.Module):
-    def __call__(self, x):
-        raise _Reached
-
-
-def consults(model: nn.Module, parent: nn.Module, key: str) -> bool:
-    """Whether the model's forward reaches ``parent[key]``: it is swapped for
-    a sentinel that raises while the lazy graph is built (nothing evaluated)."""
-    held = parent[key]
-    parent[key] = _Sentinel()
-    try:
-        model(mx.array(PROBE_TOKENS)[:1, :4])
-    except _Reached:
-        return True
-    finally:
-        parent[key] = held
-    return False
-
-
-def is_tied(model: nn.Module, head: nn.Module) -> bool:
-    """Whether the head's arrays are an embedding's (a tied head)."""
-    arrays = {id(v) for _, v in tree_flatten(head.parameters())}
-    return any(
-        id(v) in arrays
-        for path, m in walk(model)
-        if isinstance(m, EMBEDDINGS)
-        for _, v in tree_flatten(m.parameters())
-        if not path.endswith("lm_head")
-    )
-
-
-def release_to_checkpoint(head: nn.Module, model_dir: str | None) -> bool:
-    """Swap the head's arrays for unevaluated reads of the checkpoint's equal
-    ``lm_head.*``, so they take no memory until undo puts the head back."""
-    if not model_dir:
-        return False
-    held = dict(tree_flatten(head.parameters()))
-    on_disk = {
-        k.removeprefix("lm_head."): v
-        for k, v in read_arrays(model_dir, "lm_head.").items()
-    }
-    if on_disk.keys() != held.keys() or not all(
-        on_disk[k].shape == v.shape and mx.array_equal(on_disk[k], v).item()
-        for k, v in held.items()
-    ):
-        return False
-    lazy = read_arrays(model_dir, "lm_head.")  # fresh, never evaluated
-    head.update(
-        tree_unflatten([(k.removeprefix("lm_head."), v) for k, v in lazy.items()])
-    )
-    return True

@@ -12,6 +12,7 @@ from test_distributed import launch
 
 import graphpatch
 from graphpatch.passes import elide_head, last_token
+from graphpatch.passes.elide_head import pipeline
 
 HEAD_BYTES = 512 * 128 * 4  # vocab x hidden, float32
 
@@ -34,10 +35,10 @@ def test_a_checkpoint_that_mixes_bit_widths(zoo_dir):
 @pytest.mark.parametrize(
     "name, temp, note",
     [
-        ("qwen3_moe", 0.0, elide_head.RELEASED.format(mib=HEAD_BYTES / 2**20)),
-        ("qwen3_moe", 0.8, elide_head.RELEASED.format(mib=HEAD_BYTES / 2**20)),
-        ("qwen2", 0.8, elide_head.TIED),
-        ("deepseek_v3", 0.0, elide_head.RELEASED.format(mib=HEAD_BYTES / 2**20)),
+        ("qwen3_moe", 0.0, pipeline.RELEASED.format(mib=HEAD_BYTES / 2**20)),
+        ("qwen3_moe", 0.8, pipeline.RELEASED.format(mib=HEAD_BYTES / 2**20)),
+        ("qwen2", 0.8, pipeline.TIED),
+        ("deepseek_v3", 0.0, pipeline.RELEASED.format(mib=HEAD_BYTES / 2**20)),
     ],
 )
 def test_every_rank_gets_the_same_tokens(zoo_dir, name, temp, note):
@@ -50,7 +51,7 @@ def test_every_rank_gets_the_same_tokens(zoo_dir, name, temp, note):
     final, other = elided
     assert (final["kind"], final["note"]) == ("final", None)
     assert (other["kind"], other["note"]) == ("elided", note)
-    freed = 0 if note == elide_head.TIED else HEAD_BYTES
+    freed = 0 if note == pipeline.TIED else HEAD_BYTES
     assert abs(final["freed"]) < 1024 and abs(other["freed"] - freed) < 1024
     assert final["gather"] == other["gather"] == ["gather", "rewritten", None]
     assert final["again"] == other["again"] == [elide_head.ALREADY_APPLIED] * 2
@@ -80,7 +81,7 @@ def test_with_logits_each_rank_samples_rank_0s_logits_itself(zoo_dir):
     expected = plain[0]["tokens"]
     assert [r["tokens"] for r in plain + shared] == [expected] * 4
     final, other = shared
-    assert other["note"] == elide_head.RELEASED.format(mib=HEAD_BYTES / 2**20)
+    assert other["note"] == pipeline.RELEASED.format(mib=HEAD_BYTES / 2**20)
     assert abs(other["freed"] - HEAD_BYTES) < 1024
     assert final["logits"] == other["logits"] == [1, 3, 512]  # a short call: all
     assert final["top"] == other["top"]

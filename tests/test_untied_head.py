@@ -192,7 +192,7 @@ def test_a_quantized_head_for_a_float_embedding_is_refused(zoo_dir, load_zoo):
 
 
 def test_the_reference_matmul_works_a_block_of_rows_at_a_time(load_zoo):
-    from graphpatch.heads import dense_matmul, tied_head
+    from graphpatch.passes.untied_head.checkpoint import dense_matmul, tied_head
 
     model, _ = load_zoo("qwen2", quant="affine4")
     head = tied_head(model.model.embed_tokens)
@@ -223,7 +223,7 @@ MODES = {
 def test_tied_head_property(mode, setting, vocab, dims, dtype, positions):
     """The explicit tied head is the embedding's as_linear, bit for bit, for
     every quantization mode, width and dtype, and holds its very arrays."""
-    from graphpatch.heads import tied_head
+    from graphpatch.passes.untied_head.checkpoint import tied_head
 
     mx.random.seed(vocab + dims)
     embedding = nn.Embedding(vocab, dims)

@@ -25,7 +25,6 @@ Equivalence:   the sampled token on every rank equals the unpatched model's;
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from graphpatch.contract import (
     GraphpatchError,
@@ -37,7 +36,7 @@ from graphpatch.contract import (
     unmark,
     walk,
 )
-from graphpatch.heads import head_path, is_tied, release_to_checkpoint
+from graphpatch.heads import head_path
 from graphpatch.passes.elide_head.pipeline import (
     ElidedHead,
     Kept,
@@ -47,6 +46,7 @@ from graphpatch.passes.elide_head.pipeline import (
     gather_taken,
     is_elided,
     pipelined,
+    stand_in,
 )
 from graphpatch.passes.elide_head.pipeline import sampler as sampler  # documented
 from graphpatch.verify import PROBE_TOKENS
@@ -60,9 +60,6 @@ WRONG_GROUP = (
     "global group has {group_size} ranks (this is rank {group_rank}): "
     "elide_head needs the pipeline on the global group"
 )
-RELEASED = "head skipped; its {mib:.1f} MiB released (re-read from the checkpoint)"
-TIED = "head skipped; its arrays stay: they are the embedding's"
-KEPT = "head skipped; its arrays stay in memory (no checkpoint copy to reload)"
 GATHER_KEPT = "all-gather kept (elide_head:keep_gather)"
 HEAD_NOT_ELIDED = "the head is not elided, so the logits still need the gathered h"
 STILL_GATHERS = (
@@ -134,22 +131,9 @@ def rewrite(model: nn.Module, site: Site, options: dict) -> str | None:
         marker = Shared if options["logits"] else Kept
         parent[key] = mark(module, marker)
     else:
-        parent[key], note = _elided(model, module, options)
+        parent[key], note = stand_in(model, module, options)
         return note
     return None
-
-
-def _elided(model: nn.Module, head: nn.Module, options: dict) -> tuple:
-    mib = sum(v.nbytes for _, v in tree_flatten(head.parameters())) / 2**20
-    released = False
-    if is_tied(model, head):
-        note = TIED
-    elif released := release_to_checkpoint(head, options.get("model_dir")):
-        note = RELEASED.format(mib=mib)
-    else:
-        note = KEPT
-    vocab = head.weight.shape[0]
-    return ElidedHead(head, vocab, released, share=options["logits"]), note
 
 
 def undo(model: nn.Module, path: str) -> None:

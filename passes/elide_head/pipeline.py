@@ -14,10 +14,16 @@ proves it worked: a rank that still gathers sees rank 0's h exactly.
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.pipeline import PipelineMixin
 
 from graphpatch.contract import TakenOver, walk
-from graphpatch.heads import StandIn
+from graphpatch.heads import EMBEDDINGS, StandIn
+from graphpatch.loading import read_arrays
+
+RELEASED = "head skipped; its {mib:.1f} MiB released (re-read from the checkpoint)"
+TIED = "head skipped; its arrays stay: they are the embedding's"
+KEPT = "head skipped; its arrays stay in memory (no checkpoint copy to reload)"
 
 
 def pipelined(model: nn.Module) -> tuple[str, PipelineMixin] | None:
@@ -129,3 +135,52 @@ def gather_taken(body: nn.Module, tokens: mx.array) -> bool:
     h = body(tokens).astype(mx.float32)
     same = mx.array_equal(h, from_rank_0(h)) & (group.rank() != 0)
     return mx.distributed.all_sum(same.astype(mx.int32), group=group).item() > 0
+
+
+def is_tied(model: nn.Module, head: nn.Module) -> bool:
+    """Whether the head's arrays are an embedding's (a tied head)."""
+    arrays = {id(v) for _, v in tree_flatten(head.parameters())}
+    return any(
+        id(v) in arrays
+        for path, m in walk(model)
+        if isinstance(m, EMBEDDINGS)
+        for _, v in tree_flatten(m.parameters())
+        if not path.endswith("lm_head")
+    )
+
+
+def release_to_checkpoint(head: nn.Module, model_dir: str | None) -> bool:
+    """Swap the head's arrays for unevaluated reads of the checkpoint's equal
+    ``lm_head.*``, so they take no memory until undo puts the head back."""
+    if not model_dir:
+        return False
+    held = dict(tree_flatten(head.parameters()))
+    on_disk = {
+        k.removeprefix("lm_head."): v
+        for k, v in read_arrays(model_dir, "lm_head.").items()
+    }
+    if on_disk.keys() != held.keys() or not all(
+        on_disk[k].shape == v.shape and mx.array_equal(on_disk[k], v).item()
+        for k, v in held.items()
+    ):
+        return False
+    lazy = read_arrays(model_dir, "lm_head.")  # fresh, never evaluated
+    head.update(
+        tree_unflatten([(k.removeprefix("lm_head."), v) for k, v in lazy.items()])
+    )
+    return True
+
+
+def stand_in(model: nn.Module, head: nn.Module, options: dict) -> tuple:
+    """The stand-in for ``head`` on a rank that skips it, and the note that
+    says what became of the head's arrays."""
+    mib = sum(v.nbytes for _, v in tree_flatten(head.parameters())) / 2**20
+    released = False
+    if is_tied(model, head):
+        note = TIED
+    elif released := release_to_checkpoint(head, options.get("model_dir")):
+        note = RELEASED.format(mib=mib)
+    else:
+        note = KEPT
+    vocab = head.weight.shape[0]
+    return ElidedHead(head, vocab, released, share=options["logits"]), note

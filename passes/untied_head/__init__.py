@@ -15,12 +15,10 @@ Equivalence:   tied: every position, bit for bit. Untied: the head computes
                and the report says by how much the two heads differ.
 """
 
-import json
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from graphpatch.contract import (
     Pass,
@@ -31,37 +29,27 @@ from graphpatch.contract import (
     parent_and_key,
     unmark,
 )
-from graphpatch.heads import (
-    Headed,
+from graphpatch.heads import Headed, find_embedding, head_input, head_path, head_tap
+from graphpatch.loading import read_arrays
+from graphpatch.passes.untied_head.checkpoint import (
+    NO_HEAD,
     checkpoint_head,
+    config_tie,
     consults,
     dense_matmul,
-    find_embedding,
-    head_input,
-    head_path,
-    head_tap,
     max_difference,
+    not_this_model,
     tied_head,
 )
-from graphpatch.loading import read_arrays
 
 ALREADY_APPLIED = "already applied"
 ALREADY_EXPLICIT = "already explicit: a top-level {cls} producing the vocabulary"
-NO_HEAD = "no LM head found: no vocabulary-sized top-level linear and no embedding"
 NOT_CONSULTED = (
     "the model's __call__ does not run its head through {path}.as_linear "
     "(it computes the head inline, e.g. h @ embed.weight.T)"
 )
 NOT_READ = "tied to the embedding; checkpoint not read (no model directory given)"
 NO_CHECKPOINT_HEAD = "tied to the embedding; the checkpoint has no lm_head.*"
-NOT_PROVEN = (
-    "left tied: cannot prove {dir} is this model's checkpoint (it holds no "
-    "{name} to compare with the loaded model)"
-)
-NOT_THIS_MODEL = (
-    "left tied: {dir} is not this model's checkpoint ({name} differs from the "
-    "loaded model's); give the directory the model was loaded from"
-)
 SAME_AS_EMBEDDING = "tied to the embedding; the checkpoint's lm_head.* equals it"
 UNTIED = (
     "the checkpoint's own lm_head.* (config {tie}), which differs from the "
@@ -88,37 +76,9 @@ def find(model: nn.Module, options: dict) -> list[Site]:
     diff = max_difference(head, tied_head(module))
     if diff == 0:
         return [Site(path, "tied", note=SAME_AS_EMBEDDING)]
-    tie = _config_tie(Path(options["model_dir"]))
+    tie = config_tie(Path(options["model_dir"]))
     note = UNTIED.format(tie=tie, diff=diff)
     return [Site(path, "untied", note=note, changes_logits=True)]
-
-
-def _config_tie(model_dir: Path) -> str:
-    config = json.loads((model_dir / "config.json").read_text())
-    if "tie_word_embeddings" not in config:
-        return "has no tie_word_embeddings"
-    return f"tie_word_embeddings={str(config['tie_word_embeddings']).lower()}"
-
-
-def not_this_model(model: nn.Module, model_dir: str) -> str | None:
-    """Why the checkpoint cannot be proven to be the one ``model`` was loaded
-    from, or None: its embedding and norms must equal the loaded ones."""
-    found = find_embedding(model)
-    if found is None:
-        return NO_HEAD
-    path, embedding = found
-    mine = {f"{path}.{k}": v for k, v in tree_flatten(embedding.parameters())}
-    mine |= {k: v for k, v in tree_flatten(model.parameters()) if v.ndim == 1}
-    theirs = read_arrays(model_dir, "")
-    if f"{path}.weight" not in theirs:
-        return NOT_PROVEN.format(dir=model_dir, name=f"{path}.weight")
-    for name, value in mine.items():
-        other = theirs.get(name)
-        if other is not None and not (
-            other.shape == value.shape and mx.array_equal(other, value).item()
-        ):
-            return NOT_THIS_MODEL.format(dir=model_dir, name=name)
-    return None
 
 
 def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
