@@ -60,6 +60,21 @@ class Site:
     detail: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Context:
+    """What a pass may know besides the user's options, passed to every hook
+    that takes options.
+
+    Attributes:
+        model_dir: the directory the model was loaded from, for passes that
+            read the checkpoint (untied_head's lm_head.*, elide_head's
+            release); None when there is none to read (a fused save re-makes
+            its structure before its weights are loaded).
+    """
+
+    model_dir: str | None = None
+
+
 Probe = Callable[[], list[mx.array]]
 
 
@@ -70,32 +85,34 @@ class Pass:
     Attributes:
         name: the user's flag (``fuse_glu``); env switch ``GRAPHPATCH_FUSE_GLU``.
         summary: one line for ``graphpatch list``.
-        find: ``find(model, options) -> list[Site]``, every candidate site
-            (options carry ``model_dir``, the checkpoint, or None).
-        why_not: ``why_not(model, site, options) -> str | None``, the reason a
+        find: ``find(model, options, context) -> list[Site]``, every
+            candidate site. ``options`` are the user's (with defaults);
+            ``context`` is the rest a pass may know (``Context``).
+        why_not: ``why_not(model, site, options, context) -> str | None``, the reason a
             site is left untouched, or None when it can be rewritten.
-        rewrite: ``rewrite(model, site, options) -> str | None``, rewrites in
+        rewrite: ``rewrite(model, site, options, context) -> str | None``, rewrites in
             place; returns a note for the report (what it did), or None.
         undo: ``undo(model, path) -> None``, restores one rewritten site
             exactly (bit for bit) from the rewritten state alone.
         applied: ``applied(model) -> list[str]``, paths this pass has rewritten.
-        probe: ``probe(model, site, dtype, options, recorded) -> Probe``, a
+        probe: ``probe(model, site, dtype, options, recorded, context) -> Probe``, a
             function that runs the site on the inputs the model really fed it
             (``recorded``, from the reference forward: see ``taps``), or on
             synthetic inputs of ``dtype`` where those cannot reach a path the
             rewrite touches; called once before and once after the rewrite.
-        taps: optional ``taps(model, options) -> list[(path, method)]``: whose
+        taps: optional ``taps(model, options, context) -> list[(path, method)]``: whose
             inputs to record during the reference forward, for the probes.
         options: the pass's options and their defaults (types come from them).
         requires: passes this one needs applied first (pulled in by the manager).
         tune: optional ``tune(model, site, dtype) -> (ratios, reason)``:
             times the rewritten site against the original, undoes it when
             slower and returns the reason (only with the ``tune`` option).
-        warnings: optional ``warnings(model, options) -> list[str]`` for the report.
+        warnings: optional ``warnings(model, options, context) -> list[str]``
+            for the report.
         validate: optional ``validate(options, model=None) -> str | None``:
             what is wrong with the options (with a model: for that model, e.g.
             a size beyond its context), raised before anything is touched.
-        confirm: optional ``confirm(model, site, options) -> str | None``:
+        confirm: optional ``confirm(model, site, options, context) -> str | None``:
             after a passed check, proof that the rewrite took effect, or the
             reason the site is restored.
         options_in: optional ``options_in(model) -> dict``: the options the
@@ -113,20 +130,20 @@ class Pass:
 
     name: str
     summary: str
-    find: Callable[[nn.Module, dict], list[Site]]
-    why_not: Callable[[nn.Module, Site, dict], str | None]
-    rewrite: Callable[[nn.Module, Site, dict], str | None]
+    find: Callable[[nn.Module, dict, Context], list[Site]]
+    why_not: Callable[[nn.Module, Site, dict, Context], str | None]
+    rewrite: Callable[[nn.Module, Site, dict, Context], str | None]
     undo: Callable[[nn.Module, str], None]
     applied: Callable[[nn.Module], list[str]]
-    probe: Callable[[nn.Module, Site, mx.Dtype, dict, dict], Probe]
+    probe: Callable[[nn.Module, Site, mx.Dtype, dict, dict, Context], Probe]
     options: dict[str, Any] = field(default_factory=dict)
     requires: tuple[str, ...] = ()
     tune: Callable[[nn.Module, Site, mx.Dtype], tuple] | None = None
-    warnings: Callable[[nn.Module, dict], list[str]] | None = None
+    warnings: Callable[[nn.Module, dict, Context], list[str]] | None = None
     validate: Callable[..., str | None] | None = None
-    confirm: Callable[[nn.Module, Site, dict], str | None] | None = None
+    confirm: Callable[[nn.Module, Site, dict, Context], str | None] | None = None
     options_in: Callable[[nn.Module], dict] | None = None
-    taps: Callable[[nn.Module, dict], list[tuple[str, str]]] | None = None
+    taps: Callable[[nn.Module, dict, Context], list[tuple[str, str]]] | None = None
     plain: Callable[[nn.Module, dict], dict] | None = None
     fuses: dict[str, tuple[str, ...]] = field(default_factory=dict)
 

@@ -241,7 +241,7 @@ def hooks(names: tuple[str, ...], fused: str) -> dict:
     """What every fusing pass does alike, as ``Pass`` fields: rewrite (join
     ``names`` under ``fused``), undo, applied, plain and fuses."""
 
-    def rewrite(model: nn.Module, site, options: dict) -> None:
+    def rewrite(model: nn.Module, site, options: dict, context) -> None:
         module = module_at(model, site.path)
         fuse(module, names, fused, joined(*(module[n] for n in names)))
 

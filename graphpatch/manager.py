@@ -15,6 +15,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from graphpatch.contract import (
+    Context,
     GraphpatchError,
     NotAModelError,
     Pass,
@@ -88,11 +89,12 @@ def apply(
         if p.validate and (problem := p.validate(options, model)):
             raise PassSpecError(problem)
     _agree(plan)
+    context = Context(None if model_dir is None else str(model_dir))
     tokens = probe_tokens(probe)
     reference, recorded, dtype = None, None, None  # None: nothing is verified
     if verify:
         check_tokens(model, tokens.tolist(), "probe")
-        taps = [t for p, o in plan if p.taps for t in p.taps(model, o)]
+        taps = [t for p, o in plan if p.taps for t in p.taps(model, o, context)]
         reference, recorded = _reference(model, tokens, taps)
         # The dtype the model computes its logits in (sites report their own);
         # unverified, the model is not run at all, not even to build a graph.
@@ -108,13 +110,12 @@ def apply(
     progress = progress or (lambda line: None)
     try:
         for p, options in plan:
-            options = {**options, "model_dir": model_dir}
             if p.warnings:
-                report.warnings += p.warnings(model, options)
-            sites = p.find(model, options)
+                report.warnings += p.warnings(model, options, context)
+            sites = p.find(model, options, context)
             for number, site in enumerate(sites, 1):
                 progress(f"{p.name}: site {number} of {len(sites)} ({site.path})")
-                result = _apply_site(model, p, site, options, dtype, recorded)
+                result = _apply_site(model, p, site, options, context, dtype, recorded)
                 report.sites.append(result)
                 if result.status == REWRITTEN:
                     done.append((p, site.path))
@@ -214,12 +215,18 @@ def _check_model(
 
 
 def _apply_site(
-    model: nn.Module, p: Pass, site: Site, options: dict, dtype, recorded: dict | None
+    model: nn.Module,
+    p: Pass,
+    site: Site,
+    options: dict,
+    context: Context,
+    dtype,
+    recorded: dict | None,
 ) -> SiteResult:
     """Rewrite one site; with ``recorded`` (None: unverified) check it first."""
     start = time.perf_counter()
     result = SiteResult(p.name, site.path, site.kind, SKIPPED)
-    result.reason = p.why_not(model, site, options)
+    result.reason = p.why_not(model, site, options, context)
     if site.collective and not _everywhere(result.reason is None):
         result.reason = result.reason or ANOTHER_RANK
     if result.reason:
@@ -228,10 +235,10 @@ def _apply_site(
     verify = recorded is not None
     if recorded is not None:
         result.reason = _rewrite_verified(
-            model, p, site, options, dtype, recorded, result
+            model, p, site, options, context, dtype, recorded, result
         )
     else:
-        result.note = p.rewrite(model, site, options)
+        result.note = p.rewrite(model, site, options, context)
     if result.reason:
         return result
     if verify and options.get("tune") and p.tune:
@@ -250,6 +257,7 @@ def _rewrite_verified(
     p: Pass,
     site: Site,
     options: dict,
+    context: Context,
     dtype,
     recorded: dict,
     result: SiteResult,
@@ -257,13 +265,13 @@ def _rewrite_verified(
     """Probe, rewrite, probe again and compare; on a failure restore the held
     originals and return the reason the site stays as it was."""
     try:
-        run = p.probe(model, site, dtype, options, recorded)
+        run = p.probe(model, site, dtype, options, recorded, context)
         reference = run()
         mx.eval(reference)
     except Exception as e:
         return f"cannot run the site on a probe: {e}"
     held = _hold(model, site.path)
-    result.note = p.rewrite(model, site, options)
+    result.note = p.rewrite(model, site, options, context)
     mx.eval(module_at(model, site.path).parameters())
     try:
         cmp = compare(reference, run())
@@ -285,7 +293,7 @@ def _rewrite_verified(
             f"rewrite off by {cmp.max_error:.3g} (tolerance {cmp.tolerance:.3g}), "
             "restored"
         )
-    reason = p.confirm(model, site, options) if p.confirm else None
+    reason = p.confirm(model, site, options, context) if p.confirm else None
     if reason:
         _restore(held)
         return reason

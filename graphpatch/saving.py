@@ -30,7 +30,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import infer_quant_config, load_tokenizer
 
 from graphpatch._version import __version__
-from graphpatch.contract import GraphpatchError
+from graphpatch.contract import Context, GraphpatchError
 from graphpatch.loading import (
     EXTRA_WEIGHTS,
     LoadError,
@@ -422,12 +422,12 @@ def _rewrite(model: nn.Module, passes: list[dict]) -> None:
     weights replace them, so nothing is fused or checked twice."""
     for entry in passes:
         p = PASSES[entry["name"]]
-        options = {**entry["options"], "model_dir": None}
-        sites = {s.path: s for s in p.find(model, options)}
+        options, context = entry["options"], Context(model_dir=None)
+        sites = {s.path: s for s in p.find(model, options, context)}
         for path in entry["sites"]:
-            if path not in sites or p.why_not(model, sites[path], options):
+            if path not in sites or p.why_not(model, sites[path], options, context):
                 raise GraphpatchError(
                     f"saved {p.name} site {path} does not fit the model built "
                     "from config.json"
                 )
-            p.rewrite(model, sites[path], options)
+            p.rewrite(model, sites[path], options, context)

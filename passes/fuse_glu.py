@@ -18,7 +18,7 @@ from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedL
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from graphpatch import fusion, record
-from graphpatch.contract import Pass, Site, module_at, walk
+from graphpatch.contract import Context, Pass, Site, module_at, walk
 from graphpatch.fusion import FusedPart
 
 LAYERS = (
@@ -58,7 +58,7 @@ def is_glu(module: nn.Module) -> bool:
     )
 
 
-def find(model: nn.Module, options: dict) -> list[Site]:
+def find(model: nn.Module, options: dict, context: Context) -> list[Site]:
     sites = []
     for path, module in walk(model):
         if is_glu(module):
@@ -84,7 +84,9 @@ def _is_experts(layer: nn.Module, module: nn.Module) -> bool:
     return isinstance(layer, EXPERTS)
 
 
-def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
+def why_not(
+    model: nn.Module, site: Site, options: dict, context: Context
+) -> str | None:
     if "/" in site.kind:
         return OTHER_NAMES if "w1" in site.kind else NOT_GLU.format(kind=site.kind)
     module = module_at(model, site.path)
@@ -112,11 +114,15 @@ def _inputs(model: nn.Module, site: Site, dtype, shapes, k: int = 2) -> list[tup
     return inputs
 
 
-def taps(model: nn.Module, options: dict) -> list[tuple[str, str]]:
-    return [(s.path, "__call__") for s in find(model, options) if s.kind in KINDS]
+def taps(model: nn.Module, options: dict, context: Context) -> list[tuple[str, str]]:
+    return [
+        (s.path, "__call__") for s in find(model, options, context) if s.kind in KINDS
+    ]
 
 
-def probe(model: nn.Module, site: Site, dtype, options: dict, recorded: dict):
+def probe(
+    model: nn.Module, site: Site, dtype, options: dict, recorded: dict, context: Context
+):
     # The inputs the model fed the site in the reference forward, in their
     # real dtype; synthetic ones only where none were recorded, and for
     # SwitchGLU's sorted path (indices.size >= 64), which a short probe's

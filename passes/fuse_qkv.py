@@ -17,7 +17,7 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedLinear
 
 from graphpatch import fusion, record
-from graphpatch.contract import Pass, Site, module_at, walk
+from graphpatch.contract import Context, Pass, Site, module_at, walk
 from graphpatch.fusion import FusedPart
 
 LAYERS = (
@@ -35,7 +35,7 @@ ALREADY_APPLIED = "already applied"
 ALREADY_FUSED = "already fused ({name}) in the model itself"
 
 
-def find(model: nn.Module, options: dict) -> list[Site]:
+def find(model: nn.Module, options: dict, context: Context) -> list[Site]:
     sites = []
     for path, module in walk(model):
         if all(isinstance(module.get(name), nn.Module) for name in NAMES):
@@ -51,7 +51,9 @@ def _shipped(module: nn.Module) -> str | None:
     return next((n for n in SHIPPED if isinstance(module.get(n), nn.Module)), None)
 
 
-def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
+def why_not(
+    model: nn.Module, site: Site, options: dict, context: Context
+) -> str | None:
     if site.kind == "fused":
         return ALREADY_FUSED.format(name=site.detail["name"])
     module = module_at(model, site.path)
@@ -60,12 +62,14 @@ def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
     return fusion.why_not_joined({name: module[name] for name in NAMES}, LAYERS)
 
 
-def taps(model: nn.Module, options: dict) -> list[tuple[str, str]]:
-    sites = [s for s in find(model, options) if s.kind == "attention"]
+def taps(model: nn.Module, options: dict, context: Context) -> list[tuple[str, str]]:
+    sites = [s for s in find(model, options, context) if s.kind == "attention"]
     return [(f"{s.path}.q_proj", "__call__") for s in sites]
 
 
-def probe(model: nn.Module, site: Site, dtype, options: dict, recorded: dict):
+def probe(
+    model: nn.Module, site: Site, dtype, options: dict, recorded: dict, context: Context
+):
     # What the attention really fed q_proj in the reference forward; a
     # synthetic input of the site's dtype where the forward did not reach it.
     inputs = record.inputs(recorded, (f"{site.path}.q_proj", "__call__"))

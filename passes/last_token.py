@@ -18,6 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from graphpatch.contract import (
+    Context,
     Pass,
     Site,
     TakenOver,
@@ -65,7 +66,7 @@ class LastToken:
         return super().__call__(x)  # type: ignore[misc]  # the head's own
 
 
-def find(model: nn.Module, options: dict) -> list[Site]:
+def find(model: nn.Module, options: dict, context: Context) -> list[Site]:
     path = head_path(model)
     if path is None:
         return [Site("", "none")]
@@ -74,7 +75,9 @@ def find(model: nn.Module, options: dict) -> list[Site]:
     return [Site(path, "head", collective=True)]
 
 
-def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
+def why_not(
+    model: nn.Module, site: Site, options: dict, context: Context
+) -> str | None:
     if site.kind == "none":
         return NO_HEAD
     head = module_at(model, site.path)
@@ -85,7 +88,7 @@ def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
     return None
 
 
-def rewrite(model: nn.Module, site: Site, options: dict) -> None:
+def rewrite(model: nn.Module, site: Site, options: dict, context: Context) -> None:
     parent, key = parent_and_key(model, site.path)
     keep, short = options["keep"], options["short"]
     parent[key] = mark(parent[key], LastToken, keep=keep, short=short)
@@ -105,7 +108,7 @@ def options_in(model: nn.Module) -> dict:
     return {"keep": heads[0].keep, "short": heads[0].short} if heads else {}
 
 
-def taps(model: nn.Module, options: dict) -> list[tuple[str, str]]:
+def taps(model: nn.Module, options: dict, context: Context) -> list[tuple[str, str]]:
     tap = head_tap(model)
     return [tap] if tap else []
 
@@ -114,7 +117,9 @@ def _long(options: dict) -> int:
     return max(options["keep"], options["short"]) + 1
 
 
-def probe(model: nn.Module, site: Site, dtype, options: dict, recorded: dict):
+def probe(
+    model: nn.Module, site: Site, dtype, options: dict, recorded: dict, context: Context
+):
     # The head's recorded input (a head matmul, not a forward): its last
     # positions repeated into a long call, and two of them as a short one.
     # The head treats each position alike; only the last keep of a long call
@@ -132,7 +137,9 @@ def probe(model: nn.Module, site: Site, dtype, options: dict, recorded: dict):
     return run
 
 
-def confirm(model: nn.Module, site: Site, options: dict) -> str | None:
+def confirm(
+    model: nn.Module, site: Site, options: dict, context: Context
+) -> str | None:
     """A long call's output really has ``keep`` positions: read from the shape
     of a forward that is built, never evaluated."""
     row = PROBE_TOKENS[0] * (1 + _long(options) // len(PROBE_TOKENS[0]))
@@ -153,7 +160,7 @@ def validate(options: dict, model: nn.Module | None = None) -> str | None:
     return None
 
 
-def warnings(model: nn.Module, options: dict) -> list[str]:
+def warnings(model: nn.Module, options: dict, context: Context) -> list[str]:
     n = max(options["keep"], options["short"])
     return [SPECULATIVE.format(short=options["short"], n=n)] if n < 8 else []
 

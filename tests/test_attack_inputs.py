@@ -22,7 +22,7 @@ from test_cli import run
 
 import graphpatch
 from graphpatch.limits import TokenError
-from graphpatch.passes import untied_head
+from graphpatch.passes.untied_head import checkpoint
 
 GRAPHPATCH = Path(sys.executable).parent / "graphpatch"
 PROPERTY = settings(
@@ -274,7 +274,7 @@ def test_a_head_from_another_models_checkpoint_is_not_bound(zoo_dir, load_zoo):
     reference = model(mx.array([[5, 9, 33]]))
     report = graphpatch.apply(model, "untied_head", model_dir=str(other))
     (site,) = report.skipped()
-    assert site.reason == untied_head.NOT_THIS_MODEL.format(
+    assert site.reason == checkpoint.NOT_THIS_MODEL.format(
         dir=other, name="model.embed_tokens.weight"
     )
     assert mx.array_equal(model(mx.array([[5, 9, 33]])), reference)

@@ -99,21 +99,21 @@ def _double_down_proj(name: str, blind: bool, requires=()) -> Pass:
     ``blind`` its site probe sees nothing, so only the model check can catch it."""
     path = "model.layers.0.mlp.down_proj"
 
-    def rewrite(model, site, options):
+    def rewrite(model, site, options, context):
         module_at(model, path).weight = module_at(model, path).weight * 2
 
     def undo(model, p):
         module_at(model, path).weight = module_at(model, path).weight / 2
 
-    def probe(model, site, dtype, options, recorded):
+    def probe(model, site, dtype, options, recorded, context):
         x = mx.ones((1, 2, module_at(model, path).weight.shape[-1]), dtype)
         return (lambda: []) if blind else (lambda: [module_at(model, path)(x)])
 
     return Pass(
         name=name,
         summary="wrong on purpose",
-        find=lambda model, options: [Site(path, "dense")],
-        why_not=lambda model, site, options: None,
+        find=lambda model, options, context: [Site(path, "dense")],
+        why_not=lambda model, site, options, context: None,
         rewrite=rewrite,
         undo=undo,
         applied=lambda model: [],

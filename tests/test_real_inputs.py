@@ -8,7 +8,7 @@ from conftest import TOKENS
 
 import graphpatch
 from graphpatch import fusion, record
-from graphpatch.contract import rebuilt
+from graphpatch.contract import Context, rebuilt
 from graphpatch.fusion import joined
 from graphpatch.passes import fuse_glu
 
@@ -41,7 +41,7 @@ def test_every_pass_on_checkpoints_that_mix_dtypes(zoo_dir, name, build):
 
 def test_sites_are_probed_with_the_activations_the_model_produced(load_zoo):
     model, _ = load_zoo("qwen3_moe", **MIXED)
-    taps = fuse_glu.taps(model, {})
+    taps = fuse_glu.taps(model, {}, Context())
     logits, recorded = record.recording(model, taps, lambda: model(TOKENS))
     for tap in taps:
         ((x, indices),) = record.inputs(recorded, tap)

@@ -27,7 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from graphpatch.contract import (
-    GraphpatchError,
+    Context,
     Pass,
     Site,
     mark,
@@ -43,11 +43,13 @@ from graphpatch.passes.elide_head.pipeline import (
     Shared,
     Ungathered,
     broadcast_token,
+    check_group,
     gather_taken,
     is_elided,
     pipelined,
     stand_in,
 )
+from graphpatch.passes.elide_head.pipeline import ElideError as ElideError  # find's
 from graphpatch.passes.elide_head.pipeline import sampler as sampler  # documented
 from graphpatch.verify import PROBE_TOKENS
 
@@ -55,18 +57,11 @@ ALREADY_APPLIED = "already applied"
 NOT_PIPELINED = "not a pipelined model (no PipelineMixin)"
 ONE_RANK = "pipeline of one rank: every rank produces the output"
 NO_HEAD = "no explicit LM head: untied_head made none (see its report)"
-WRONG_GROUP = (
-    "the model is pipelined over {size} ranks (this is rank {rank}) but the "
-    "global group has {group_size} ranks (this is rank {group_rank}): "
-    "elide_head needs the pipeline on the global group"
-)
 GATHER_KEPT = "all-gather kept (elide_head:keep_gather)"
 HEAD_NOT_ELIDED = "the head is not elided, so the logits still need the gathered h"
 STILL_GATHERS = (
     "the body still all-gathers h without its `pipeline_size > 1` test; restored"
 )
-
-
 SAMPLER = (
     "elide_head: ranks other than 0 return zero logits; sample with "
     "graphpatch.passes.elide_head.sampler(...) (mlx-lm's sampler=) so every "
@@ -74,27 +69,14 @@ SAMPLER = (
 )
 
 
-class ElideError(GraphpatchError):
-    """The pipeline and the distributed group do not match."""
-
-
-def find(model: nn.Module, options: dict) -> list[Site]:
+def find(model: nn.Module, options: dict, context: Context) -> list[Site]:
     found = pipelined(model)
     if found is None:
         return [Site("", "none", detail={"why": NOT_PIPELINED})]
     body_path, body = found
     if body.pipeline_size == 1:
         return [Site("", "none", detail={"why": ONE_RANK})]
-    group = mx.distributed.init()
-    if (group.size(), group.rank()) != (body.pipeline_size, body.pipeline_rank):
-        raise ElideError(
-            WRONG_GROUP.format(
-                size=body.pipeline_size,
-                rank=body.pipeline_rank,
-                group_size=group.size(),
-                group_rank=group.rank(),
-            )
-        )
+    check_group(body)
     path = head_path(model)
     if path is None:
         return [Site("", "none", detail={"why": NO_HEAD})]
@@ -107,7 +89,9 @@ def find(model: nn.Module, options: dict) -> list[Site]:
     return [head, Site(body_path, "gather", collective=True, detail={"head": path})]
 
 
-def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
+def why_not(
+    model: nn.Module, site: Site, options: dict, context: Context
+) -> str | None:
     if site.kind == "none":
         return site.detail["why"]
     module = module_at(model, site.path)
@@ -122,7 +106,9 @@ def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
     return None
 
 
-def rewrite(model: nn.Module, site: Site, options: dict) -> str | None:
+def rewrite(
+    model: nn.Module, site: Site, options: dict, context: Context
+) -> str | None:
     parent, key = parent_and_key(model, site.path)
     module = parent[key]
     if site.kind == "gather":
@@ -131,7 +117,9 @@ def rewrite(model: nn.Module, site: Site, options: dict) -> str | None:
         marker = Shared if options["logits"] else Kept
         parent[key] = mark(module, marker)
     else:
-        parent[key], note = stand_in(model, module, options)
+        parent[key], note = stand_in(
+            model, module, context.model_dir, options["logits"]
+        )
         return note
     return None
 
@@ -149,7 +137,9 @@ def applied(model: nn.Module) -> list[str]:
     return [p for p, m in walk(model) if is_elided(m) or isinstance(m, Ungathered)]
 
 
-def probe(model: nn.Module, site: Site, dtype, options: dict, recorded: dict):
+def probe(
+    model: nn.Module, site: Site, dtype, options: dict, recorded: dict, context: Context
+):
     tokens = mx.array(PROBE_TOKENS)
 
     def run():
@@ -165,14 +155,16 @@ def probe(model: nn.Module, site: Site, dtype, options: dict, recorded: dict):
     return run
 
 
-def confirm(model: nn.Module, site: Site, options: dict) -> str | None:
+def confirm(
+    model: nn.Module, site: Site, options: dict, context: Context
+) -> str | None:
     if site.kind != "gather":
         return None
     tokens = mx.array(PROBE_TOKENS)
     return STILL_GATHERS if gather_taken(module_at(model, site.path), tokens) else None
 
 
-def warnings(model: nn.Module, options: dict) -> list[str]:
+def warnings(model: nn.Module, options: dict, context: Context) -> list[str]:
     found = pipelined(model)
     if options["logits"] or not found or found[1].pipeline_size == 1:
         return []

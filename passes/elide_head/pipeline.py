@@ -17,13 +17,38 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 from mlx_lm.models.pipeline import PipelineMixin
 
-from graphpatch.contract import TakenOver, walk
+from graphpatch.contract import GraphpatchError, TakenOver, walk
 from graphpatch.heads import EMBEDDINGS, StandIn
 from graphpatch.loading import read_arrays
 
 RELEASED = "head skipped; its {mib:.1f} MiB released (re-read from the checkpoint)"
 TIED = "head skipped; its arrays stay: they are the embedding's"
 KEPT = "head skipped; its arrays stay in memory (no checkpoint copy to reload)"
+
+
+WRONG_GROUP = (
+    "the model is pipelined over {size} ranks (this is rank {rank}) but the "
+    "global group has {group_size} ranks (this is rank {group_rank}): "
+    "elide_head needs the pipeline on the global group"
+)
+
+
+class ElideError(GraphpatchError):
+    """The pipeline and the distributed group do not match."""
+
+
+def check_group(body: PipelineMixin) -> None:
+    """Raise ElideError unless ``body`` is pipelined over the global group."""
+    group = mx.distributed.init()
+    if (group.size(), group.rank()) != (body.pipeline_size, body.pipeline_rank):
+        raise ElideError(
+            WRONG_GROUP.format(
+                size=body.pipeline_size,
+                rank=body.pipeline_rank,
+                group_size=group.size(),
+                group_rank=group.rank(),
+            )
+        )
 
 
 def pipelined(model: nn.Module) -> tuple[str, PipelineMixin] | None:
@@ -171,16 +196,18 @@ def release_to_checkpoint(head: nn.Module, model_dir: str | None) -> bool:
     return True
 
 
-def stand_in(model: nn.Module, head: nn.Module, options: dict) -> tuple:
+def stand_in(
+    model: nn.Module, head: nn.Module, model_dir: str | None, share: bool
+) -> tuple:
     """The stand-in for ``head`` on a rank that skips it, and the note that
     says what became of the head's arrays."""
     mib = sum(v.nbytes for _, v in tree_flatten(head.parameters())) / 2**20
     released = False
     if is_tied(model, head):
         note = TIED
-    elif released := release_to_checkpoint(head, options.get("model_dir")):
+    elif released := release_to_checkpoint(head, model_dir):
         note = RELEASED.format(mib=mib)
     else:
         note = KEPT
     vocab = head.weight.shape[0]
-    return ElidedHead(head, vocab, released, share=options["logits"]), note
+    return ElidedHead(head, vocab, released, share=share), note

@@ -21,6 +21,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from graphpatch.contract import (
+    Context,
     Pass,
     Site,
     mark,
@@ -57,7 +58,7 @@ UNTIED = (
 )
 
 
-def find(model: nn.Module, options: dict) -> list[Site]:
+def find(model: nn.Module, options: dict, context: Context) -> list[Site]:
     embedding = find_embedding(model)
     if embedding is None:
         return [Site("", "none")]
@@ -65,23 +66,25 @@ def find(model: nn.Module, options: dict) -> list[Site]:
     explicit = head_path(model, embedding)
     if explicit is not None and not isinstance(module, Headed):
         return [Site(explicit, "linear")]
-    if isinstance(module, Headed) or not options.get("model_dir"):
+    if isinstance(module, Headed) or not context.model_dir:
         return [Site(path, "tied", note=NOT_READ)]
-    arrays = read_arrays(options["model_dir"], "lm_head.")
+    arrays = read_arrays(context.model_dir, "lm_head.")
     if not arrays:
         return [Site(path, "tied", note=NO_CHECKPOINT_HEAD)]
     head = checkpoint_head(arrays, module)
-    if (foreign := not_this_model(model, options["model_dir"])) is not None:
+    if (foreign := not_this_model(model, context.model_dir)) is not None:
         return [Site(path, "foreign", note=foreign)]
     diff = max_difference(head, tied_head(module))
     if diff == 0:
         return [Site(path, "tied", note=SAME_AS_EMBEDDING)]
-    tie = config_tie(Path(options["model_dir"]))
+    tie = config_tie(Path(context.model_dir))
     note = UNTIED.format(tie=tie, diff=diff)
     return [Site(path, "untied", note=note, changes_logits=True)]
 
 
-def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
+def why_not(
+    model: nn.Module, site: Site, options: dict, context: Context
+) -> str | None:
     if site.kind == "none":
         return NO_HEAD
     if site.kind == "foreign":
@@ -94,12 +97,17 @@ def why_not(model: nn.Module, site: Site, options: dict) -> str | None:
     return None
 
 
-def rewrite(model: nn.Module, site: Site, options: dict) -> None:
+def _lm_head(context: Context) -> dict:
+    if context.model_dir is None:  # find makes an untied site only with one
+        raise ValueError("an untied head needs the model directory")
+    return read_arrays(context.model_dir, "lm_head.")
+
+
+def rewrite(model: nn.Module, site: Site, options: dict, context: Context) -> None:
     parent, key = parent_and_key(model, site.path)
     embedding = parent[key]
     if site.kind == "untied":
-        arrays = read_arrays(options["model_dir"], "lm_head.")
-        head = checkpoint_head(arrays, embedding)
+        head = checkpoint_head(_lm_head(context), embedding)
     else:
         head = tied_head(embedding)
     new = mark(embedding, Headed)
@@ -132,17 +140,18 @@ def plain(model: nn.Module, weights: dict) -> dict:
     return weights
 
 
-def taps(model: nn.Module, options: dict) -> list[tuple[str, str]]:
+def taps(model: nn.Module, options: dict, context: Context) -> list[tuple[str, str]]:
     tap = head_tap(model)
     return [tap] if tap else []
 
 
-def probe(model: nn.Module, site: Site, dtype, options: dict, recorded: dict):
+def probe(
+    model: nn.Module, site: Site, dtype, options: dict, recorded: dict, context: Context
+):
     h = head_input(model, dtype, recorded, positions=1)
     expected = None
     if site.kind == "untied":
-        arrays = read_arrays(options["model_dir"], "lm_head.")
-        checkpoint = checkpoint_head(arrays, module_at(model, site.path))
+        checkpoint = checkpoint_head(_lm_head(context), module_at(model, site.path))
         # Independent of the module: dequantized weights and a plain matmul.
         expected = dense_matmul(h, checkpoint).astype(h.dtype)
 
