@@ -72,7 +72,9 @@ def _wrap(loader):
         try:
             result = loader(path_or_repo, *args, **kwargs)
         except ValueError:
-            if _saved_format(path_or_repo) == "fused":
+            from graphpatch.outdir import saved_format
+
+            if saved_format(path_or_repo) == "fused":
                 _loaded_one()
                 _die(f"{path_or_repo}: {FUSED}", code=2)
             raise
@@ -127,19 +129,12 @@ def _loaded_one() -> None:
         Path(run_dir, f"{os.getpid()}-{threading.get_ident()}").touch()
 
 
-def _saved_format(path_or_repo) -> str | None:
-    try:
-        config = json.loads(Path(path_or_repo, "config.json").read_text())
-        return config["graphpatch"].get("format", "fused")
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return None
-
-
 def _passes(model_dir: Path) -> list[str] | None:
     """The env's passes; where it names none, those a plain save recorded."""
     from graphpatch import plan, saving
+    from graphpatch.outdir import saved_format
 
-    if _saved_format(model_dir) != "plain" or plan.resolve(None)[0]:
+    if saved_format(model_dir) != "plain" or plan.resolve(None)[0]:
         return None
     config = json.loads((model_dir / "config.json").read_text())
     return saving.recorded(model_dir, config)

@@ -28,13 +28,22 @@ class SaveError(GraphpatchError):
     """A model or an OUT that cannot be saved; nothing was written."""
 
 
+def saved_format(path: str | Path) -> str | None:
+    """``plain`` or ``fused`` when ``path`` is a directory graphpatch save
+    wrote (its config.json has a ``graphpatch`` section), else None."""
+    try:
+        config = json.loads(Path(path, "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    section = config.get("graphpatch") if isinstance(config, dict) else None
+    if not isinstance(section, dict):
+        return None
+    return "plain" if section.get("format") == "plain" else "fused"
+
+
 def is_save(path: Path) -> bool:
     """Whether ``path`` is a directory written by graphpatch save."""
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and isinstance(config.get("graphpatch"), dict)
+    return saved_format(path) is not None
 
 
 def _within(path: Path, other: Path) -> bool:
