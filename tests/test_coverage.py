@@ -22,6 +22,10 @@ SUBSET = [
     "deepseek_v3",
     "gpt_neox",
     "olmo",
+    "gemma3_text",
+    "gpt_oss",
+    "llama4_text",
+    "jamba",
 ]
 
 

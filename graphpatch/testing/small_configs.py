@@ -54,6 +54,18 @@ SMALL: dict[str, Any] = {
     "layer_norm_eps": 1e-5,
     "norm_eps": 1e-5,
     "rope_theta": 10000.0,
+    # every other layer slides: the patterns fit in 2 layers
+    "sliding_window_pattern": 2,
+    "sliding_window": 64,
+    # hybrids: attention (and experts) at layer 1 of every 2
+    "attn_layer_offset": 1,
+    "attn_layer_period": 2,
+    "expert_layer_offset": 1,
+    "expert_layer_period": 2,
+    "full_attn_idxs": [1],
+    # rope over an even number of dims; per-head sizes that match head_dim
+    "partial_rotary_factor": 0.5,
+    "kv_channels": 64,
 }
 # Plain values for required fields of other names, by type.
 BY_TYPE = {int: 2, float: 1.0, bool: False, str: "", list: [], dict: {}}
@@ -77,7 +89,34 @@ LLAMA4_ROPE = {
     "original_max_position_embeddings": 512,
 }
 HYBRID = {"full_attention_interval": 2, "num_hidden_layers": 4}
+LFM2 = {
+    "block_dim": 256,
+    "block_ff_dim": 512,
+    "block_multiple_of": 16,
+    "block_ffn_dim_multiplier": 1.0,
+    "block_auto_adjust_ff_dim": False,
+    "conv_L_cache": 3,
+}
 HINTS: dict[str, dict[str, Any]] = {
+    "dbrx": {
+        "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 8, "moe_top_k": 2},
+        "attn_config": {"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 10000.0},
+    },
+    "exaone4": {"sliding_window_pattern": "LG"},  # a string: L local, G global
+    "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
+    "nemotron_h": {"layers_block_type": ["mamba", "attention"]},
+    "lfm2": LFM2,
+    "lfm2_moe": LFM2,
+    "mamba2": {
+        "num_heads": 8,
+        "head_dim": 64,
+        "intermediate_size": 512,
+        "state_size": 16,
+        "n_groups": 1,
+        "conv_kernel": 4,
+        "time_step_limit": [0.0, float("inf")],
+        "time_step_rank": 16,
+    },
     "deepseek_v2": {"rope_scaling": YARN},
     "deepseek_v32": {
         "rope_scaling": YARN,
@@ -106,7 +145,8 @@ def small_config(name: str, args_class: type) -> dict:
         elif f.name in NESTED:  # a wrapper's language model: small as well
             config[f.name] = {"model_type": name, **SMALL}
         elif f.name == "layer_types":
-            config[f.name] = ["full_attention"] * SMALL["num_hidden_layers"]
+            layers = SMALL["num_hidden_layers"] // 2
+            config[f.name] = ["sliding_attention", "full_attention"] * layers
         elif f.default is dataclasses.MISSING and (
             f.default_factory is dataclasses.MISSING
         ):
@@ -123,6 +163,8 @@ def _plain_value(name: str, annotation):
         return False if name.startswith(("tie_", "use_")) or "bias" in name else 2
     text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
     text = text.replace("typing.", "").removeprefix("Optional[")
+    if name.endswith("_layers") and text.startswith(("list", "List")):
+        return [1, 0] * (SMALL["num_hidden_layers"] // 2)  # a flag per layer
     for kind, words in (
         (bool, ("bool",)),
         (int, ("int",)),
