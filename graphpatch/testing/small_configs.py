@@ -97,12 +97,26 @@ LFM2 = {
     "block_auto_adjust_ff_dim": False,
     "conv_L_cache": 3,
 }
+# rope parameters per layer type, for the types small_config lists
+PER_TYPE_ROPE = {
+    "rope_parameters": {
+        kind: {"rope_type": "default", "rope_theta": 10000.0}
+        for kind in ("sliding_attention", "full_attention")
+    }
+}
 HINTS: dict[str, dict[str, Any]] = {
+    "mellum": PER_TYPE_ROPE,
+    "spark2_5": PER_TYPE_ROPE,
     "dbrx": {
         "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 8, "moe_top_k": 2},
         "attn_config": {"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 10000.0},
     },
     "exaone4": {"sliding_window_pattern": "LG"},  # a string: L local, G global
+    "gemma4": {
+        "text_config": {"num_kv_shared_layers": 0, "vocab_size_per_layer_input": 256}
+    },
+    "gemma4_text": {"num_kv_shared_layers": 0, "vocab_size_per_layer_input": 256},
+    "llama4": {"text_config": {"rope_scaling": None, "num_experts_per_tok": 1}},
     "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
     "nemotron_h": {"layers_block_type": ["mamba", "attention"]},
     "lfm2": LFM2,
