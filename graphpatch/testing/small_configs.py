@@ -50,6 +50,11 @@ SMALL: dict[str, Any] = {
     "moe_topk": 2,
     "n_shared_experts": 1,
     "max_position_embeddings": 512,
+    # position tables must cover the probe: a plain 2 made gpt2's wpe read
+    # past its end (a gather is not bounds-checked), hence "different logits
+    # from the same seed" and non-finite ones
+    "n_positions": 512,
+    "n_ctx": 512,
     "rms_norm_eps": 1e-5,
     "layer_norm_eps": 1e-5,
     "norm_eps": 1e-5,
