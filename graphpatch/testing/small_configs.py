@@ -111,6 +111,22 @@ PER_TYPE_ROPE = {
 }
 HINTS: dict[str, dict[str, Any]] = {
     "mellum": PER_TYPE_ROPE,
+    "glm_moe_dsa": {"rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}},
+    "hunyuan": {"rope_scaling": {"alpha": 1.0, "factor": 1.0, "type": "dynamic"}},
+    "minicpm3": {"rope_scaling": {"original_max_position_embeddings": 512}},
+    "openelm": {
+        "num_query_heads": [4, 4],
+        "num_kv_heads": [2, 2],
+        "ffn_multipliers": [2.0, 2.0],
+        "ffn_dim_divisor": 64,
+        "num_transformer_layers": 2,
+        "model_dim": 256,
+    },
+    "recurrent_gemma": {
+        "block_types": ["recurrent", "attention"],
+        "attention_window_size": 64,
+        "logits_soft_cap": 30.0,
+    },
     "spark2_5": PER_TYPE_ROPE,
     "dbrx": {
         "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 8, "moe_top_k": 2},
@@ -170,7 +186,17 @@ def small_config(name: str, args_class: type) -> dict:
             f.default_factory is dataclasses.MISSING
         ):
             config[f.name] = _plain_value(f.name, f.type)
+        elif f.default is None and _per_layer(f.name, f.type):
+            config[f.name] = _plain_value(f.name, f.type)
     return config
+
+
+def _per_layer(name: str, annotation) -> bool:
+    """A list with a flag per layer (``no_rope_layers``, ``is_moe_layer``,
+    ``hybrid_layer_pattern``), by its name and type."""
+    text = str(getattr(annotation, "__name__", annotation)).replace("typing.", "")
+    listed = text.startswith(("list", "List", "Optional[List", "Optional[list"))
+    return listed and "layer" in name and "types" not in name
 
 
 def _plain_value(name: str, annotation):
@@ -182,7 +208,7 @@ def _plain_value(name: str, annotation):
         return False if name.startswith(("tie_", "use_")) or "bias" in name else 2
     text = annotation.__name__ if isinstance(annotation, type) else str(annotation)
     text = text.replace("typing.", "").removeprefix("Optional[")
-    if name.endswith("_layers") and text.startswith(("list", "List")):
+    if _per_layer(name, annotation):
         return [1, 0] * (SMALL["num_hidden_layers"] // 2)  # a flag per layer
     for kind, words in (
         (bool, ("bool",)),
