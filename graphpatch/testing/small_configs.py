@@ -137,7 +137,25 @@ HINTS: dict[str, dict[str, Any]] = {
         "text_config": {"num_kv_shared_layers": 0, "vocab_size_per_layer_input": 256}
     },
     "gemma4_text": {"num_kv_shared_layers": 0, "vocab_size_per_layer_input": 256},
-    "llama4": {"text_config": {"rope_scaling": None, "num_experts_per_tok": 1}},
+    "llama4": {  # its global mask reads layer 3's cache
+        "text_config": {
+            "rope_scaling": None,
+            "num_experts_per_tok": 1,
+            "num_hidden_layers": 4,
+            "no_rope_layers": [1, 1, 1, 0],
+        }
+    },
+    "mimo_v2_flash": {
+        "topk_method": "noaux_tc",
+        "n_group": 1,
+        "topk_group": 1,
+        "v_head_dim": 64,
+        "swa_num_attention_heads": 4,
+        "swa_num_key_value_heads": 2,
+        "swa_head_dim": 64,
+        "swa_v_head_dim": 64,
+    },
+    "plamo": {"n_shared_head": 2},
     "granitemoehybrid": {"layer_types": ["mamba", "attention"]},
     "nemotron_h": {"layers_block_type": ["mamba", "attention"]},
     "lfm2": LFM2,
