@@ -9,9 +9,10 @@ from graphpatch.contract import (
 )
 from graphpatch.loading import LoadError
 from graphpatch.manager import apply, resolve, revert
+from graphpatch.opening import load
 from graphpatch.passes import PASSES
 from graphpatch.report import Report
-from graphpatch.saving import SaveError, load, save
+from graphpatch.saving import SaveError, save
 
 __all__ = [
     "__version__",

@@ -29,7 +29,7 @@ from graphpatch.loading import (
     regular_file,
     write_failure,
 )
-from graphpatch.saving import load
+from graphpatch.opening import load
 from graphpatch.verify import PROBE_TOKENS, TOLERANCE, dtype_name, logits_dtype
 
 TOP_K = 8

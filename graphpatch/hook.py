@@ -131,13 +131,13 @@ def _loaded_one() -> None:
 
 def _passes(model_dir: Path) -> list[str] | None:
     """The env's passes; where it names none, those a plain save recorded."""
-    from graphpatch import plan, saving
+    from graphpatch import opening, plan
     from graphpatch.outdir import saved_format
 
     if saved_format(model_dir) != "plain" or plan.resolve(None)[0]:
         return None
     config = json.loads((model_dir / "config.json").read_text())
-    return saving.recorded(model_dir, config)
+    return opening.recorded(model_dir, config)
 
 
 def _progress(model) -> Callable[[str], None]:

@@ -15,8 +15,8 @@ from safetensors.numpy import load_file, save_file
 
 import graphpatch
 from graphpatch import GraphpatchError
+from graphpatch.opening import load
 from graphpatch.passes import untied_head
-from graphpatch.saving import load
 
 CHECKPOINTS = [
     pytest.param({}, id="float"),

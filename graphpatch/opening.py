@@ -1,0 +1,217 @@
+"""Open a model directory: a plain mlx-lm model, or a graphpatch save of
+either format (``saving``), which comes back patched as it was saved.
+
+A plain save is loaded by ``mlx_lm.load`` and its recorded passes are applied
+again (verified, or trusted from a record). A fused save is built straight
+into its patched structure and its saved weights are loaded into it, so
+nothing is fused twice.
+"""
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.utils import infer_quant_config, load_tokenizer
+
+from graphpatch.contract import Context, GraphpatchError
+from graphpatch.loading import (
+    LoadError,
+    check_config,
+    check_weights,
+    mlx_lm_load_checked,
+    model_classes,
+    model_path,
+    quiet_transformers,
+    read_arrays,
+    read_config,
+)
+from graphpatch.passes import PASSES
+from graphpatch.plan import check_options
+from graphpatch.saving import FORMATS, MODEL_TYPE
+
+
+def load(
+    model_dir: str | Path, lazy: bool = False, verify: str = "cached"
+) -> tuple[nn.Module, object, dict]:
+    """Load a local model directory with ``mlx_lm.load``; a graphpatch save
+    comes back patched as it was saved.
+
+    Args:
+        model_dir: a directory with config.json, safetensors and a tokenizer.
+        lazy: leave the weights unevaluated (loaded when first used).
+        verify: for a plain save, how the recorded passes it re-applies are
+            verified: ``always``, ``cached`` or ``never`` (the only one that
+            keeps a lazy model lazy).
+
+    Returns:
+        (model, tokenizer, config).
+
+    Raises:
+        LoadError: the directory cannot be loaded; the message says why.
+    """
+    model_dir = model_path(model_dir)
+    config = read_config(model_dir)
+    names = check_weights(model_dir)
+    if is_fused(config):
+        try:
+            return load_fused(model_dir, lazy)
+        except GraphpatchError:
+            raise
+        except Exception as e:
+            raise LoadError(f"{model_dir}: cannot open the saved model: {e}") from None
+    if "graphpatch" in config:
+        recorded(model_dir, config)  # a bad section, before loading
+    check_config(model_dir, config, names)
+    model, tokenizer, config = mlx_lm_load_checked(model_dir, lazy)
+    if "graphpatch" in config:
+        reapply(model, model_dir, config, verify)
+    return model, tokenizer, config
+
+
+def is_fused(config: dict) -> bool:
+    return config.get("model_type") == MODEL_TYPE
+
+
+def recorded(model_dir: Path, config: dict) -> list[str]:
+    """The pass specs a save recorded (``last_token:keep=4``), to re-apply.
+
+    Raises:
+        LoadError: the graphpatch section is malformed (edited by hand).
+    """
+    section = config.get("graphpatch")
+    problem = _saved_problem(section)
+    if problem or not isinstance(section, dict):
+        raise LoadError(f"{model_dir / 'config.json'}: graphpatch section: {problem}")
+    return [_spec(entry["name"], entry["options"]) for entry in section["passes"]]
+
+
+def _spec(name: str, options: dict) -> str:
+    def text(value) -> str:
+        return str(value).lower() if isinstance(value, bool) else str(value)
+
+    return ":".join([name, *(f"{k}={text(v)}" for k, v in options.items())])
+
+
+def reapply(model: nn.Module, model_dir: Path, config: dict, verify: str) -> None:
+    """Re-apply the passes a plain save recorded (``verify``: see ``verified``)."""
+    from graphpatch import verified  # verified -> manager -> loading -> here
+
+    specs = recorded(model_dir, config)
+    if specs:
+        report = verified.apply(model, specs, model_dir, verify)
+        verified.settle(model, report)
+
+
+def load_fused(model_dir: str | Path, lazy: bool = False) -> tuple:
+    """Open a fused save straight into its patched structure.
+
+    Returns:
+        (model, tokenizer, config), config as the source model's.
+    """
+    model_dir = Path(model_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    if not is_fused(config):
+        raise GraphpatchError(f"{model_dir} is not a fused graphpatch save")
+    recorded(model_dir, config)  # the section is checked before it is used
+    saved = config.pop("graphpatch")
+    config["model_type"] = saved["model_type"]
+    weights = read_arrays(model_dir, "")
+    model_class, args_class = model_classes(config)
+    model = model_class(args_class.from_dict(config))
+    if hasattr(model, "sanitize"):  # as mlx-lm's loader: a tied model drops lm_head
+        weights = model.sanitize(weights)
+    _quantize(model, config, weights)
+    _rewrite(model, saved["passes"])
+    for alias, name in saved["aliases"].items():
+        weights[alias] = weights[name]  # the same array: tied stays tied
+    model.load_weights(list(weights.items()), strict=True)
+    if not lazy:
+        mx.eval(model.parameters())
+    model.eval()
+    return model, _tokenizer(model_dir, config), config
+
+
+def _saved_problem(saved) -> str | None:
+    """What is wrong with a saved config's graphpatch section (it may have
+    been edited by hand), or None."""
+    if not isinstance(saved, dict):
+        return "not a mapping"
+    if saved.get("format", "fused") not in FORMATS:
+        return f"unknown format {saved.get('format')!r}"
+    if saved.get("format", "fused") == "fused":
+        if not isinstance(saved.get("model_type"), str):
+            return "no model_type string"
+        aliases = saved.get("aliases")
+        if not isinstance(aliases, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in aliases.items()
+        ):
+            return "aliases is not a mapping of names"
+    entries = saved.get("passes")
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        return "passes is not a list of pass entries"
+    for entry in entries:
+        name, sites = entry.get("name"), entry.get("sites")
+        if name not in PASSES:
+            return f"unknown pass {name!r}"
+        if not isinstance(sites, list) or not all(isinstance(x, str) for x in sites):
+            return f"{name}: sites is not a list of paths"
+        problem = check_options(name, entry.get("options"))
+        if problem:
+            return problem
+    return None
+
+
+def _tokenizer(model_dir: Path, config: dict):
+    with quiet_transformers():  # config.json's model_type is not one it knows
+        return load_tokenizer(model_dir, eos_token_ids=config.get("eos_token_id"))
+
+
+def _quantize(model: nn.Module, config: dict, weights: dict) -> None:
+    """Quantize the unpatched skeleton as mlx-lm's loader would, seeing each
+    fused array (``gate_up_proj``) under its parts' names too (mlx-lm's own
+    predicate cannot: it looks for each part's arrays by name)."""
+    quantization = config.get("quantization")
+    if quantization is None:
+        if config.get("quantization_config"):
+            raise GraphpatchError("graphpatch.load needs config['quantization']")
+        return
+    names = dict(weights)
+    for fused, parts in (f for p in PASSES.values() for f in p.fuses.items()):
+        for key, value in weights.items():
+            for part in parts if f".{fused}." in key else ():
+                names[key.replace(f".{fused}.", f".{part}.")] = value
+
+    def predicate(path: str, module: nn.Module):
+        if path in quantization:
+            return quantization[path]
+        if not hasattr(module, "to_quantized") or f"{path}.scales" not in names:
+            return False
+        params = infer_quant_config(path, module, names)
+        if f"{path}.global_scale" in names:
+            params["global_scale"] = True
+        return params
+
+    nn.quantize(
+        model,
+        group_size=quantization["group_size"],
+        bits=quantization["bits"],
+        mode=quantization.get("mode", "affine"),
+        class_predicate=predicate,
+    )
+
+
+def _rewrite(model: nn.Module, passes: list[dict]) -> None:
+    """Re-make the recorded sites' structure on unevaluated arrays: the saved
+    weights replace them, so nothing is fused or checked twice."""
+    for entry in passes:
+        p = PASSES[entry["name"]]
+        options, context = entry["options"], Context(model_dir=None)
+        sites = {s.path: s for s in p.find(model, options, context)}
+        for path in entry["sites"]:
+            if path not in sites or p.why_not(model, sites[path], options, context):
+                raise GraphpatchError(
+                    f"saved {p.name} site {path} does not fit the model built "
+                    "from config.json"
+                )
+            p.rewrite(model, sites[path], options, context)
