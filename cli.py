@@ -12,14 +12,9 @@ from rich.table import Table
 
 import graphpatch
 from graphpatch import golden, saving, verified
+from graphpatch.checks import check_config, check_weights, read_config, regular_file
 from graphpatch.contract import GraphpatchError, VerificationError
-from graphpatch.loading import (
-    check_config,
-    check_weights,
-    model_path,
-    read_config,
-    regular_file,
-)
+from graphpatch.loading import model_path
 from graphpatch.plan import unknown_variables
 from graphpatch.report import SCHEMA
 

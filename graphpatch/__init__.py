@@ -1,13 +1,13 @@
 """graphpatch: verified rewrite passes for loaded MLX language models."""
 
 from graphpatch._version import __version__
+from graphpatch.checks import LoadError
 from graphpatch.contract import (
     GraphpatchError,
     NotAModelError,
     PassSpecError,
     VerificationError,
 )
-from graphpatch.loading import LoadError
 from graphpatch.manager import apply, resolve, revert
 from graphpatch.opening import load
 from graphpatch.passes import PASSES

@@ -19,16 +19,10 @@ import mlx_lm
 
 import graphpatch
 from graphpatch._version import __version__
+from graphpatch.checks import LoadError, check_safetensors, read_config, regular_file
 from graphpatch.contract import GraphpatchError
 from graphpatch.limits import check_tokens
-from graphpatch.loading import (
-    LoadError,
-    check_safetensors,
-    quiet_transformers,
-    read_config,
-    regular_file,
-    write_failure,
-)
+from graphpatch.loading import quiet_transformers, write_failure
 from graphpatch.opening import load
 from graphpatch.verify import PROBE_TOKENS, TOLERANCE, dtype_name, logits_dtype
 

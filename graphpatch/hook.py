@@ -114,7 +114,8 @@ def _patch(model, path_or_repo) -> None:
 
 def _local(path_or_repo) -> Path:
     """The directory mlx-lm loaded: a repo id's snapshot in the cache."""
-    from graphpatch.loading import LoadError, model_path
+    from graphpatch.checks import LoadError
+    from graphpatch.loading import model_path
 
     try:
         return model_path(path_or_repo)

@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from graphpatch.checks import LoadError
 from graphpatch.contract import (
     Context,
     GraphpatchError,
@@ -26,7 +27,6 @@ from graphpatch.contract import (
     parent_and_key,
 )
 from graphpatch.limits import check_tokens
-from graphpatch.loading import LoadError
 from graphpatch.passes import PASSES
 from graphpatch.plan import resolve
 from graphpatch.record import recording

@@ -14,17 +14,19 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.utils import infer_quant_config, load_tokenizer
 
-from graphpatch.contract import Context, GraphpatchError
-from graphpatch.loading import (
+from graphpatch.checks import (
     LoadError,
     check_config,
     check_weights,
-    mlx_lm_load_checked,
     model_classes,
+    read_config,
+)
+from graphpatch.contract import Context, GraphpatchError
+from graphpatch.loading import (
+    mlx_lm_load_checked,
     model_path,
     quiet_transformers,
     read_arrays,
-    read_config,
 )
 from graphpatch.passes import PASSES
 from graphpatch.plan import check_options

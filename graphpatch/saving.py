@@ -28,11 +28,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from graphpatch._version import __version__
-from graphpatch.loading import (
-    EXTRA_WEIGHTS,
-    write_failure,
-    write_safetensors,
-)
+from graphpatch.loading import EXTRA_WEIGHTS, write_failure, write_safetensors
 from graphpatch.outdir import (
     SaveError,
     check_out,

@@ -167,7 +167,7 @@ def convert(gguf_file: Path, out: Path) -> Path:
     from mlx_lm.convert import mixed_quant_predicate_builder
     from mlx_lm.utils import quantize_model, save_config, save_model
 
-    from graphpatch.loading import model_classes
+    from graphpatch.checks import model_classes
 
     reader = gguf.GGUFReader(gguf_file)
     config = _config(reader)

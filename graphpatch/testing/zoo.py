@@ -19,7 +19,8 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import quantize_model
 
 from graphpatch import golden
-from graphpatch.loading import model_classes, write_safetensors
+from graphpatch.checks import model_classes
+from graphpatch.loading import write_safetensors
 
 VOCAB = 512
 _BASE = {
