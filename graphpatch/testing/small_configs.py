@@ -128,6 +128,24 @@ HINTS: dict[str, dict[str, Any]] = {
         "logits_soft_cap": 30.0,
     },
     "spark2_5": PER_TYPE_ROPE,
+    "afm7": {"num_layers": 4, "num_kv_reuse_layers": 2},
+    # mlx-lm sets these scales only when true (false leaves them unset)
+    "longcat_flash": {
+        "mla_scale_q_lora": True,
+        "mla_scale_kv_lora": True,
+        "zero_expert_type": "identity",
+    },
+    "longcat_flash_ngram": {"mla_scale_q_lora": True, "mla_scale_kv_lora": True},
+    "bailing_moe_v3": {"n_group": 2, "topk_group": 1},
+    "kimi_linear": {  # layer 1 (1-based) is linear attention, layer 2 full
+        "linear_attn_config": {"kda_layers": [1], "num_heads": 4, "head_dim": 64}
+    },
+    "nemotron-nas": {
+        "block_configs": [
+            {"attention": {"n_heads_in_group": 2}, "ffn": {"ffn_mult": 2.0}}
+        ]
+        * 2
+    },
     "dbrx": {
         "ffn_config": {"ffn_hidden_size": 128, "moe_num_experts": 8, "moe_top_k": 2},
         "attn_config": {"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 10000.0},
@@ -160,6 +178,7 @@ HINTS: dict[str, dict[str, Any]] = {
     "nemotron_h": {"layers_block_type": ["mamba", "attention"]},
     "lfm2": LFM2,
     "lfm2_moe": LFM2,
+    "lfm2-vl": {"text_config": {"model_type": "lfm2", **LFM2}},
     "mamba2": {
         "num_heads": 8,
         "head_dim": 64,
