@@ -9,7 +9,9 @@ all together, to a fresh copy, each verified against the unpatched model by
 the manager. What cannot be built or run says why.
 """
 
+import contextlib
 import importlib
+import io
 import json
 import pkgutil
 import subprocess
@@ -68,8 +70,10 @@ def _short(e: BaseException) -> str:
 def cover(name: str) -> Architecture:
     """Build ``name``, run it, apply each pass alone and all of them."""
     result = Architecture(name)
+    printed = io.StringIO()  # what a module says before it exits
     try:
-        model = build(name)
+        with contextlib.redirect_stdout(printed):
+            model = build(name)
         out = model(mx.array(TOKENS))
         mx.eval(out)
         if out.ndim != 3 or out.shape[-1] != VOCAB:
@@ -81,7 +85,11 @@ def cover(name: str) -> Architecture:
         if not mx.array_equal(build(name)(mx.array(TOKENS)), out).item():
             result.reason = "two builds from the same seed give different logits here"
             return result
-    except (Exception, SystemExit) as e:  # some modules exit when a dep is missing
+    except SystemExit:  # mlx-lm's module exits when an optional package is missing
+        said = " ".join(printed.getvalue().split()) or "no message"
+        result.reason = f"mlx-lm's module exits on import and says: {said}"
+        return result
+    except Exception as e:
         result.reason = f"cannot build or run from a small config: {_short(e)}"
         return result
     result.built = True
