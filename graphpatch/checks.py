@@ -121,13 +121,13 @@ def _weight_map(index_file: Path) -> dict[str, str]:
     return weight_map
 
 
-def _shards(model_dir: Path, names: set[str] | None = None) -> dict[Path, list[str]]:
-    """The safetensors files holding ``names`` (all of them when None), each
-    checked once, with the tensor names it holds."""
+def checked_shards(model_dir: Path, prefix: str = "") -> dict[Path, list[str]]:
+    """The safetensors files holding the tensors named ``prefix*`` (where an
+    index says which), each checked once, with the tensor names it holds."""
     index_file = model_dir / "model.safetensors.index.json"
     if index_file.is_file():
         weight_map = _weight_map(index_file)
-        wanted = {f for k, f in weight_map.items() if names is None or k in names}
+        wanted = {f for k, f in weight_map.items() if k.startswith(prefix)}
         files = [model_dir / f for f in sorted(wanted)]
         for file in files:
             if not file.exists() and not file.is_symlink():
@@ -141,7 +141,7 @@ def check_weights(model_dir: Path) -> list[str]:
     """Every safetensors file is whole; returns the names of all tensors."""
     if not sorted(model_dir.glob("model*.safetensors")):
         raise LoadError(f"{model_dir}: no model*.safetensors files")
-    return [name for names in _shards(model_dir).values() for name in names]
+    return [name for names in checked_shards(model_dir).values() for name in names]
 
 
 def check_config(model_dir: Path, config: dict, names: list[str]) -> None:

@@ -21,7 +21,7 @@ from mlx_lm.utils import (
 )
 from mlx_lm.utils import load as mlx_lm_load
 
-from graphpatch.checks import LoadError, _shards, _weight_map
+from graphpatch.checks import LoadError, checked_shards
 
 # owner/name as the Hugging Face Hub spells repo ids (a path that exists wins).
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -116,12 +116,8 @@ def read_arrays(model_dir: str | Path, prefix: str) -> dict[str, mx.array]:
             missing shard.
     """
     model_dir = Path(model_dir)
-    index_file = model_dir / "model.safetensors.index.json"
-    names = None
-    if index_file.is_file():
-        names = {k for k in _weight_map(index_file) if k.startswith(prefix)}
     arrays = {}
-    files = list(_shards(model_dir, names))
+    files = list(checked_shards(model_dir, prefix))
     if (model_dir / EXTRA_WEIGHTS).is_file():
         files.append(model_dir / EXTRA_WEIGHTS)
     for file in files:
