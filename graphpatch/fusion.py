@@ -27,12 +27,9 @@ class FusedCall:
         self.owner = weakref.ref(owner)
         self.fused = fused
         self.sizes = sizes  # each part's output rows, in order
+        self.cuts = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
         # (args, kwargs, {index: output}) of the last call, until all are taken
         self.pending: tuple[tuple, dict, dict[int, mx.array]] | None = None
-
-    @property
-    def split(self) -> int:  # two parts: where the second begins
-        return self.sizes[0]
 
     def bounds(self, index: int) -> tuple[int, int]:
         start = sum(self.sizes[:index])
@@ -49,8 +46,7 @@ class FusedCall:
         owner = self.owner()
         assert owner is not None, "a fused part outlived its module"
         out = owner[self.fused](*args, **kwargs)
-        cuts = [sum(self.sizes[: i + 1]) for i in range(len(self.sizes) - 1)]
-        parts = dict(enumerate(mx.split(out, cuts, axis=-1)))
+        parts = dict(enumerate(mx.split(out, self.cuts, axis=-1)))
         mine = parts.pop(index)
         self.pending = (args, kwargs, parts)
         return mine
