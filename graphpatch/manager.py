@@ -232,7 +232,6 @@ def _apply_site(
     if result.reason:
         return result
     result.bytes_before = nbytes(module_at(model, site.path))
-    verify = recorded is not None
     if recorded is not None:
         result.reason = _rewrite_verified(
             model, p, site, options, context, dtype, recorded, result
@@ -241,7 +240,7 @@ def _apply_site(
         result.note = p.rewrite(model, site, options, context)
     if result.reason:
         return result
-    if verify and options.get("tune") and p.tune:
+    if recorded is not None and options.get("tune") and p.tune:
         result.speedup, result.reason = p.tune(model, site, dtype)
         if result.reason:
             return result

@@ -14,6 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.utils import infer_quant_config, load_tokenizer
 
+from graphpatch import verified
 from graphpatch.checks import (
     LoadError,
     check_config,
@@ -30,7 +31,7 @@ from graphpatch.loading import (
 )
 from graphpatch.passes import PASSES
 from graphpatch.plan import check_options
-from graphpatch.saving import FORMATS, MODEL_TYPE
+from graphpatch.saving import FORMATS, is_fused
 
 
 def load(
@@ -71,10 +72,6 @@ def load(
     return model, tokenizer, config
 
 
-def is_fused(config: dict) -> bool:
-    return config.get("model_type") == MODEL_TYPE
-
-
 def recorded(model_dir: Path, config: dict) -> list[str]:
     """The pass specs a save recorded (``last_token:keep=4``), to re-apply.
 
@@ -97,8 +94,6 @@ def _spec(name: str, options: dict) -> str:
 
 def reapply(model: nn.Module, model_dir: Path, config: dict, verify: str) -> None:
     """Re-apply the passes a plain save recorded (``verify``: see ``verified``)."""
-    from graphpatch import verified  # verified -> manager -> loading -> here
-
     specs = recorded(model_dir, config)
     if specs:
         report = verified.apply(model, specs, model_dir, verify)

@@ -143,7 +143,7 @@ def save(
     if PASSES["elide_head"].applied(model):
         raise SaveError("an elided model is one rank's view: save it before elide_head")
     config = json.loads((source_dir / "config.json").read_text())
-    if config.get("model_type") == MODEL_TYPE:
+    if is_fused(config):
         raise SaveError(f"{source_dir} is already a saved patched model")
     section: dict = {"version": __version__, "format": format}
     section["passes"] = _record(model)
@@ -206,6 +206,11 @@ def _untied_config(model: nn.Module, config: dict, stray: list[str]) -> dict | N
         if not _not_loaded(type(model)(candidate), dict.fromkeys(stray)):
             return {**config, **change}
     return None
+
+
+def is_fused(config: dict) -> bool:
+    """Whether ``config`` is a fused save's (mlx-lm refuses its model_type)."""
+    return config.get("model_type") == MODEL_TYPE
 
 
 def check_format(format: str) -> None:
