@@ -101,14 +101,12 @@ class Report:
     def skipped_lines(self) -> list[str]:
         """One line per pass and reason: ``fuse_qkv model.layers.{0..1}.self_attn
         (2 sites): q and v differ in bits (4 vs 6)``."""
-        groups: dict[tuple, list[str]] = {}
-        for site in self.skipped():
-            groups.setdefault((site.pass_name, site.reason), []).append(site.path)
+        skipped = [group for group in self._groups() if group[0].status == SKIPPED]
         return [
-            f"{name} {path_pattern(paths)}"
-            + (f" ({len(paths)} sites)" if len(paths) > 1 else "")
-            + f": {reason}"
-            for (name, reason), paths in groups.items()
+            f"{group[0].pass_name} {path_pattern([s.path for s in group])}"
+            + (f" ({len(group)} sites)" if len(group) > 1 else "")
+            + f": {group[0].reason}"
+            for group in skipped
         ]
 
     def print(self, console: Console | None = None, verbose: bool = False) -> None:
