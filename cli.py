@@ -16,7 +16,7 @@ from graphpatch.checks import check_config, check_weights, read_config, regular_
 from graphpatch.contract import GraphpatchError, VerificationError
 from graphpatch.loading import model_path
 from graphpatch.plan import unknown_variables
-from graphpatch.report import SCHEMA
+from graphpatch.report import stamped
 
 app = typer.Typer(
     add_completion=False,
@@ -65,14 +65,10 @@ def fail(
     if len(line) > 400:
         line = line[:400] + " ..."
     if _json_errors:
-        entry = report.to_dict() if report else _stamped({})
+        entry = report.to_dict() if report else stamped({})
         print(_json.dumps(entry | {"error": line, "exit_code": code}, indent=2))
     err.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True, markup=True)
     raise typer.Exit(code)
-
-
-def _stamped(entry: dict) -> dict:
-    return {"schema": SCHEMA, "graphpatch": graphpatch.__version__, **entry}
 
 
 @app.command("list")
@@ -91,7 +87,7 @@ def list_passes(
             }
             for name, p in graphpatch.PASSES.items()
         ]
-        print(_json.dumps(_stamped({"passes": passes}), indent=2))
+        print(_json.dumps(stamped({"passes": passes}), indent=2))
         return
     table = Table()
     table.add_column("pass", no_wrap=True)

@@ -17,6 +17,12 @@ SKIPPED = "skipped"
 SCHEMA = 1  # of to_dict(): bumped when a key changes meaning or goes away
 
 
+def stamped(entry: dict) -> dict:
+    """``entry`` with the schema and graphpatch versions every JSON output
+    carries (reports, errors, ``list --json``)."""
+    return {"schema": SCHEMA, "graphpatch": __version__, **entry}
+
+
 @dataclass
 class SiteResult:
     pass_name: str
@@ -80,7 +86,7 @@ class Report:
         return sum(s.bytes_after - s.bytes_before for s in self.rewritten())
 
     def to_dict(self) -> dict:
-        return {"schema": SCHEMA, "graphpatch": __version__, **asdict(self)}
+        return stamped(asdict(self))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
