@@ -53,6 +53,8 @@ def test_every_rank_gets_the_same_tokens(zoo_dir, name, temp, note):
     assert (other["kind"], other["note"]) == ("elided", note)
     freed = 0 if note == pipeline.TIED else HEAD_BYTES
     assert abs(final["freed"]) < 1024 and abs(other["freed"] - freed) < 1024
+    assert other.get("restored", True) and "restored" not in final
+    assert ("restored" in other) == (note != pipeline.TIED)
     assert final["gather"] == other["gather"] == ["gather", "rewritten", None]
     assert final["again"] == other["again"] == [elide_head.ALREADY_APPLIED] * 2
     assert final["logits"] == other["logits"] == [1, 3, 512]

@@ -128,7 +128,7 @@ def undo(model: nn.Module, path: str) -> None:
     parent, key = parent_and_key(model, path)
     module = parent[key]
     if isinstance(module, ElidedHead):
-        parent[key] = module.held
+        parent[key] = module.restored()
     else:
         parent[key] = unmark(module)
 

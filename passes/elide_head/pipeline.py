@@ -14,7 +14,7 @@ proves it worked: a rank that still gathers sees rank 0's h exactly.
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten, tree_unflatten
+from mlx.utils import tree_flatten
 from mlx_lm.models.pipeline import PipelineMixin
 
 from graphpatch.contract import GraphpatchError, TakenOver, walk
@@ -90,16 +90,17 @@ def broadcast_logits(logits: mx.array) -> mx.array:
 
 
 class ElidedHead(StandIn, TakenOver, nn.Module):
-    """Stands where the head was on ranks that do not produce the output."""
+    """Stands where the head was on ranks that do not produce the output.
 
-    def __init__(self, held: nn.Module, vocab: int, released: bool, share: bool):
+    The head stays its child. A released head holds no arrays while it
+    stands here: ``restored`` reads them back from ``model_dir``."""
+
+    def __init__(self, held: nn.Module, vocab: int, share: bool, model_dir=None):
         super().__init__()
+        self.held = held
         self.vocab = vocab
         self.share = share
-        if released:
-            self.__dict__["held"] = held  # not a child: its arrays are unevaluated
-        else:
-            self.held = held  # still in memory, so still counted
+        self.model_dir = model_dir  # set only when the arrays were released
 
     def __call__(self, h: mx.array) -> mx.array:
         kept = getattr(self.held, "kept", None)  # last_token's, when applied
@@ -108,6 +109,13 @@ class ElidedHead(StandIn, TakenOver, nn.Module):
         zeros = mx.broadcast_to(mx.zeros((1,) * len(shape), h.dtype), shape)
         zeros = mx.depends(zeros, h)
         return broadcast_logits(zeros).astype(h.dtype) if self.share else zeros
+
+    def restored(self) -> nn.Module:
+        """The head, its released arrays read back (lazily) from the checkpoint."""
+        if self.model_dir:
+            for key, value in head_arrays(self.model_dir).items():
+                self.held[key] = value
+        return self.held
 
 
 class Kept(TakenOver):
@@ -174,25 +182,28 @@ def is_tied(model: nn.Module, head: nn.Module) -> bool:
     )
 
 
+def head_arrays(model_dir: str) -> dict[str, mx.array]:
+    """The checkpoint's ``lm_head.*`` arrays under the head's own names."""
+    on_disk = read_arrays(model_dir, "lm_head.")
+    return {k.removeprefix("lm_head."): v for k, v in on_disk.items()}
+
+
 def release_to_checkpoint(head: nn.Module, model_dir: str | None) -> bool:
-    """Swap the head's arrays for unevaluated reads of the checkpoint's equal
-    ``lm_head.*``, so they take no memory until undo puts the head back."""
+    """Drop the head's arrays when the checkpoint's ``lm_head.*`` equal them,
+    so that they take no memory until undo reads them back."""
     if not model_dir:
         return False
     held = dict(tree_flatten(head.parameters()))
-    on_disk = {
-        k.removeprefix("lm_head."): v
-        for k, v in read_arrays(model_dir, "lm_head.").items()
-    }
+    if any("." in k for k in held):  # only a head's own arrays are put back
+        return False
+    on_disk = head_arrays(model_dir)
     if on_disk.keys() != held.keys() or not all(
         on_disk[k].shape == v.shape and mx.array_equal(on_disk[k], v).item()
         for k, v in held.items()
     ):
         return False
-    lazy = read_arrays(model_dir, "lm_head.")  # fresh, never evaluated
-    head.update(
-        tree_unflatten([(k.removeprefix("lm_head."), v) for k, v in lazy.items()])
-    )
+    for key in held:
+        del head[key]
     return True
 
 
@@ -202,12 +213,9 @@ def stand_in(
     """The stand-in for ``head`` on a rank that skips it, and the note that
     says what became of the head's arrays."""
     mib = sum(v.nbytes for _, v in tree_flatten(head.parameters())) / 2**20
-    released = False
-    if is_tied(model, head):
-        note = TIED
-    elif released := release_to_checkpoint(head, model_dir):
-        note = RELEASED.format(mib=mib)
-    else:
-        note = KEPT
     vocab = head.weight.shape[0]
-    return ElidedHead(head, vocab, released, share=share), note
+    if is_tied(model, head):
+        return ElidedHead(head, vocab, share), TIED
+    if release_to_checkpoint(head, model_dir):
+        return ElidedHead(head, vocab, share, model_dir), RELEASED.format(mib=mib)
+    return ElidedHead(head, vocab, share), KEPT

@@ -5,7 +5,8 @@ argv: MODEL_DIR TEMP MODE, MODE ``plain``, ``elided``, ``gathered``
 with mlx-lm's own sampler), ``stubborn`` (elided, on a body whose forward
 gathers whatever its pipeline_size says) or ``disagree`` (the ranks name
 different passes). Prints one JSON line with this rank's tokens,
-what the pass did and the active memory it freed, or the error it got.
+what the pass did and the active memory it freed, whether revert read a
+released head back bit for bit, or the error it got.
 One generation per process: mlx-lm 0.32's pipelined stream_generate can leave
 one rank a decode step ahead when it returns (seen unpatched as well), so a
 second collective in the same process may meet the wrong partner.
@@ -16,11 +17,13 @@ import sys
 
 import mlx.core as mx
 import mlx_lm
+from mlx.utils import tree_flatten
 from mlx_lm.sample_utils import make_sampler
 
 import graphpatch
 from graphpatch.contract import rebuilt
 from graphpatch.passes import elide_head
+from graphpatch.passes.elide_head import pipeline
 
 PROMPT = "Hello world! Numbers like 1234 and"
 
@@ -80,4 +83,12 @@ responses = mlx_lm.stream_generate(
     model, tokenizer, PROMPT, max_tokens=8, sampler=sampler
 )
 result["tokens"] = [r.token for r in responses]
+if "released" in (result.get("note") or ""):
+    # undo reads the released head back: the checkpoint's arrays, bit for bit
+    graphpatch.revert(model)
+    on_disk = pipeline.head_arrays(model_dir)
+    restored = dict(tree_flatten(model.lm_head.parameters()))
+    result["restored"] = restored.keys() == on_disk.keys() and all(
+        mx.array_equal(v, on_disk[k]).item() for k, v in restored.items()
+    )
 print(json.dumps(result))
