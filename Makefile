@@ -31,9 +31,11 @@ bench: install
 	$(PY) benchmarks/fuse_glu.py
 	$(PY) benchmarks/last_token.py
 
-# Regenerate docs/COVERAGE.md (every architecture of the installed mlx-lm).
+# Regenerate docs/COVERAGE.md (every architecture of the installed mlx-lm)
+# and the README's list, which comes from it.
 coverage: install
 	$(VENV)/bin/graphpatch coverage --write docs/COVERAGE.md > /dev/null
+	$(PY) -m graphpatch.testing.coverage --readme README.md docs/COVERAGE.md
 
 # Re-record golden/ on purpose (new mlx, mlx-lm or pass); review the diff.
 golden: install

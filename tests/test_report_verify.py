@@ -43,6 +43,22 @@ def test_compare_reports_error_and_top1():
     assert compare([ref], [ref]).ok
 
 
+def test_a_token_masked_in_both_is_no_error_and_no_scale():
+    inf = float("inf")
+    ref = mx.array([[[0.5, -inf, 1.0]]])
+    cmp = compare([ref], [mx.array([[[0.5, -inf, 1.0]]])])
+    assert (
+        cmp.ok
+        and cmp.max_error == 0
+        and cmp.tolerance == tolerance_for(mx.float32, 1.0)
+    )
+    # masked in one only, or a finite logit moved: caught, not absorbed
+    assert not compare([ref], [mx.array([[[0.5, 0.0, 1.0]]])]).ok
+    assert not compare([ref], [mx.array([[[0.5, -inf, 2.0]]])]).ok
+    assert not compare([ref], [mx.array([[[0.5, inf, 1.0]]])]).ok
+    assert not compare([ref * float("nan")], [ref * float("nan")]).ok
+
+
 def test_logits_dtype_is_what_the_model_computes_in(load_zoo):
     assert logits_dtype(load_zoo("llama", dtype="bfloat16")[0]) == mx.bfloat16
     quantized = load_zoo("qwen3", quant="affine4", dtype="float16")[0]

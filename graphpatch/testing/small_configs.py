@@ -140,6 +140,49 @@ HINTS: dict[str, dict[str, Any]] = {
     "kimi_linear": {  # layer 1 (1-based) is linear attention, layer 2 full
         "linear_attn_config": {"kda_layers": [1], "num_heads": 4, "head_dim": 64}
     },
+    "kimi_k3": {  # as kimi_linear, with MLA ranks and experts per token
+        "text_config": {
+            "linear_attn_config": {
+                "kda_layers": [1],
+                "num_heads": 4,
+                "head_dim": 64,
+                "short_conv_kernel_size": 4,
+            },
+            "q_lora_rank": 32,
+            "kv_lora_rank": 32,
+            "qk_nope_head_dim": 32,
+            "qk_rope_head_dim": 16,
+            "v_head_dim": 32,
+            "num_experts_per_token": 2,
+        }
+    },
+    "muse_spark": {  # rope by layer; every MLP sparse (dense ones are refused)
+        "text_config": {
+            "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"},
+            "layer_rope_theta": [10000.0, 10000.0],
+            "layer_types": ["sliding_attention", "full_attention"],
+            "mlp_layer_types": ["sparse", "sparse"],
+            "moe_hidden_size": 64,
+        }
+    },
+    # a text pack (schema 1) with one 2-bit module, rotated in blocks of 512
+    "prism_hadamard_qwen35": {
+        "schema_version": 1,
+        "tensor_namespace": "mlx-lm-text",
+        "quantization": {"bits": 2, "group_size": 128, "mode": "affine"},
+        "modules": [
+            {
+                "path": "model.layers.2.linear_attn.out_proj",
+                "embedding": False,
+                "dtype": "float16",
+                "block": 512,
+            }
+        ],
+        "text_config": HYBRID,
+    },
+    # its forward writes -inf at token ids up to 100351, unchecked: a smaller
+    # vocabulary made that write corrupt memory (a double free, a segfault)
+    "phi3small": {"vocab_size": 100352, "hidden_size": 64},
     "nemotron-nas": {
         "block_configs": [
             {"attention": {"n_heads_in_group": 2}, "ffn": {"ffn_mult": 2.0}}
