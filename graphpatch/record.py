@@ -2,35 +2,47 @@
 
 A tap is ``(path, method)``: the module at ``path`` and the method whose
 arguments to keep (``__call__``, or ``as_linear`` for a tied head). For the
-one reference forward, each tapped module is replaced by a recording copy (a
-subclass of its own class holding the same arrays, so the model's code and
-its ``isinstance`` checks see what they always see); the originals are put
-back before anything else runs. Site checks then replay the recorded inputs,
-in their real dtypes and shapes (and, for MoE, the real expert indices).
+one reference forward, each tapped module is replaced by a recording copy
+(``mark``: its own class behind a recording marker, the same arrays, so the
+model's code and its ``isinstance`` checks see what they always see); the
+originals are put back before anything else runs. Site checks then replay
+the recorded inputs, in their real dtypes and shapes (and, for MoE, the real
+expert indices).
 """
 
-import functools
 from collections.abc import Callable
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from graphpatch.contract import parent_and_key, rebuilt
+from graphpatch.contract import mark, parent_and_key
 
 Tap = tuple[str, str]
 Recorded = dict[Tap, list[tuple[tuple, dict]]]
 
 
-@functools.cache
-def _recording_class(cls: type, method: str) -> type:
-    original = getattr(cls, method)
+class RecordsCall:
+    """The marker on a tapped module whose calls are recorded."""
 
-    def record(self, *args, **kwargs):
-        vars(self)["graphpatch_calls"].append((args, kwargs))
-        return original(self, *args, **kwargs)
+    record: Callable  # set by ``mark``: where each call's arguments go
 
-    return type(f"Recording{cls.__name__}", (cls,), {method: record})
+    def __call__(self, *args, **kwargs):
+        self.record((args, kwargs))
+        return super().__call__(*args, **kwargs)  # type: ignore[misc]
+
+
+class RecordsAsLinear:
+    """The marker on a tied head (an embedding) whose ``as_linear`` is tapped."""
+
+    record: Callable
+
+    def as_linear(self, *args, **kwargs):
+        self.record((args, kwargs))
+        return super().as_linear(*args, **kwargs)  # type: ignore[misc]
+
+
+MARKERS = {"__call__": RecordsCall, "as_linear": RecordsAsLinear}
 
 
 def recording(model: nn.Module, taps: list[Tap], run: Callable[[], mx.array]):
@@ -41,11 +53,9 @@ def recording(model: nn.Module, taps: list[Tap], run: Callable[[], mx.array]):
     try:
         for path, method in dict.fromkeys(taps):
             parent, key = parent_and_key(model, path)
-            original = parent[key]
-            copy = rebuilt(original, _recording_class(original.__class__, method))
-            vars(copy)["graphpatch_calls"] = recorded.setdefault((path, method), [])
-            held.append((parent, key, original))
-            parent[key] = copy
+            calls = recorded.setdefault((path, method), [])
+            held.append((parent, key, parent[key]))
+            parent[key] = mark(parent[key], MARKERS[method], record=calls.append)
         result = run()
     finally:
         for parent, key, original in reversed(held):
