@@ -29,9 +29,10 @@ from graphpatch.loading import (
     quiet_transformers,
     read_arrays,
 )
+from graphpatch.outdir import format_of
 from graphpatch.passes import PASSES
 from graphpatch.plan import check_options
-from graphpatch.saving import FORMATS, is_fused
+from graphpatch.saving import FORMATS
 
 
 def load(
@@ -56,7 +57,7 @@ def load(
     model_dir = model_path(model_dir)
     config = read_config(model_dir)
     names = check_weights(model_dir)
-    if is_fused(config):
+    if format_of(config) == "fused":
         try:
             return load_fused(model_dir, lazy)
         except GraphpatchError:
@@ -108,7 +109,7 @@ def load_fused(model_dir: str | Path, lazy: bool = False) -> tuple:
     """
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
-    if not is_fused(config):
+    if format_of(config) != "fused":
         raise GraphpatchError(f"{model_dir} is not a fused graphpatch save")
     recorded(model_dir, config)  # the section is checked before it is used
     saved = config.pop("graphpatch")

@@ -28,17 +28,30 @@ class SaveError(GraphpatchError):
     """A model or an OUT that cannot be saved; nothing was written."""
 
 
+# A fused save's model_type: mlx-lm refuses it with this text as the reason.
+MODEL_TYPE = (
+    "graphpatch-fused (saved with --save-format fused; open it with "
+    "graphpatch.load or graphpatch apply, or save it again without that option)"
+)
+
+
+def format_of(config: dict) -> str | None:
+    """``fused`` or ``plain`` for the config of a directory graphpatch save
+    wrote, else None: a fused save is known by its model_type, a plain one by
+    its ``graphpatch`` section."""
+    if not isinstance(config, dict):
+        return None
+    if config.get("model_type") == MODEL_TYPE:
+        return "fused"
+    return "plain" if isinstance(config.get("graphpatch"), dict) else None
+
+
 def saved_format(path: str | Path) -> str | None:
-    """``plain`` or ``fused`` when ``path`` is a directory graphpatch save
-    wrote (its config.json has a ``graphpatch`` section), else None."""
+    """``format_of`` the config.json in ``path`` (None when it has none)."""
     try:
-        config = json.loads(Path(path, "config.json").read_text())
+        return format_of(json.loads(Path(path, "config.json").read_text()))
     except (OSError, ValueError):
         return None
-    section = config.get("graphpatch") if isinstance(config, dict) else None
-    if not isinstance(section, dict):
-        return None
-    return "plain" if section.get("format") == "plain" else "fused"
 
 
 def is_save(path: Path) -> bool:

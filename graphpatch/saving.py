@@ -30,19 +30,17 @@ from mlx.utils import tree_flatten
 from graphpatch._version import __version__
 from graphpatch.loading import EXTRA_WEIGHTS, write_failure, write_safetensors
 from graphpatch.outdir import (
+    MODEL_TYPE,
     SaveError,
     check_out,
     check_room,
+    format_of,
     recover,
     write_atomically,
 )
 from graphpatch.passes import PASSES
 
 FORMATS = ("plain", "fused")
-MODEL_TYPE = (
-    "graphpatch-fused (saved with --save-format fused; open it with "
-    "graphpatch.load or graphpatch apply, or save it again without that option)"
-)
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's own limit per safetensors file
 
 
@@ -143,7 +141,7 @@ def save(
     if PASSES["elide_head"].applied(model):
         raise SaveError("an elided model is one rank's view: save it before elide_head")
     config = json.loads((source_dir / "config.json").read_text())
-    if is_fused(config):
+    if format_of(config) == "fused":
         raise SaveError(f"{source_dir} is already a saved patched model")
     section: dict = {"version": __version__, "format": format}
     section["passes"] = _record(model)
@@ -206,11 +204,6 @@ def _untied_config(model: nn.Module, config: dict, stray: list[str]) -> dict | N
         if not _not_loaded(type(model)(candidate), dict.fromkeys(stray)):
             return {**config, **change}
     return None
-
-
-def is_fused(config: dict) -> bool:
-    """Whether ``config`` is a fused save's (mlx-lm refuses its model_type)."""
-    return config.get("model_type") == MODEL_TYPE
 
 
 def check_format(format: str) -> None:
