@@ -8,8 +8,10 @@ import zipfile
 import mlx.core as mx
 import mlx_lm
 import pytest
+from typer.testing import CliRunner
 
-from graphpatch.testing import zoo
+from graphpatch.cli import app
+from graphpatch.testing import small_configs, zoo
 
 
 @pytest.mark.parametrize("name", list(zoo.CONFIGS))
@@ -18,6 +20,30 @@ def test_every_architecture_loads_and_generates(zoo_dir, name):
     assert type(model).__module__ == f"mlx_lm.models.{zoo.CONFIGS[name]['model_type']}"
     text = mlx_lm.generate(model, tokenizer, "Hello world", max_tokens=4)
     assert isinstance(text, str)
+
+
+# Architectures only the coverage's small configs describe: the zoo writes
+# them as directories too, with the same weights the coverage built.
+BEYOND_THE_ZOO = ["gemma3_text", "lfm2", "olmo3", "granitemoehybrid"]
+PASSES = "untied_head,fuse_glu,fuse_qkv,last_token"
+
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("name", BEYOND_THE_ZOO)
+def test_any_architecture_is_a_directory_graphpatch_applies_to(zoo_dir, name):
+    path = zoo_dir(name)
+    model, _ = mlx_lm.load(str(path))
+    tokens = mx.array([[1, 7, 42, 5, 60, 3, 11, 2]])
+    assert mx.array_equal(model(tokens), small_configs.build(name)(tokens))
+    result = runner.invoke(
+        app, ["apply", "--json", "--verify", "always", "--passes", PASSES, str(path)]
+    )
+    assert result.exit_code == 0, result.output
+    sites = json.loads(result.stdout)["sites"]
+    rewritten = [s for s in sites if s["status"] == "rewritten"]
+    assert rewritten and all(s["max_error"] == 0 for s in rewritten)
 
 
 @pytest.mark.parametrize(

@@ -10,10 +10,8 @@ the manager. What cannot be built or run says why.
 """
 
 import contextlib
-import importlib
 import io
 import json
-import pkgutil
 import subprocess
 import sys
 import textwrap
@@ -24,11 +22,10 @@ from dataclasses import asdict, dataclass, field
 
 import mlx.core as mx
 import mlx.nn as nn
-import mlx_lm.models
 
 import graphpatch
 from graphpatch.passes import PASSES
-from graphpatch.testing.small_configs import HINTS, VOCAB, build
+from graphpatch.testing.small_configs import HINTS, VOCAB, architectures, build
 
 TOKENS = [[1, 7, 42, 5, 60, 3, 11, 2]]
 # mlx-lm modules that import a package only to see that it is installed
@@ -60,19 +57,6 @@ class Architecture:
     built: bool = False
     reason: str | None = None  # why it could not be built or run
     passes: dict[str, PassCoverage] = field(default_factory=dict)
-
-
-def architectures() -> list[str]:
-    names = []
-    for info in pkgutil.iter_modules(mlx_lm.models.__path__):
-        spec = importlib.util.find_spec(f"mlx_lm.models.{info.name}")
-        if spec is None or spec.origin is None:
-            continue
-        with open(spec.origin) as f:
-            text = f.read()
-        if "class Model(" in text and "class ModelArgs(" in text:
-            names.append(info.name)
-    return sorted(names)
 
 
 def _short(e: BaseException) -> str:

@@ -9,14 +9,19 @@ table says why.
 
 import dataclasses
 import importlib
+import importlib.util
+import pkgutil
 import re
 from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+import mlx_lm.models
 from mlx.utils import tree_flatten
 
-VOCAB = 256
+from graphpatch.checks import model_classes
+
+VOCAB = 512  # the zoo's tokenizers fit it
 # Small values for the fields the architectures share; the rest keep defaults.
 SMALL: dict[str, Any] = {
     "hidden_size": 256,
@@ -278,9 +283,25 @@ HINTS: dict[str, dict[str, Any]] = {
 }
 
 
+def architectures() -> list[str]:
+    """Every module of ``mlx_lm.models`` that defines a Model and ModelArgs."""
+    names = []
+    for info in pkgutil.iter_modules(mlx_lm.models.__path__):
+        spec = importlib.util.find_spec(f"mlx_lm.models.{info.name}")
+        if spec is None or spec.origin is None:
+            continue
+        with open(spec.origin) as f:
+            text = f.read()
+        if "class Model(" in text and "class ModelArgs(" in text:
+            names.append(info.name)
+    return sorted(names)
+
+
 def small_config(name: str, args_class: type) -> dict:
     config: dict[str, Any] = {"model_type": name}
     for f in dataclasses.fields(args_class):
+        if f.name == "model_type":  # the loader resolves the module by it
+            continue
         if f.name in SMALL:
             config[f.name] = SMALL[f.name]
         elif f.name in NESTED:  # a wrapper's language model: small as well
@@ -329,31 +350,52 @@ def _plain_value(name: str, annotation):
     return None
 
 
-def build(name: str, **overrides) -> nn.Module:
-    """The architecture ``name`` from its small config (plus ``HINTS`` and
-    ``overrides``), with seeded float32 weights, evaluated."""
+def config(name: str, **overrides) -> dict:
+    """The small config of architecture ``name``: derived from its
+    ModelArgs, then ``HINTS``, then ``overrides`` (None removes a field), with
+    the fields a nested config turns out to need filled in."""
     module = importlib.import_module(f"mlx_lm.models.{name}")
     config = small_config(name, module.ModelArgs)
     # A nested config is merged into, not replaced.
     for key, value in (HINTS.get(name, {}) | overrides).items():
         nested = isinstance(value, dict) and isinstance(config.get(key), dict)
         config[key] = config[key] | value if nested else value
-    mx.random.seed(0)
-    model = _construct(module, config)
+    config = {k: v for k, v in config.items() if v is not None}
+    _complete(module, config)
+    return config
+
+
+def make_model(
+    config: dict, seed: int = 0, dtype: mx.Dtype | None = None, most: int = 0
+) -> nn.Module:
+    """The mlx-lm model a config describes, as mlx-lm's loader resolves it,
+    with seeded weights (cast to ``dtype``), evaluated. Raises ValueError
+    past ``most`` parameters (0: no limit), before anything is allocated."""
+    model_class, args_class = model_classes(config)
+    mx.random.seed(seed)
+    model = model_class(args_class.from_dict(config))
     size = sum(v.size for _, v in tree_flatten(model.parameters()))
-    if size > MAX_PARAMETERS:  # still lazy: nothing allocated yet
+    if most and size > most:  # still lazy: nothing allocated yet
         raise ValueError(f"{size / 1e6:.0f}M parameters from its defaults")
-    model.set_dtype(mx.float32)
+    if dtype is not None:
+        model.set_dtype(dtype)
     mx.eval(model.parameters())
     return model
 
 
-def _construct(module, config: dict, tries: int = 3) -> nn.Module:
-    """The model, filling in the fields a nested config turns out to need:
-    its class is only known once the wrapper asks for it."""
+def build(name: str, **overrides) -> nn.Module:
+    """The architecture ``name`` from its small config, in float32."""
+    small = config(name, **overrides)
+    return make_model(small, dtype=mx.float32, most=MAX_PARAMETERS)
+
+
+def _complete(module, config: dict, tries: int = 3) -> None:
+    """Fill in the fields a nested config turns out to need: its class is
+    only known once the wrapper asks for it (building a model is lazy)."""
     for _ in range(tries):
         try:
-            return module.Model(module.ModelArgs.from_dict(config))
+            module.Model(module.ModelArgs.from_dict(config))
+            return
         except TypeError as e:
             missing = re.findall(r"'(\w+)'", str(e).partition("argument")[2])
             if "required positional argument" not in str(e) or not missing:
@@ -361,4 +403,3 @@ def _construct(module, config: dict, tries: int = 3) -> nn.Module:
             for target in [config, *(config[k] for k in NESTED if k in config)]:
                 for key in missing:
                     target.setdefault(key, _plain_value(key, None))
-    return module.Model(module.ModelArgs.from_dict(config))

@@ -1,6 +1,7 @@
 """A zoo of real mlx-lm model directories for tests, benchmarks and the demo.
 
-Each entry is a small config for a real mlx-lm architecture. ``build`` creates
+Each entry is a small config for a real mlx-lm architecture; any other
+architecture gets the coverage's small config. ``build`` creates
 the model with seeded weights, optionally casts or quantizes it with mlx-lm's
 own ``quantize_model``, and writes a model directory (config.json,
 safetensors, single or sharded with an index, and a tokenizer trained on the
@@ -19,10 +20,10 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import quantize_model
 
 from graphpatch import golden
-from graphpatch.checks import model_classes
 from graphpatch.loading import write_safetensors
+from graphpatch.testing import small_configs
+from graphpatch.testing.small_configs import VOCAB, make_model
 
-VOCAB = 512
 _BASE = {
     "hidden_size": 128,
     "num_hidden_layers": 2,
@@ -142,19 +143,18 @@ CHAT_TEMPLATE = (
 
 
 def config_for(name: str, **overrides) -> dict:
+    """The zoo's config of ``name``, or for any other architecture of the
+    installed mlx-lm its small config (``small_configs``); overrides change
+    fields, None removes one."""
     if name not in CONFIGS:
-        raise KeyError(f"no zoo model '{name}' (known: {', '.join(CONFIGS)})")
+        if name not in small_configs.architectures():
+            known = ", ".join(CONFIGS)
+            raise KeyError(
+                f"no zoo model or mlx-lm architecture '{name}' (zoo: {known})"
+            )
+        return small_configs.config(name, **overrides)
     config = {**_BASE, **CONFIGS[name], **overrides}
     return {k: v for k, v in config.items() if v is not None}  # None removes
-
-
-def make_model(config: dict, seed: int = 0) -> nn.Module:
-    """The mlx-lm model a config describes, with seeded weights."""
-    model_class, args_class = model_classes(config)
-    mx.random.seed(seed)
-    model = model_class(args_class.from_dict(config))
-    mx.eval(model.parameters())
-    return model
 
 
 def build(
@@ -171,7 +171,7 @@ def build(
     """Write a zoo model directory and return its path.
 
     Args:
-        name: a key of ``CONFIGS``.
+        name: a key of ``CONFIGS``, or any mlx-lm architecture.
         out: the directory to create.
         dtype: ``float32``, ``bfloat16`` or ``float16`` for the float arrays.
         quant: a key of ``QUANTIZATIONS`` to quantize with mlx-lm, or None.
@@ -298,9 +298,11 @@ def record_zoo(out_dir: str | Path, work_dir: str | Path) -> list[Path]:
 def main() -> None:
     import sys
 
-    if len(sys.argv) != 3 or sys.argv[1] not in CONFIGS:
+    names = {*CONFIGS, *small_configs.architectures()}
+    if len(sys.argv) != 3 or sys.argv[1] not in names:
         sys.exit(
-            f"usage: python -m graphpatch.testing.zoo {{{','.join(CONFIGS)}}} OUT_DIR"
+            "usage: python -m graphpatch.testing.zoo ARCHITECTURE OUT_DIR "
+            f"(the zoo's: {', '.join(CONFIGS)}; or any mlx-lm architecture)"
         )
     print(f"wrote {build(sys.argv[1], sys.argv[2])}")
 
