@@ -54,12 +54,13 @@ SMALL: dict[str, Any] = {
     "num_experts_per_tok": 2,
     "moe_topk": 2,
     "n_shared_experts": 1,
-    "max_position_embeddings": 512,
     # position tables must cover the probe: a plain 2 made gpt2's wpe read
     # past its end (a gather is not bounds-checked), hence "different logits
-    # from the same seed" and non-finite ones
-    "n_positions": 512,
-    "n_ctx": 512,
+    # from the same seed" and non-finite ones; and not have VOCAB rows, or
+    # they could pass for the token embedding
+    "max_position_embeddings": 1024,
+    "n_positions": 1024,
+    "n_ctx": 1024,
     "rms_norm_eps": 1e-5,
     "layer_norm_eps": 1e-5,
     "norm_eps": 1e-5,
@@ -113,6 +114,11 @@ PER_TYPE_ROPE = {
         kind: {"rope_type": "default", "rope_theta": 10000.0}
         for kind in ("sliding_attention", "full_attention")
     }
+}
+GEMMA4 = {
+    "num_kv_shared_layers": 0,
+    "vocab_size_per_layer_input": 256,
+    "hidden_size_per_layer_input": 128,
 }
 HINTS: dict[str, dict[str, Any]] = {
     "mellum": PER_TYPE_ROPE,
@@ -199,10 +205,10 @@ HINTS: dict[str, dict[str, Any]] = {
         "attn_config": {"kv_n_heads": 2, "clip_qkv": 8.0, "rope_theta": 10000.0},
     },
     "exaone4": {"sliding_window_pattern": "LG"},  # a string: L local, G global
-    "gemma4": {
-        "text_config": {"num_kv_shared_layers": 0, "vocab_size_per_layer_input": 256}
-    },
-    "gemma4_text": {"num_kv_shared_layers": 0, "vocab_size_per_layer_input": 256},
+    # per-layer inputs narrower than VOCAB in all (2 x 256 would pass for
+    # a vocabulary projection)
+    "gemma4": {"text_config": GEMMA4},
+    "gemma4_text": GEMMA4,
     "llama4": {  # its global mask reads layer 3's cache
         "text_config": {
             "rope_scaling": None,
