@@ -233,21 +233,41 @@ def timed(module: nn.Module, names: tuple, fused: str, calls: dict) -> dict:
     return ratios
 
 
-def hooks(names: tuple[str, ...], fused: str) -> dict:
+def names_in(module: nn.Module, fusions: dict[str, tuple[str, ...]]) -> tuple:
+    """(names, fused): the entry of ``fusions`` whose parts ``module`` has."""
+    for fused, names in fusions.items():
+        if all(isinstance(module.get(name), nn.Module) for name in names):
+            return names, fused
+    raise KeyError(f"none of {list(fusions.values())} in {type(module).__name__}")
+
+
+def hooks(fusions: dict[str, tuple[str, ...]]) -> dict:
     """What every fusing pass does alike, as ``Pass`` fields: rewrite (join
-    ``names`` under ``fused``), undo, applied, plain and fuses."""
+    the names of the entry of ``fusions`` the site has under its fused
+    name), undo, applied, plain and fuses."""
 
     def rewrite(model: nn.Module, site, options: dict, context) -> None:
         module = module_at(model, site.path)
+        names, fused = names_in(module, fusions)
         fuse(module, names, fused, joined(*(module[n] for n in names)))
 
     def undo(model: nn.Module, path: str) -> None:
-        unfuse(module_at(model, path), names, fused)
+        module = module_at(model, path)
+        unfuse(module, *names_in(module, fusions))
+
+    def applied(model: nn.Module) -> list[str]:
+        paths = {p for names in fusions.values() for p in fused_paths(model, names[0])}
+        return [p for p, _ in walk(model) if p in paths]  # in reading order
+
+    def plain_weights(model: nn.Module, weights: dict) -> dict:
+        for fused, names in fusions.items():
+            weights = plain(model, weights, names, fused)
+        return weights
 
     return {
         "rewrite": rewrite,
         "undo": undo,
-        "applied": lambda model: fused_paths(model, names[0]),
-        "plain": lambda model, weights: plain(model, weights, names, fused),
-        "fuses": {fused: names},
+        "applied": applied,
+        "plain": plain_weights,
+        "fuses": dict(fusions),
     }

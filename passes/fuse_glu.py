@@ -2,9 +2,11 @@
 
 Rewrite:       m.gate_proj(x), m.up_proj(x) -> the two halves of one
                m.gate_up_proj(x), whose arrays are [gate; up] concatenated on
-               the output axis (weight, scales, biases, bias). m keeps its
-               class and its own __call__, so any activation keeps working;
-               SwitchGLU runs one gather_mm / gather_qmm for both.
+               the output axis (weight, scales, biases, bias); a GLU named
+               w1/w2/w3 (internlm2, lfm2) likewise: w1, w3 -> m.w13. m keeps
+               its class and its own __call__, so any activation keeps
+               working, whichever of the two is the gate; SwitchGLU runs one
+               gather_mm / gather_qmm for both.
 Preconditions: gate_proj and up_proj are layers of one supported kind (Linear,
                QuantizedLinear, their all-to-sharded forms, SwitchLinear,
                QuantizedSwitchLinear) with equal input dims, bias-ness,
@@ -30,21 +32,22 @@ LAYERS = (
     QuantizedSwitchLinear,
 )
 EXPERTS = (SwitchLinear, QuantizedSwitchLinear)
-NAMES, FUSED = ("gate_proj", "up_proj"), "gate_up_proj"
+# fused name -> the projections it joins (the MLP applies each to its x)
+FUSIONS: dict[str, tuple[str, ...]] = {
+    "gate_up_proj": ("gate_proj", "up_proj"),
+    "w13": ("w1", "w3"),
+}
 KINDS = ("dense", "moe")  # the sites fuse_glu may rewrite
 SORTED = 64  # SwitchGLU sorts tokens by expert from this many indices on
 
 ALREADY_APPLIED = "already applied"
 ALREADY_FUSED = "already fused (gate_up_proj) in the model itself"
-# MLPs reported rather than passed over in silence: a GLU named otherwise,
-# and MLPs with one up projection.
+# MLPs with one up projection, reported rather than passed over in silence.
 OTHER_MLPS = [
-    ("w1", "w2", "w3"),
     ("c_fc", "c_proj"),
     ("fc1", "fc2"),
     ("dense_h_to_4h", "dense_4h_to_h"),
 ]
-OTHER_NAMES = "a GLU named w1/w2/w3: fuse_glu does not guess which is the gate"
 NOT_GLU = "an MLP with one up projection ({kind}): nothing to fuse"
 SLOWER = (
     "fused measured slower (unfused/fused {decode:.3f} decode, {prefill:.3f} "
@@ -52,22 +55,25 @@ SLOWER = (
 )
 
 
-def is_glu(module: nn.Module) -> bool:
-    return isinstance(module.get("gate_proj"), nn.Module) and isinstance(
-        module.get("up_proj"), nn.Module
-    )
+def glu_names(module: nn.Module) -> tuple[str, ...] | None:
+    """The two input projections of a GLU (``gate_proj``/``up_proj``, or
+    ``w1``/``w3`` beside a ``w2``), or None."""
+    for names in FUSIONS.values():
+        if all(isinstance(module.get(name), nn.Module) for name in names):
+            return names if names[0] != "w1" or "w2" in module else None
+    return None
 
 
 def find(model: nn.Module, options: dict, context: Context) -> list[Site]:
     sites = []
     for path, module in walk(model):
-        if is_glu(module):
-            kind = "moe" if _is_experts(module["gate_proj"], module) else "dense"
+        if names := glu_names(module):
+            kind = "moe" if _is_experts(module, *names) else "dense"
             sites.append(Site(path, kind))
         elif "gate_up_proj" in module and "down_proj" in module:
             sites.append(Site(path, "fused"))
-        elif names := _other_mlp(module):
-            sites.append(Site(path, names))
+        elif other := _other_mlp(module):
+            sites.append(Site(path, other))
     return sites
 
 
@@ -78,9 +84,10 @@ def _other_mlp(module: nn.Module) -> str | None:
     return None
 
 
-def _is_experts(layer: nn.Module, module: nn.Module) -> bool:
+def _is_experts(module: nn.Module, *names: str) -> bool:
+    layer = module[names[0]]
     if isinstance(layer, FusedPart):
-        return isinstance(module["gate_up_proj"], EXPERTS)
+        return isinstance(module[fusion.names_in(module, FUSIONS)[1]], EXPERTS)
     return isinstance(layer, EXPERTS)
 
 
@@ -88,20 +95,23 @@ def why_not(
     model: nn.Module, site: Site, options: dict, context: Context
 ) -> str | None:
     if "/" in site.kind:
-        return OTHER_NAMES if "w1" in site.kind else NOT_GLU.format(kind=site.kind)
+        return NOT_GLU.format(kind=site.kind)
     module = module_at(model, site.path)
-    if isinstance(module.get("gate_proj"), FusedPart):
+    names = glu_names(module)
+    if names is None:  # a site of kind "fused"
+        return ALREADY_FUSED
+    if isinstance(module[names[0]], FusedPart):
         return ALREADY_APPLIED
     if "gate_up_proj" in module:
         return ALREADY_FUSED
-    layers = {name: module[name] for name in NAMES}
-    return fusion.why_not_joined(layers, LAYERS)
+    return fusion.why_not_joined({name: module[name] for name in names}, LAYERS)
 
 
 def _inputs(model: nn.Module, site: Site, dtype, shapes, k: int = 2) -> list[tuple]:
     """Synthetic inputs of ``dtype``: (x,) or, for experts, (x, indices)."""
     module = module_at(model, site.path)
-    layer = module.get("gate_up_proj") or module["gate_proj"]
+    names, fused = fusion.names_in(module, FUSIONS)
+    layer = module.get(fused) or module[names[0]]
     dims = layer.scales.shape[-1] * layer.group_size if "scales" in layer else None
     dims = dims or layer.weight.shape[-1]
     experts = layer.weight.shape[0] if site.kind == "moe" else 0
@@ -149,9 +159,10 @@ def tune(model: nn.Module, site: Site, dtype) -> tuple[dict, str | None]:
         name: _inputs(model, site, dtype, [shape])[0] for name, shape in shapes.items()
     }
     module = module_at(model, site.path)
-    ratios = fusion.timed(module, NAMES, FUSED, calls)
+    names, fused = fusion.names_in(module, FUSIONS)
+    ratios = fusion.timed(module, names, fused, calls)
     if min(ratios.values()) < 1.0:
-        fusion.unfuse(module, NAMES, FUSED)
+        fusion.unfuse(module, names, fused)
         return ratios, SLOWER.format(**ratios)
     return ratios, None
 
@@ -165,5 +176,5 @@ PASS = Pass(
     options={"tune": False},
     tune=tune,
     taps=taps,
-    **fusion.hooks(NAMES, FUSED),
+    **fusion.hooks(FUSIONS),
 )

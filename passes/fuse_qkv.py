@@ -95,5 +95,5 @@ PASS = Pass(
     why_not=why_not,
     probe=probe,
     taps=taps,
-    **fusion.hooks(NAMES, FUSED),
+    **fusion.hooks({FUSED: NAMES}),
 )

@@ -34,6 +34,9 @@ ARCHITECTURES = [
     ("gemma2", {}, 2, 0, None),  # gelu_approx activation
     ("gpt_oss", {}, 2, 0, None),  # SwigluOAI activation, expert biases
     ("phi3", {}, 0, 2, fuse_glu.ALREADY_FUSED),
+    # a GLU named w1/w2/w3, fused as w13 (small_configs' configs)
+    ("internlm2", {"quant": "affine4"}, 2, 0, None),
+    ("lfm2", {}, 2, 0, None),  # a hybrid: conv layers beside attention
 ]
 
 
@@ -48,6 +51,18 @@ def test_architectures(load_zoo, name, build, rewritten, left, reason):
     assert all(s.max_error == 0.0 for s in report.rewritten())  # bit-exact here
     assert mx.array_equal(model(TOKENS), reference)
     assert mlx_lm.generate(model, tokenizer, "The quick brown", max_tokens=8) == text
+
+
+def test_a_w1_w3_glu_is_one_matmul_and_reverts_bit_for_bit(load_zoo):
+    model, _ = load_zoo("internlm2", quant="affine4")
+    before = snapshot(model)
+    graphpatch.apply(model, ["fuse_glu"])
+    mlp = model.model.layers[0].feed_forward
+    assert isinstance(mlp.w1, fuse_glu.FusedPart) and "w13" in mlp
+    assert mlp.w13.weight.shape[0] == 2 * 512  # [w1; w3], 512 rows each
+    assert calls_of(mlp.w13, lambda: mlp(mx.ones((1, 3, 256)))) == 1
+    graphpatch.revert(model)
+    assert_same_bits(snapshot(model), before)
 
 
 def test_moe_runs_one_gather_for_gate_and_up(load_zoo):

@@ -29,6 +29,7 @@ CASES = [
     ("llama", {"head": "negated", "quant": "affine4"}, "untied_head,fuse_glu"),
     ("qwen3_moe", {"quant": "mxfp4"}, "fuse_glu,last_token"),  # MoE
     ("mixtral", {}, "fuse_glu"),
+    ("internlm2", {"quant": "affine4"}, "fuse_glu,last_token"),  # w1/w3 -> w13
 ]
 
 
