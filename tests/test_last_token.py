@@ -12,6 +12,7 @@ from mlx_lm.models.cache import make_prompt_cache
 import graphpatch
 from graphpatch import PassSpecError
 from graphpatch.passes import last_token
+from graphpatch.passes.last_token import inline
 from graphpatch.testing import zoo
 
 # name, build options, where the head is found
@@ -24,6 +25,7 @@ ARCHITECTURES = [
     ("deepseek_v3", {}, "lm_head"),
     ("phi3", {}, "lm_head"),
     ("gpt_oss", {"quant": "mxfp4", "dtype": "bfloat16"}, "lm_head"),
+    ("seed_oss", {}, "model"),  # h @ embed.weight.T inline: the body keeps
 ]
 
 
@@ -68,6 +70,24 @@ def test_idempotent_and_reverted_bit_for_bit(load_zoo):
         "untied_head:model.embed_tokens",
     ]
     assert type(model.model.embed_tokens) is nn.Embedding
+    assert_same_bits(before, snapshot(model))
+    assert model(TOKENS).shape == (1, 10, 512)
+
+
+def test_an_inline_head_keeps_positions_at_the_body_and_reverts(load_zoo):
+    model, _ = load_zoo(
+        "seed_oss"
+    )  # h @ embed.weight.T (float: mlx-lm cannot quantize it)
+    before = snapshot(model)
+    report = graphpatch.apply(model, ["last_token:short=4"])
+    (site,) = report.rewritten("last_token")
+    assert (site.path, site.kind, site.note) == ("model", "body", inline.INLINE)
+    assert model(TOKENS).shape == (1, 1, 512)
+    again = graphpatch.apply(model, ["last_token:short=4"])
+    assert [s.reason for s in again.skipped("last_token")] == [
+        last_token.ALREADY_APPLIED
+    ]
+    assert graphpatch.revert(model) == ["last_token:model"]
     assert_same_bits(before, snapshot(model))
     assert model(TOKENS).shape == (1, 10, 512)
 

@@ -7,9 +7,11 @@ Rewrite:       head(h) -> head(h[:, -keep:, :]) when the call has more than
                output, or the embedding's lm_head for tied models). The head
                becomes a subclass copy of its own class (same arrays, same
                parameter paths); everything after it in __call__ still runs.
+               A head computed inline (no head module): the body holding
+               the layers returns the kept positions instead (inline.py).
 Preconditions: an explicit head (untied_head runs first and is pulled in),
-               consulted by the model's __call__ (the patched model must
-               return keep positions for a long call).
+               or a body, consulted by the model's __call__ (the patched
+               model must return keep positions for a long call).
 Equivalence:   the last ``keep`` positions of a long call and every position
                of a short one equal the unpatched model's.
 """
@@ -30,7 +32,14 @@ from graphpatch.contract import (
 )
 from graphpatch.heads import head_input, head_path, head_tap
 from graphpatch.limits import context_length
-from graphpatch.verify import PROBE_TOKENS
+from graphpatch.passes.last_token.inline import (
+    INLINE,
+    Keeps,
+    LastPositions,
+    body_path,
+    body_probe,
+    long_tokens,
+)
 
 # The head's positions at each call; beyond this the pass saves nothing, and
 # the probe (keep+ positions) would cost more than a real prompt.
@@ -48,17 +57,9 @@ SPECULATIVE = (
 )
 
 
-class LastToken:
+class LastToken(Keeps):
     """The marker this pass puts on a head: it runs on the last ``keep``
     positions of calls longer than ``short``."""
-
-    keep: int = 1
-    short: int = 32
-
-    def kept(self, length: int) -> int:
-        """How many positions a call of ``length`` returns (elide_head's
-        stand-in asks, to shape its zeros like rank 0's logits)."""
-        return self.keep if length > max(self.keep, self.short) else length
 
     def __call__(self, x):
         if x.ndim >= 3:
@@ -67,12 +68,13 @@ class LastToken:
 
 
 def find(model: nn.Module, options: dict, context: Context) -> list[Site]:
-    path = head_path(model)
-    if path is None:
-        return [Site("", "none")]
     # Every rank of a sharded or pipelined model has its head, and the
     # probe runs the whole model: its collectives.
-    return [Site(path, "head", collective=True)]
+    if (path := head_path(model)) is not None:
+        return [Site(path, "head", collective=True)]
+    if (path := body_path(model)) is not None:
+        return [Site(path, "body", note=INLINE, collective=True)]
+    return [Site("", "none")]
 
 
 def why_not(
@@ -83,7 +85,7 @@ def why_not(
     head = module_at(model, site.path)
     if isinstance(head, TakenOver):
         return HEAD_ELIDED
-    if isinstance(head, LastToken):
+    if isinstance(head, Keeps):
         return ALREADY_APPLIED
     return None
 
@@ -91,7 +93,8 @@ def why_not(
 def rewrite(model: nn.Module, site: Site, options: dict, context: Context) -> None:
     parent, key = parent_and_key(model, site.path)
     keep, short = options["keep"], options["short"]
-    parent[key] = mark(parent[key], LastToken, keep=keep, short=short)
+    marker = LastToken if site.kind == "head" else LastPositions
+    parent[key] = mark(parent[key], marker, keep=keep, short=short)
 
 
 def undo(model: nn.Module, path: str) -> None:
@@ -100,7 +103,7 @@ def undo(model: nn.Module, path: str) -> None:
 
 
 def applied(model: nn.Module) -> list[str]:
-    return marked(model, LastToken)
+    return marked(model, Keeps)
 
 
 def options_in(model: nn.Module) -> dict:
@@ -125,6 +128,8 @@ def probe(
     # The head treats each position alike; only the last keep of a long call
     # are computed, before (sliced here) and after (sliced by the pass).
     keep = options["keep"]
+    if site.kind == "body":
+        return body_probe(model, site.path, _long(options), keep)
     h = head_input(model, dtype, recorded, positions=2)
     long = mx.concatenate([h] * _long(options), axis=-2)[..., -_long(options) :, :]
     short = h[..., -min(2, max(keep, options["short"])) :, :]
@@ -142,8 +147,7 @@ def confirm(
 ) -> str | None:
     """A long call's output really has ``keep`` positions: read from the shape
     of a forward that is built, never evaluated."""
-    row = PROBE_TOKENS[0] * (1 + _long(options) // len(PROBE_TOKENS[0]))
-    shape = model(mx.array([row[: _long(options)]])).shape
+    shape = model(long_tokens(_long(options))).shape
     return None if shape[1] == options["keep"] else NOT_CONSULTED.format(path=site.path)
 
 
