@@ -1,7 +1,8 @@
 """The coverage table: docs/COVERAGE.md stays true for the pinned mlx-lm.
 
 CI re-runs a subset that spans the cases (dense, MoE, tied, inline head,
-already fused, recurrent, a module that cannot be built); ``make coverage``
+already fused, recurrent, hybrid SSM, w1/w3 GLU, -inf masks, the popular
+families the README names, modules that cannot be built); ``make coverage``
 regenerates the whole table (about two minutes on 2 cores).
 """
 
@@ -23,12 +24,15 @@ SUBSET = [
     "deepseek_v3",
     "gpt_neox",
     "olmo",
+    "gemma3",
     "gemma3_text",
     "gpt_oss",
+    "llama4",
     "llama4_text",
     "jamba",
     "phi3small",  # masks tokens with -inf in its logits
     "muse_spark",
+    "internlm2",  # a GLU named w1/w2/w3
 ]
 
 
