@@ -80,6 +80,16 @@ def head_path(
     return f"{path}.lm_head" if isinstance(module, Headed) else None
 
 
+def bare_head(model: nn.Module, embedding: nn.Module) -> str | None:
+    """A vocabulary matrix at the top kept as a bare array (talkie's
+    ``lm_head``), which the model's ``__call__`` multiplies inline."""
+    rows = embedding.weight.shape[0]
+    for key, child in _near_top(model):
+        if isinstance(child, mx.array) and child.ndim == 2 and child.shape[0] == rows:
+            return key
+    return None
+
+
 def head_tap(model: nn.Module) -> tuple[str, str] | None:
     """Where the head's input can be recorded: a top-level vocabulary
     linear's ``__call__``, or the embedding's ``as_linear`` (a tied head,

@@ -48,6 +48,17 @@ def test_tied_head_shares_the_embedding_arrays(zoo_dir, quant):
     assert mx.array_equal(model(TOKENS), reference)
 
 
+def test_a_bare_array_head_is_named_and_left_alone(load_zoo):
+    model, _ = load_zoo("talkie")  # out @ self.lm_head.T, lm_head an mx.array
+    reference = model(TOKENS)
+    report = graphpatch.apply(model, ["untied_head", "last_token:short=4"])
+    (site,) = report.skipped("untied_head")
+    assert site.reason == untied_head.BARE_ARRAY.format(path="lm_head")
+    (kept,) = report.rewritten("last_token")  # at the body, beside the array
+    assert kept.path == "model"
+    assert mx.array_equal(model(TOKENS), reference[:, -1:])
+
+
 def test_without_a_model_dir_the_report_says_the_checkpoint_was_not_read(load_zoo):
     model, _ = load_zoo("llama")
     (site,) = graphpatch.apply(model, ["untied_head"]).rewritten()

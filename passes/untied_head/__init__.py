@@ -9,7 +9,8 @@ Rewrite:       embed.as_linear(h) -> embed.lm_head(h), an explicit Linear /
                explicit and left as it is.
 Preconditions: the model's __call__ runs its head through the embedding's
                as_linear (a head computed inline, h @ embed.weight.T, is
-               skipped); checkpoint lm_head.* arrays of the embedding's shape.
+               skipped, as is a head kept as a bare array); checkpoint lm_head.*
+               arrays of the embedding's shape.
 Equivalence:   tied: every position, bit for bit. Untied: the head computes
                h @ W.T with the checkpoint's W; the logits change by design,
                and the report says by how much the two heads differ.
@@ -30,7 +31,14 @@ from graphpatch.contract import (
     parent_and_key,
     unmark,
 )
-from graphpatch.heads import Headed, find_embedding, head_input, head_path, head_tap
+from graphpatch.heads import (
+    Headed,
+    bare_head,
+    find_embedding,
+    head_input,
+    head_path,
+    head_tap,
+)
 from graphpatch.loading import read_arrays
 from graphpatch.passes.untied_head.checkpoint import (
     NO_HEAD,
@@ -45,6 +53,10 @@ from graphpatch.passes.untied_head.checkpoint import (
 
 ALREADY_APPLIED = "already applied"
 ALREADY_EXPLICIT = "already explicit: a top-level {cls} producing the vocabulary"
+BARE_ARRAY = (
+    "the head is a bare array ({path}) that the model's __call__ multiplies "
+    "inline: no module to bind"
+)
 NOT_CONSULTED = (
     "the model's __call__ does not run its head through {path}.as_linear "
     "(it computes the head inline, e.g. h @ embed.weight.T)"
@@ -66,6 +78,8 @@ def find(model: nn.Module, options: dict, context: Context) -> list[Site]:
     explicit = head_path(model, embedding)
     if explicit is not None and not isinstance(module, Headed):
         return [Site(explicit, "linear")]
+    if (bare := bare_head(model, module)) is not None:
+        return [Site(bare, "none", detail={"why": BARE_ARRAY.format(path=bare)})]
     if isinstance(module, Headed) or not context.model_dir:
         return [Site(path, "tied", note=NOT_READ)]
     arrays = read_arrays(context.model_dir, "lm_head.")
@@ -86,7 +100,7 @@ def why_not(
     model: nn.Module, site: Site, options: dict, context: Context
 ) -> str | None:
     if site.kind == "none":
-        return NO_HEAD
+        return site.detail.get("why", NO_HEAD)
     if site.kind == "foreign":
         return site.note
     if site.kind == "linear":
