@@ -1,6 +1,7 @@
 """The zoo writes real model directories that mlx-lm loads and runs."""
 
 import json
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -85,15 +86,21 @@ def test_same_seed_same_weights_and_a_real_tokenizer(zoo_dir, tmp_path):
 
 def test_wheel_ships_the_passes_and_the_command(tmp_path):
     root = __import__("pathlib").Path(__file__).parents[1]
+    # from a copy: a stale build/lib in a checkout would hide a missing package
+    source = tmp_path / "source"
+    skip = ("build", ".venv", ".git", "*.egg-info", "*_cache", "__pycache__", "demo")
+    shutil.copytree(root, source, symlinks=True, ignore=shutil.ignore_patterns(*skip))
+    wheel_command = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps"]
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", tmp_path, root],
+        [*wheel_command, "-w", tmp_path, source],
         check=True,
         timeout=300,
     )
     (wheel,) = tmp_path.glob("mlx_graphpatch-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "graphpatch/passes/fuse_glu.py" in names
-    assert "graphpatch/passes/fuse_qkv.py" in names
+    sources = sorted((root / "passes").rglob("*.py"))  # every pass, packages too
+    shipped = [f"graphpatch/passes/{p.relative_to(root / 'passes')}" for p in sources]
+    assert len(shipped) > 8 and set(shipped) <= set(names)
     assert "graphpatch/testing/zoo.py" in names
     assert "graphpatch/cli.py" in names
     assert not any(n.startswith(("passes/", "cli.py", "tests/")) for n in names)
