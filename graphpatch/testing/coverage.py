@@ -25,7 +25,8 @@ import mlx.nn as nn
 
 import graphpatch
 from graphpatch.passes import PASSES
-from graphpatch.testing.small_configs import HINTS, VOCAB, architectures, build
+from graphpatch.testing.hints import HINTS
+from graphpatch.testing.small_configs import VOCAB, architectures, build
 
 TOKENS = [[1, 7, 42, 5, 60, 3, 11, 2]]
 # mlx-lm modules that import a package only to see that it is installed
