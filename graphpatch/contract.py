@@ -191,8 +191,9 @@ def unmark(module: nn.Module) -> nn.Module:
     cls = type(module)
     original = rebuilt(module, cls.original)  # type: ignore[attr-defined]
     marker = cls.__bases__[0]
-    for name in vars(marker):
-        vars(original).pop(name, None)
+    for base in marker.__mro__[:-1]:  # a marker's own bases declare settings too
+        for name in vars(base):
+            vars(original).pop(name, None)
     return original
 
 

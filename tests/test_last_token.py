@@ -87,8 +87,10 @@ def test_an_inline_head_keeps_positions_at_the_body_and_reverts(load_zoo):
     assert [s.reason for s in again.skipped("last_token")] == [
         last_token.ALREADY_APPLIED
     ]
+    settings = set(vars(model.model)) - {"keep", "short"}
     assert graphpatch.revert(model) == ["last_token:model"]
     assert_same_bits(before, snapshot(model))
+    assert set(vars(model.model)) == settings  # the marker's settings gone too
     assert model(TOKENS).shape == (1, 10, 512)
 
 
