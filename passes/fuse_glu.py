@@ -59,8 +59,10 @@ def glu_names(module: nn.Module) -> tuple[str, ...] | None:
     """The two input projections of a GLU (``gate_proj``/``up_proj``, or
     ``w1``/``w3`` beside a ``w2``), or None."""
     for names in FUSIONS.values():
-        if all(isinstance(module.get(name), nn.Module) for name in names):
-            return names if names[0] != "w1" or "w2" in module else None
+        found = all(isinstance(module.get(name), nn.Module) for name in names)
+        # w1 and w3 make a GLU only beside its w2 (the down projection)
+        if found and (names[0] != "w1" or "w2" in module):
+            return names
     return None
 
 
