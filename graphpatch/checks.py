@@ -5,7 +5,9 @@ truncated or missing safetensors, a FIFO where a file should be) each get one
 line that says what is wrong instead of a traceback or a hang.
 """
 
+import contextlib
 import dataclasses
+import io
 import json
 import re
 import stat
@@ -83,12 +85,20 @@ def read_config(model_dir: Path) -> dict:
         if not isinstance(saved, dict) or not isinstance(saved.get("model_type"), str):
             return config  # graphpatch.load says what is wrong with the section
         model_type = saved["model_type"]
+    printed = io.StringIO()  # what a module says before it exits
     try:
-        model_classes({**config, "model_type": model_type})
+        with contextlib.redirect_stdout(printed):
+            model_classes({**config, "model_type": model_type})
     except ValueError:
         raise LoadError(
             f"{config_file}: model_type '{model_type}' is not an "
             "architecture the installed mlx-lm knows"
+        ) from None
+    except SystemExit:  # olmo's module exits when ai2-olmo is missing
+        said = " ".join(printed.getvalue().split()) or "no message"
+        raise LoadError(
+            f"{config_file}: mlx-lm's '{model_type}' module exits on import "
+            f"and says: {said}"
         ) from None
     return config
 

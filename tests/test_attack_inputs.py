@@ -86,6 +86,10 @@ BAD_DIRECTORIES = {
         lambda m: edit_config(m, num_hidden_layers=10**6),
         "the weights hold 2 layers",
     ),
+    "a module that exits on import": (  # olmo's, without ai2-olmo installed
+        lambda m: edit_config(m, model_type="olmo"),
+        "mlx-lm's 'olmo' module exits on import and says: To run olmo install",
+    ),
     "quantization yes": (
         lambda m: edit_config(m, quantization="yes"),
         "quantization must map bits and group_size",
