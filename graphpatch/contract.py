@@ -123,6 +123,10 @@ class Pass:
             patched model's ``{name: array}`` mapped back to the names the
             unpatched architecture loads from a checkpoint (a fused array
             split back into its halves, a tied head's names dropped).
+        replaced: optional ``replaced(model, path) -> list[str]``: the parts
+            of a rewritten site that the user has replaced since (``up_proj``
+            after ``mlp.up_proj = ...``). ``undo`` and ``plain`` keep such a
+            part as the user left it; a fused save cannot, and refuses.
         fuses: the fused child a rewrite adds and the children it stands for
             (``{"gate_up_proj": ("gate_proj", "up_proj")}``): a fused save
             quantizes those children as the fused arrays say.
@@ -145,6 +149,7 @@ class Pass:
     options_in: Callable[[nn.Module], dict] | None = None
     taps: Callable[[nn.Module, dict, Context], list[tuple[str, str]]] | None = None
     plain: Callable[[nn.Module, dict], dict] | None = None
+    replaced: Callable[[nn.Module, str], list[str]] | None = None
     fuses: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property

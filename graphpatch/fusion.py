@@ -4,6 +4,7 @@ own ``__call__`` runs unchanged; and joining layers on the output axis, and
 splitting them back.
 """
 
+import functools
 import weakref
 
 import mlx.core as mx
@@ -11,6 +12,19 @@ import mlx.nn as nn
 
 from graphpatch.contract import module_at, rebuilt, walk
 from graphpatch.timing import interleaved_ratio
+
+
+@functools.cache
+def _any_thread_stream(device: str) -> mx.Stream:
+    return mx.new_thread_unsafe_stream(mx.default_device())
+
+
+def any_thread() -> mx.Stream:
+    """The stream joined and split arrays are built on: an unverified apply
+    leaves them unevaluated, and a program may first run the model on another
+    thread (mlx-lm's server), where MLX cannot evaluate an array built on a
+    stream of this thread ("no Stream(cpu, 0) in current thread")."""
+    return _any_thread_stream(str(mx.default_device()))
 
 
 class FusedCall:
@@ -150,10 +164,12 @@ def without(shape: tuple, axis: int) -> tuple:
 def joined(*layers: nn.Module) -> nn.Module:
     """One layer of the first's kind holding them all on the output axis."""
     fused = rebuilt(layers[0])
-    for key in layers[0]:
-        if key != "global_scale":
-            axis = output_axis(key, layers[0][key])
-            fused[key] = mx.concatenate([layer[key] for layer in layers], axis=axis)
+    with mx.stream(any_thread()):
+        for key in layers[0]:
+            if key != "global_scale":
+                axis = output_axis(key, layers[0][key])
+                arrays = [layer[key] for layer in layers]
+                fused[key] = mx.concatenate(arrays, axis=axis)
     return fused
 
 
@@ -169,8 +185,9 @@ def rows(key: str, array: mx.array, start: int, stop: int | None) -> mx.array:
 def part(fused: nn.Module, start: int, stop: int | None) -> nn.Module:
     """The output rows ``start:stop`` of a joined layer, as a layer."""
     part = rebuilt(fused)
-    for key in fused:
-        part[key] = rows(key, fused[key], start, stop)
+    with mx.stream(any_thread()):
+        for key in fused:
+            part[key] = rows(key, fused[key], start, stop)
     return part
 
 
@@ -184,28 +201,38 @@ def fuse(module: nn.Module, names: tuple[str, ...], fused: str, layer) -> None:
         module[name] = FusedPart(call, index)
 
 
+def parts_in(module: nn.Module, names: tuple[str, ...]) -> list[str]:
+    """Those of ``names`` that are still parts of the module's fused matmul
+    (a user may have replaced one since: ``mlp.up_proj = ...``)."""
+    return [name for name in names if isinstance(module.get(name), FusedPart)]
+
+
 def unfuse(module: nn.Module, names: tuple[str, ...], fused: str) -> None:
-    """The parts back as layers of their own, bit for bit."""
-    call = module[names[0]].call
-    for index, name in enumerate(names):
-        module[name] = part(module[fused], *call.bounds(index))
+    """The parts back as layers of their own, bit for bit. A part the user
+    replaced since stays as the user left it, so the module computes what it
+    computed before."""
+    for name in parts_in(module, names):
+        index = module[name].index
+        module[name] = part(module[fused], *module[name].call.bounds(index))
     del module[fused]
 
 
-def fused_paths(model: nn.Module, name: str) -> list[str]:
-    """Modules whose ``name`` child is a part of a fused matmul."""
-    return [p for p, m in walk(model) if isinstance(m.get(name), FusedPart)]
+def fused_paths(model: nn.Module, names: tuple[str, ...]) -> list[str]:
+    """Modules one of whose ``names`` is a part of a fused matmul."""
+    return [p for p, m in walk(model) if parts_in(m, names)]
 
 
 def plain(model: nn.Module, weights: dict, names: tuple, fused: str) -> dict:
-    """Each fused array of the ``fused_paths`` back under ``names``."""
-    for path in fused_paths(model, names[0]):
-        call = module_at(model, path)[names[0]].call
+    """Each fused array of the ``fused_paths`` back under the names of the
+    parts still fused (a part the user replaced has arrays of its own)."""
+    for path in fused_paths(model, names):
+        module = module_at(model, path)
         prefix = f"{path}.{fused}."
         for name in [n for n in weights if n.startswith(prefix)]:
             key, array = name[len(prefix) :], weights.pop(name)
-            for index, part_name in enumerate(names):
-                start, stop = call.bounds(index)
+            for part_name in parts_in(module, names):
+                fused_part = module[part_name]
+                start, stop = fused_part.call.bounds(fused_part.index)
                 weights[f"{path}.{part_name}.{key}"] = rows(key, array, start, stop)
     return weights
 
@@ -244,7 +271,7 @@ def names_in(module: nn.Module, fusions: dict[str, tuple[str, ...]]) -> tuple:
 def hooks(fusions: dict[str, tuple[str, ...]]) -> dict:
     """What every fusing pass does alike, as ``Pass`` fields: rewrite (join
     the names of the entry of ``fusions`` the site has under its fused
-    name), undo, applied, plain and fuses."""
+    name), undo, applied, replaced, plain and fuses."""
 
     def rewrite(model: nn.Module, site, options: dict, context) -> None:
         module = module_at(model, site.path)
@@ -256,8 +283,14 @@ def hooks(fusions: dict[str, tuple[str, ...]]) -> dict:
         unfuse(module, *names_in(module, fusions))
 
     def applied(model: nn.Module) -> list[str]:
-        paths = {p for names in fusions.values() for p in fused_paths(model, names[0])}
+        paths = {p for names in fusions.values() for p in fused_paths(model, names)}
         return [p for p, _ in walk(model) if p in paths]  # in reading order
+
+    def replaced(model: nn.Module, path: str) -> list[str]:
+        module = module_at(model, path)
+        names, _ = names_in(module, fusions)
+        ours = parts_in(module, names)
+        return [name for name in names if name not in ours]
 
     def plain_weights(model: nn.Module, weights: dict) -> dict:
         for fused, names in fusions.items():
@@ -269,5 +302,6 @@ def hooks(fusions: dict[str, tuple[str, ...]]) -> dict:
         "undo": undo,
         "applied": applied,
         "plain": plain_weights,
+        "replaced": replaced,
         "fuses": dict(fusions),
     }

@@ -325,14 +325,22 @@ def _roll_back(model: nn.Module, done: list[tuple[Pass, str]]) -> None:
 
 
 def replaced(model: nn.Module) -> list[str]:
-    """``pass:path`` of each rewritten site a part of which the user has since
-    replaced (``mlp.up_proj = ...`` after fuse_glu): undoing or saving such a
-    site would silently put graphpatch's arrays back over the user's."""
-    return []
+    """``pass:path.part`` of each part of a rewritten site that the user has
+    replaced since (``mlp.up_proj = ...`` after fuse_glu): ``revert`` keeps
+    such a part as the user left it, and a save must not write graphpatch's
+    arrays over it."""
+    found = []
+    for p in PASSES.values():
+        for path in p.applied(model) if p.replaced else []:
+            found += [f"{p.name}:{path}.{part}" for part in p.replaced(model, path)]
+    return found
 
 
 def revert(model: nn.Module) -> list[str]:
     """Undo every rewrite graphpatch made to ``model``, last pass first.
+
+    A part the user replaced after ``apply`` stays as the user left it (see
+    ``replaced``); its site's entry says so.
 
     Returns:
         ``pass:path`` for each site restored.
@@ -340,6 +348,8 @@ def revert(model: nn.Module) -> list[str]:
     restored = []
     for p in reversed(PASSES.values()):
         for path in p.applied(model):
+            kept = p.replaced(model, path) if p.replaced else []
             p.undo(model, path)
-            restored.append(f"{p.name}:{path}")
+            note = f" ({', '.join(kept)} kept: replaced after apply)" if kept else ""
+            restored.append(f"{p.name}:{path}{note}")
     return restored

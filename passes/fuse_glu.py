@@ -102,7 +102,7 @@ def why_not(
     names = glu_names(module)
     if names is None:  # a site of kind "fused"
         return ALREADY_FUSED
-    if isinstance(module[names[0]], FusedPart):
+    if fusion.parts_in(module, names):
         return ALREADY_APPLIED
     if "gate_up_proj" in module:
         return ALREADY_FUSED

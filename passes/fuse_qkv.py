@@ -18,7 +18,6 @@ from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedL
 
 from graphpatch import fusion, record
 from graphpatch.contract import Context, Pass, Site, module_at, walk
-from graphpatch.fusion import FusedPart
 
 LAYERS = (
     nn.Linear,
@@ -57,7 +56,7 @@ def why_not(
     if site.kind == "fused":
         return ALREADY_FUSED.format(name=site.detail["name"])
     module = module_at(model, site.path)
-    if isinstance(module["q_proj"], FusedPart):
+    if fusion.parts_in(module, NAMES):
         return ALREADY_APPLIED
     return fusion.why_not_joined({name: module[name] for name in NAMES}, LAYERS)
 
