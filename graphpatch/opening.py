@@ -29,9 +29,16 @@ from graphpatch.loading import (
     quiet_transformers,
     read_arrays,
 )
-from graphpatch.outdir import format_of
+from graphpatch.outdir import (
+    MANIFEST,
+    MODEL_TYPE,
+    format_of,
+    read_manifest,
+    section_hash,
+)
 from graphpatch.passes import PASSES
 from graphpatch.plan import check_options
+from graphpatch.report import printable
 from graphpatch.saving import FORMATS
 
 
@@ -57,20 +64,78 @@ def load(
     model_dir = model_path(model_dir)
     config = read_config(model_dir)
     names = check_weights(model_dir)
-    if format_of(config) == "fused":
+    saved_as = checked_section(model_dir, config)
+    if saved_as == "fused":
+        section = config["graphpatch"]
+        check_config(model_dir, {**config, "model_type": section["model_type"]}, names)
+        _check_aliases(model_dir, section["aliases"], names)
         try:
             return load_fused(model_dir, lazy)
         except GraphpatchError:
             raise
         except Exception as e:
-            raise LoadError(f"{model_dir}: cannot open the saved model: {e}") from None
-    if "graphpatch" in config:
-        recorded(model_dir, config)  # a bad section, before loading
+            reason = printable(str(e).strip().splitlines()[0] if str(e) else repr(e))
+            raise LoadError(
+                f"{model_dir}: cannot open the saved model: {reason}"
+            ) from None
     check_config(model_dir, config, names)
     model, tokenizer, config = mlx_lm_load_checked(model_dir, lazy)
-    if "graphpatch" in config:
+    if saved_as == "plain":
         reapply(model, model_dir, config, verify)
     return model, tokenizer, config
+
+
+NO_SECTION = "a fused save's model_type, but no graphpatch section"
+SECTION_EDITED = (
+    "the graphpatch section is not the one the save wrote ({manifest} holds "
+    "another hash): edited by hand? refused"
+)
+
+
+def checked_section(model_dir: Path, config: dict) -> str | None:
+    """``plain`` or ``fused`` for a graphpatch save whose section is whole and
+    is the one its manifest vouches for, None for a directory with no section.
+
+    Raises:
+        LoadError: the section or the fused marker is malformed or edited.
+    """
+    where = model_dir / "config.json"
+    marked = str(config.get("model_type")).startswith("graphpatch")
+    if marked and config["model_type"] != MODEL_TYPE:
+        raise LoadError(
+            f"{where}: model_type names a graphpatch save, but not the one "
+            "graphpatch writes (edited by hand?)"
+        )
+    if "graphpatch" not in config:
+        if marked:
+            raise LoadError(f"{where}: {NO_SECTION}")
+        return None
+    recorded(model_dir, config)
+    manifest = read_manifest(model_dir)
+    if manifest is not None and manifest.get("section") != section_hash(
+        config["graphpatch"]
+    ):
+        raise LoadError(f"{where}: {SECTION_EDITED.format(manifest=MANIFEST)}")
+    return "fused" if marked else "plain"
+
+
+def _check_aliases(model_dir: Path, aliases: dict, names: list[str]) -> None:
+    """A fused save's aliases name arrays held twice (a tied head): each one
+    absent from the weight files, each pointing at one they hold."""
+    held = set(names)
+    for alias, name in aliases.items():
+        problem = (
+            "names an array the weight files hold"
+            if alias in held
+            else None
+            if name in held
+            else f"points at {name}, which they do not hold"
+        )
+        if problem:
+            raise LoadError(
+                f"{model_dir / 'config.json'}: graphpatch alias "
+                f"{printable(alias)} {printable(problem)} (edited by hand?)"
+            )
 
 
 def recorded(model_dir: Path, config: dict) -> list[str]:
@@ -80,9 +145,10 @@ def recorded(model_dir: Path, config: dict) -> list[str]:
         LoadError: the graphpatch section is malformed (edited by hand).
     """
     section = config.get("graphpatch")
-    problem = _saved_problem(section)
+    problem = _saved_problem(section, config.get("model_type") == MODEL_TYPE)
     if problem or not isinstance(section, dict):
-        raise LoadError(f"{model_dir / 'config.json'}: graphpatch section: {problem}")
+        where = model_dir / "config.json"
+        raise LoadError(f"{where}: graphpatch section: {printable(problem)}")
     return [_spec(entry["name"], entry["options"]) for entry in section["passes"]]
 
 
@@ -107,6 +173,12 @@ def load_fused(model_dir: str | Path, lazy: bool = False) -> tuple:
     Returns:
         (model, tokenizer, config), config as the source model's.
     """
+    model, config = build_fused(model_dir, lazy)
+    return model, _tokenizer(Path(model_dir), config), config
+
+
+def build_fused(model_dir: str | Path, lazy: bool = False) -> tuple:
+    """A fused save's model and config, without its tokenizer."""
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     if format_of(config) != "fused":
@@ -127,17 +199,24 @@ def load_fused(model_dir: str | Path, lazy: bool = False) -> tuple:
     if not lazy:
         mx.eval(model.parameters())
     model.eval()
-    return model, _tokenizer(model_dir, config), config
+    return model, config
 
 
-def _saved_problem(saved) -> str | None:
+def _saved_problem(saved, marked: bool) -> str | None:
     """What is wrong with a saved config's graphpatch section (it may have
-    been edited by hand), or None."""
+    been edited by hand), or None. ``marked``: the config's model_type is the
+    fused marker."""
     if not isinstance(saved, dict):
         return "not a mapping"
-    if saved.get("format", "fused") not in FORMATS:
-        return f"unknown format {saved.get('format')!r}"
-    if saved.get("format", "fused") == "fused":
+    saved_as = saved.get("format")
+    if saved_as not in FORMATS:
+        if "format" not in saved:
+            return "no format"
+        return f"unknown format {printable(saved_as)}"
+    if (saved_as == "fused") != marked:
+        said = "is" if marked else "is not"
+        return f"format {saved_as}, but model_type {said} the fused marker"
+    if saved_as == "fused":
         if not isinstance(saved.get("model_type"), str):
             return "no model_type string"
         aliases = saved.get("aliases")

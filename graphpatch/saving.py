@@ -18,6 +18,7 @@ write is ever replaced.
 import dataclasses
 import json
 import math
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -26,22 +27,53 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
+from mlx_lm.utils import load_model
 
 from graphpatch._version import __version__
-from graphpatch.loading import EXTRA_WEIGHTS, write_failure, write_safetensors
+from graphpatch.loading import (
+    EXTRA_WEIGHTS,
+    read_arrays,
+    write_failure,
+    write_safetensors,
+)
+from graphpatch.manager import replaced
 from graphpatch.outdir import (
+    MANIFEST,
+    MARKER,
     MODEL_TYPE,
     SaveError,
     check_out,
     check_room,
-    format_of,
+    locked,
     recover,
+    saved_format,
     write_atomically,
+    write_manifest,
 )
 from graphpatch.passes import PASSES
+from graphpatch.report import printable
+from graphpatch.verify import compare, last_logits, probe_tokens
 
 FORMATS = ("plain", "fused")
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's own limit per safetensors file
+FUSED_SOURCE = (
+    "{source} is already a saved patched model (a fused save): save from the "
+    "model it was saved from"
+)
+REPLACED = (
+    "{sites} replaced since apply: the save would write graphpatch's arrays, "
+    "not yours; refused (revert before replacing a part, then apply again)"
+)
+NOT_REOPENED = (
+    "the save would not reopen as this model ({reason}): nothing was written; "
+    "is source_dir the directory the model was loaded from, and was it not "
+    "changed (quantized, say) since?"
+)
+REOPENS_ELSEWHERE = (
+    "the save reopens to other logits than the model's (max error {error:.3g}, "
+    "tolerance {tolerance:.3g}): nothing was written; is source_dir the "
+    "directory the model was loaded from?"
+)
 
 
 def _weights(model: nn.Module) -> tuple[dict[str, mx.array], dict[str, str]]:
@@ -87,18 +119,26 @@ def _record(model: nn.Module) -> list[dict]:
 
 def prepare(source_dir: str | Path, out: str | Path, force: bool) -> list[str]:
     """Recover what killed saves of ``out`` left, then check that ``out`` may
-    be written; returns what was recovered.
+    be written, before any model is loaded; returns what was recovered.
 
     Raises:
-        SaveError: ``out`` must not be written (see ``outdir.check_out``).
+        SaveError: ``out`` must not be written (see ``outdir.check_out``), the
+            source is itself a fused save, or there is no room.
     """
-    out = Path(out)
-    try:
-        done = recover(out)
-    except OSError as e:
-        raise SaveError(f"cannot tidy up beside {out}: {e}") from None
-    check_out(Path(source_dir), out, force)
-    check_room(Path(source_dir), out)
+    source_dir, out = Path(source_dir), Path(out)
+    place = Path(os.path.abspath(out))
+    done = []
+    if place.parent.is_dir():
+        with locked(place):
+            try:
+                done = recover(place)
+            except OSError as e:
+                raise SaveError(f"cannot tidy up beside {out}: {e}") from None
+    if saved_format(source_dir) == "fused":
+        raise SaveError(FUSED_SOURCE.format(source=source_dir))
+    check_out(source_dir, out, force)
+    weights = sum(f.stat().st_size for f in source_dir.glob("*.safetensors"))
+    check_room(out, weights + sum(f.stat().st_size for f in _copies(source_dir)))
     return done
 
 
@@ -113,7 +153,18 @@ def save(
 ) -> Path:
     """Write ``model`` (patched) as a model directory ``out``.
 
-    The passes and options recorded are read from the model itself.
+    The passes and options recorded are read from the model itself. Besides
+    the weights and config.json, the save holds the source's other files and
+    sub-folders (``adapters/``), copied byte for byte (hidden folders such as
+    ``.git`` and ``.cache`` are not copied), a tied model's own ``lm_head.*``
+    arrays from the checkpoint (kept apart, so that untied_head binds the
+    same head on the save as on the source), and ``graphpatch-manifest.json``.
+
+    Before the save is renamed into place it is opened again (lazily, with
+    mlx-lm for a plain save) and its last-position logits on the probe tokens
+    are compared with the model's: two probe forwards, with the saved arrays
+    read once from the new files (memory peaks at about twice the model's
+    weights while they are checked).
 
     Args:
         model: a model patched by ``graphpatch.apply``.
@@ -126,8 +177,10 @@ def save(
             the passes) or ``fused`` (the patched structure itself).
 
     Raises:
-        SaveError: ``out`` may not be written, or writing failed (then
-            nothing was left behind and an old ``out`` is as it was).
+        SaveError: ``out`` may not be written, the model is not one the save
+            can hold (elided, a site replaced since apply, not the model of
+            ``source_dir``), or writing failed. Then nothing was left behind
+            and an old ``out`` is as it was.
     """
     source_dir, out = Path(source_dir), Path(out)
     progress = progress or (lambda line: None)
@@ -138,20 +191,43 @@ def save(
         )
     for line in prepare(source_dir, out, force):
         progress(line)
+    _check_model(model)
+    write = _writer(model, source_dir, format, max_shard_bytes, progress)
+    try:
+        write_atomically(
+            out, write, progress, lambda: check_out(source_dir, out, force)
+        )
+    except (OSError, RuntimeError) as e:
+        raise SaveError(f"cannot write {out}: {write_failure(e)}") from None
+    return out
+
+
+def _check_model(model: nn.Module) -> None:
     if PASSES["elide_head"].applied(model):
         raise SaveError("an elided model is one rank's view: save it before elide_head")
+    sites = replaced(model)
+    if sites:
+        raise SaveError(REPLACED.format(sites=", ".join(printable(s) for s in sites)))
+
+
+def _writer(
+    model: nn.Module, source_dir: Path, format: str, max_shard_bytes: int, progress
+) -> Callable[[Path], None]:
+    """What fills the new directory: weights, config, copies, the reopen
+    check and, last, the manifest."""
     config = json.loads((source_dir / "config.json").read_text())
-    if format_of(config) == "fused":
-        raise SaveError(f"{source_dir} is already a saved patched model")
     section: dict = {"version": __version__, "format": format}
     section["passes"] = _record(model)
+    reopen = "fused"
     if format == "fused":
         weights, aliases = _weights(model)
         extra: dict[str, mx.array] = {}
         section |= {"model_type": config["model_type"], "aliases": aliases}
         config = {**config, "model_type": MODEL_TYPE}
     else:
-        weights, extra, config = _plain(model, config)
+        weights, extra, config, strays = _plain(model, config)
+        extra |= _kept_head(source_dir, {**weights, **extra})
+        reopen = "graphpatch" if strays else "mlx_lm"
 
     def write(tmp: Path) -> None:
         write_safetensors(tmp, _shards(weights, max_shard_bytes), progress)
@@ -160,18 +236,54 @@ def save(
         progress("writing config.json")
         saved = {**config, "graphpatch": section}
         (tmp / "config.json").write_text(json.dumps(saved, indent=2))
-        _copy_other_files(source_dir, tmp)
+        for file in _copies(source_dir):
+            target = tmp / file.relative_to(source_dir)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(file, target)
+        progress("checking that the save reopens to the model's logits")
+        _check_reopens(model, tmp, reopen)
+        progress("writing the manifest")
+        write_manifest(tmp, section)
 
+    return write
+
+
+def _check_reopens(model: nn.Module, tmp: Path, how: str) -> None:
+    """The save, opened again lazily, gives the model's last-position logits.
+
+    Raises:
+        SaveError: it does not open, or gives other logits.
+    """
+    tokens = probe_tokens(None)
+    expected = last_logits(model, tokens)
     try:
-        write_atomically(out, write, progress)
-    except (OSError, RuntimeError) as e:
-        raise SaveError(f"cannot write {out}: {write_failure(e)}") from None
-    return out
+        if how == "mlx_lm":
+            reopened = load_model(tmp, lazy=True, strict=True)[0]
+        elif how == "fused":
+            from graphpatch.opening import build_fused  # opening imports saving
+
+            reopened = build_fused(tmp, lazy=True)[0]
+        else:
+            from graphpatch.opening import load
+
+            reopened = load(tmp, lazy=True, verify="never")[0]
+        found = last_logits(reopened, tokens)
+    except Exception as e:
+        reason = printable(f"{type(e).__name__}: {e}".splitlines()[0])
+        raise SaveError(NOT_REOPENED.format(reason=reason)) from None
+    comparison = compare([expected], [found])
+    if not comparison.ok:
+        raise SaveError(
+            REOPENS_ELSEWHERE.format(
+                error=comparison.max_error, tolerance=comparison.tolerance
+            )
+        )
 
 
-def _plain(model: nn.Module, config: dict) -> tuple[dict, dict, dict]:
+def _plain(model: nn.Module, config: dict) -> tuple[dict, dict, dict, bool]:
     """The weights under the names the unpatched architecture loads, those it
-    does not load (kept apart), and the config that loads the rest."""
+    does not load (kept apart), the config that loads the rest, and whether
+    any were kept apart."""
     weights = dict(tree_flatten(model.parameters()))
     for p in PASSES.values():
         if p.plain is not None and p.applied(model):
@@ -179,8 +291,18 @@ def _plain(model: nn.Module, config: dict) -> tuple[dict, dict, dict]:
     stray = _not_loaded(model, weights)
     untied = _untied_config(model, config, stray)
     if untied is not None:
-        return weights, {}, untied
-    return weights, {name: weights.pop(name) for name in stray}, config
+        return weights, {}, untied, False
+    extra = {name: weights.pop(name) for name in stray}
+    return weights, extra, config, bool(extra)
+
+
+def _kept_head(source_dir: Path, saved: dict) -> dict[str, mx.array]:
+    """The checkpoint's own ``lm_head.*`` arrays when the save holds no head
+    of its own: a tied architecture's loader drops them, untied_head reads
+    them (from the extra weights file) on the save as on the source."""
+    if any(name.startswith("lm_head.") for name in saved):
+        return {}
+    return read_arrays(source_dir, "lm_head.")
 
 
 def _not_loaded(model: nn.Module, weights: dict) -> list[str]:
@@ -218,11 +340,20 @@ def max_shard_bytes(megabytes: float) -> int:
     return int(megabytes * 2**20)
 
 
-def _copy_other_files(source_dir: Path, out: Path) -> None:
-    # Byte for byte, rather than mlx-lm's tokenizer.save_pretrained, which
-    # writes the files anew: the source's own files (chat template, extras)
-    # stay exactly as the user had them.
-    skip = {"config.json", "model.safetensors.index.json"}
-    for file in source_dir.iterdir():
-        if file.is_file() and file.name not in skip and file.suffix != ".safetensors":
-            shutil.copy2(file, out / file.name)
+def _copies(source_dir: Path) -> list[Path]:
+    """The source's files a save copies byte for byte (rather than mlx-lm's
+    tokenizer.save_pretrained, which writes them anew): every file but the
+    weights and config, and every file of its sub-folders but hidden ones
+    (``.git``, ``.cache``: a clone's or a download's own bookkeeping)."""
+    skip = {"config.json", "model.safetensors.index.json", MANIFEST, MARKER}
+    found = [
+        file
+        for file in sorted(source_dir.iterdir())
+        if file.is_file() and file.name not in skip and file.suffix != ".safetensors"
+    ]
+    for folder in sorted(source_dir.iterdir()):
+        if folder.is_dir() and not folder.name.startswith("."):
+            for root, dirs, names in os.walk(folder):
+                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+                found += [p for n in sorted(names) if (p := Path(root, n)).is_file()]
+    return found

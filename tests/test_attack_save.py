@@ -198,7 +198,7 @@ def test_a_save_killed_at_any_step_loses_nothing(place, step, replace):
     assert done.returncode == -signal.SIGKILL, done.stderr
     after = digest(place.parent)
     assert {k: after[k] for k in before} == before  # source and sibling intact
-    asides = list(place.parent.glob(".out.graphpatch-old-*"))
+    asides = list(place.parent.glob(".graphpatch-old-*"))
     if replace:
         complete = [p for p in (out, *asides) if p.is_dir() and is_save(p)]
         assert complete, "no complete model under OUT or its aside"
