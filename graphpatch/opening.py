@@ -111,11 +111,6 @@ def checked_section(model_dir: Path, config: dict) -> str | None:
             raise LoadError(f"{where}: {NO_SECTION}")
         return None
     recorded(model_dir, config)
-    manifest = read_manifest(model_dir)
-    if manifest is not None and manifest.get("section") != section_hash(
-        config["graphpatch"]
-    ):
-        raise LoadError(f"{where}: {SECTION_EDITED.format(manifest=MANIFEST)}")
     return "fused" if marked else "plain"
 
 
@@ -142,13 +137,16 @@ def recorded(model_dir: Path, config: dict) -> list[str]:
     """The pass specs a save recorded (``last_token:keep=4``), to re-apply.
 
     Raises:
-        LoadError: the graphpatch section is malformed (edited by hand).
+        LoadError: the graphpatch section is malformed, or is not the one the
+            save's manifest vouches for (edited by hand).
     """
-    section = config.get("graphpatch")
+    section, where = config.get("graphpatch"), model_dir / "config.json"
     problem = _saved_problem(section, config.get("model_type") == MODEL_TYPE)
     if problem or not isinstance(section, dict):
-        where = model_dir / "config.json"
         raise LoadError(f"{where}: graphpatch section: {printable(problem)}")
+    manifest = read_manifest(model_dir)
+    if manifest is not None and manifest.get("section") != section_hash(section):
+        raise LoadError(f"{where}: {SECTION_EDITED.format(manifest=MANIFEST)}")
     return [_spec(entry["name"], entry["options"]) for entry in section["passes"]]
 
 

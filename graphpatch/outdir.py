@@ -211,8 +211,9 @@ def check_out(source_dir: Path, out: Path, force: bool) -> None:
         return
     if not out.is_dir():
         raise SaveError(f"--save {out} exists and is not a directory: refused")
-    if _within(Path.cwd().resolve(), target):
-        raise SaveError(HOLDS_CWD.format(out=out))
+    with contextlib.suppress(OSError):  # a removed cwd holds nothing
+        if _within(Path.cwd().resolve(), target):
+            raise SaveError(HOLDS_CWD.format(out=out))
     in_the_way = unproven(out)
     if in_the_way is None:
         template = NO_MANIFEST if is_save(out) else NOT_OURS

@@ -346,6 +346,8 @@ def _copies(source_dir: Path) -> list[Path]:
     weights and config, and every file of its sub-folders but hidden ones
     (``.git``, ``.cache``: a clone's or a download's own bookkeeping)."""
     skip = {"config.json", "model.safetensors.index.json", MANIFEST, MARKER}
+    if not source_dir.is_dir():
+        return []  # loading it will say why
     found = [
         file
         for file in sorted(source_dir.iterdir())

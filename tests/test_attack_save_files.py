@@ -91,7 +91,7 @@ def test_a_copied_graphpatch_key_is_no_proof(place, tmp_path):
 
 def test_a_save_of_an_older_graphpatch_is_not_replaced(place):
     out = saved(place, place.parent / "out")
-    (out / MANIFEST).unlink()  # as an older graphpatch wrote it
+    (out / MANIFEST).unlink(missing_ok=True)  # as an older graphpatch wrote it
     before = digest(place.parent)
     assert "cannot prove it wrote it" in one_error_line(save_to(place, out, "--force"))
     assert digest(place.parent) == before
@@ -259,7 +259,7 @@ def edit_config(model_dir: Path, edit) -> None:
 )
 def test_an_odd_fused_section_is_one_clear_line(zoo_dir, tmp_path, edit, words):
     fused = fused_save(zoo_dir, tmp_path)
-    (fused / MANIFEST).unlink()  # the structural checks alone
+    (fused / MANIFEST).unlink(missing_ok=True)  # the structural checks alone
     edit_config(fused, edit)
     line = one_error_line(run("apply", "--passes", "fuse_glu", fused))
     assert words in line and "KeyError" not in line and "'model_type'" not in line
@@ -267,7 +267,7 @@ def test_an_odd_fused_section_is_one_clear_line(zoo_dir, tmp_path, edit, words):
 
 def test_a_plain_section_without_format_is_one_clear_line(place, tmp_path):
     out = saved(place, tmp_path / "plain")
-    (out / MANIFEST).unlink()
+    (out / MANIFEST).unlink(missing_ok=True)
     edit_config(out, lambda c: c["graphpatch"].pop("format"))
     line = one_error_line(run("apply", "--passes", "fuse_glu", out))
     assert "graphpatch section: no format" in line
@@ -278,7 +278,7 @@ FUSED_LOAD = "import sys, graphpatch\ngraphpatch.load(sys.argv[1])"
 
 def test_a_fused_save_passes_the_config_checks(zoo_dir, tmp_path):
     fused = fused_save(zoo_dir, tmp_path)
-    (fused / MANIFEST).unlink()
+    (fused / MANIFEST).unlink(missing_ok=True)
     edit_config(fused, lambda c: c.update(num_hidden_layers=1_000_000))
     done = subprocess.run(
         [sys.executable, "-c", FUSED_LOAD, fused],
@@ -296,7 +296,7 @@ ALIAS = {"model.layers.0.mlp.down_proj.weight": "model.layers.1.mlp.down_proj.we
 def test_a_hand_edited_alias_is_refused(zoo_dir, tmp_path, manifest):
     fused = fused_save(zoo_dir, tmp_path)
     if not manifest:
-        (fused / MANIFEST).unlink()
+        (fused / MANIFEST).unlink(missing_ok=True)
     edit_config(fused, lambda c: c["graphpatch"]["aliases"].update(ALIAS))
     words = "not the one the save wrote" if manifest else "names an array the weight"
     with pytest.raises(LoadError, match=words):
