@@ -3,11 +3,13 @@
 import json as _json
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import graphpatch
@@ -16,7 +18,7 @@ from graphpatch.checks import check_config, check_weights, read_config, regular_
 from graphpatch.contract import GraphpatchError, VerificationError
 from graphpatch.loading import model_path
 from graphpatch.plan import unknown_variables
-from graphpatch.report import stamped
+from graphpatch.report import printable, stamped
 
 app = typer.Typer(
     add_completion=False,
@@ -61,14 +63,28 @@ def fail(
     message: str, code: int = 2, report: graphpatch.Report | None = None
 ) -> NoReturn:
     """One line on stderr, then exit: 2 for bad input, 1 for a failed check."""
-    line = " ".join(message.split())  # mlx-lm's messages list names a line each
-    if len(line) > 400:
-        line = line[:400] + " ..."
+    # mlx-lm's messages list names a line each; a name read from a file may
+    # hold escape sequences or rich markup: shown as text, never obeyed.
+    line = printable(" ".join(message.split()), 400)
     if _json_errors:
         entry = report.to_dict() if report else stamped({})
         print(_json.dumps(entry | {"error": line, "exit_code": code}, indent=2))
-    err.print(f"[red]error:[/red] {line}", highlight=False, soft_wrap=True, markup=True)
+    err.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+# --passes may be given more than once: every one counts, as if comma-joined.
+Passes = Annotated[
+    list[str] | None,
+    typer.Option(
+        help="comma-separated, e.g. fuse_glu,last_token:keep=2; may be repeated "
+        "(default: GRAPHPATCH_PASSES)"
+    ),
+]
+
+
+def _joined(passes: list[str] | None) -> str:
+    return ",".join(passes or [])
 
 
 @app.command("list")
@@ -109,9 +125,7 @@ def apply_cmd(
             metavar="MODEL", help="a model directory or Hugging Face repo id"
         ),
     ],
-    passes: Annotated[
-        str, typer.Option(help="comma-separated, e.g. fuse_glu,last_token:keep=2")
-    ] = "",
+    passes: Passes = None,
     json: Annotated[
         bool, typer.Option("--json", help="print the report (or the error) as JSON")
     ] = False,
@@ -151,8 +165,9 @@ def apply_cmd(
     """
     global _json_errors
     _json_errors = json
+    specs = _joined(passes)
     try:
-        plan, warnings = graphpatch.resolve(passes or None)
+        plan, warnings = graphpatch.resolve(specs or None)
         model_dir = model_path(model)
         if not plan:
             said = "".join(f"; {w}" for w in warnings)
@@ -164,7 +179,7 @@ def apply_cmd(
             shard_bytes = saving.max_shard_bytes(max_shard_mb)
             saving.check_format(save_format)
             for line in saving.prepare(model_dir, save, force):
-                err.print(line, highlight=False, soft_wrap=True)
+                err.print(printable(line, 400), highlight=False, markup=False)
         verify = _verify_mode("never" if no_verify else verify)
         with err.status(f"loading {model_dir}"):
             model, _, _ = graphpatch.load(
@@ -172,7 +187,7 @@ def apply_cmd(
             )
         with err.status("applying and verifying") as status:
             report = verified.apply(
-                model, passes or None, model_dir, verify, progress=status.update
+                model, specs or None, model_dir, verify, progress=status.update
             )
     except VerificationError as e:
         if e.report is not None and not json:
@@ -218,9 +233,7 @@ def _print(report: graphpatch.Report, as_json: bool, verbose: bool) -> None:
 )
 def run_cmd(
     ctx: typer.Context,
-    passes: Annotated[
-        str, typer.Option(help="comma-separated; default: GRAPHPATCH_PASSES")
-    ] = "",
+    passes: Passes = None,
     verify: Annotated[
         str, typer.Option(help="always, cached (a matching record) or never")
     ] = "cached",
@@ -229,7 +242,7 @@ def run_cmd(
 
     Models loaded through mlx-lm's loaders are patched, in child processes too.
     """
-    _run(ctx.args, passes, verify)
+    _run(ctx.args, _joined(passes), verify)
 
 
 @app.command(
@@ -244,9 +257,7 @@ def serve_cmd(
             metavar="MODEL", help="a model directory or Hugging Face repo id"
         ),
     ],
-    passes: Annotated[
-        str, typer.Option(help="comma-separated; default: GRAPHPATCH_PASSES")
-    ] = "",
+    passes: Passes = None,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 8080,
     verify: Annotated[
@@ -259,7 +270,8 @@ def serve_cmd(
     """
     from graphpatch import serving
 
-    env = {**os.environ, **({"GRAPHPATCH_PASSES": passes} if passes else {})}
+    specs = _joined(passes)
+    env = {**os.environ, **({"GRAPHPATCH_PASSES": specs} if specs else {})}
     os.environ["GRAPHPATCH_VERIFY"] = _verify_mode(verify)  # read by the hook
     try:
         plan, _ = graphpatch.resolve(None, env)
@@ -268,7 +280,7 @@ def serve_cmd(
         model_dir = model_path(model)
         config = read_config(model_dir)
         check_config(model_dir, config, check_weights(model_dir))
-        serving.serve(model_dir, host, port, passes, ctx.args)
+        serving.serve(model_dir, host, port, specs, ctx.args)
     except GraphpatchError as e:
         fail(str(e))
 
@@ -299,13 +311,10 @@ def _run(command: list[str], passes: str, verify: str) -> None:
     _refuse_elide_without_logits(plan)
     if not plan:
         err.print("warning: no passes chosen (--passes or GRAPHPATCH_PASSES)")
-    if shutil.which(command[0]) is None:
-        fail(f"command not found: {command[0]}", code=127)
+    _check_command(command[0])
     if report := env.get("GRAPHPATCH_REPORT"):
-        try:
-            open(report, "a").close()
-        except OSError as e:
-            fail(f"GRAPHPATCH_REPORT={report}: cannot be written ({e.strerror})")
+        # Absolute: a child that changes directory writes where this checked.
+        env["GRAPHPATCH_REPORT"] = _check_report(report)
     from graphpatch import hook
 
     startup = str(Path(graphpatch.__file__).parent / "_startup")
@@ -314,6 +323,46 @@ def _run(command: list[str], passes: str, verify: str) -> None:
     except hook.CannotRun as e:
         fail(str(e), code=126)
     raise typer.Exit(code)
+
+
+REPORT_NOT_A_FILE = "not a regular file (a report is appended to one)"
+COVERAGE_NOT_OURS = (
+    "exists and is not a table graphpatch coverage wrote: give --force to replace it"
+)
+
+
+def _check_command(name: str) -> None:
+    """127 for a command that is not there, 126 for one that cannot run."""
+    if shutil.which(name) is not None:
+        return
+    if os.sep in name and os.path.exists(name):
+        why = (
+            "a directory"
+            if os.path.isdir(name)
+            else "not executable (chmod +x it, or name its interpreter first)"
+        )
+        fail(f"cannot run {name}: {why}", code=126)
+    fail(f"command not found: {name}", code=127)
+
+
+def _check_report(report: str) -> str:
+    """GRAPHPATCH_REPORT's absolute path, once it is a regular file that can
+    be appended to (opened without blocking: a FIFO would hang the run)."""
+    path = os.path.abspath(report)
+    if os.path.exists(path) and not os.path.isfile(path):
+        fail(f"GRAPHPATCH_REPORT={report}: {REPORT_NOT_A_FILE}")
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as e:
+        fail(f"GRAPHPATCH_REPORT={report}: cannot be written ({e.strerror})")
+    try:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+    if not regular:
+        fail(f"GRAPHPATCH_REPORT={report}: {REPORT_NOT_A_FILE}")
+    return path
 
 
 @app.command("coverage")
@@ -325,6 +374,9 @@ def coverage_cmd(
     write: Annotated[
         Path | None, typer.Option(help="also write the markdown table here")
     ] = None,
+    force: Annotated[
+        bool, typer.Option(help="let --write replace a file it did not write")
+    ] = False,
 ) -> None:
     """Which architectures each pass rewrites, verified, or why not.
 
@@ -336,21 +388,34 @@ def coverage_cmd(
     unknown = [n for n in names or [] if n not in known]
     if unknown:
         fail(f"not an mlx-lm architecture: {', '.join(unknown)}")
-    if write is not None and (write.is_dir() or not _writable_dir(write.parent)):
-        fail(f"--write {write}: not a file in a writable directory")
+    if write is not None:
+        _check_write(write, force)
     with err.status("building architectures") as status:
         results = coverage.run(names or None, progress=status.update)
     table = coverage.markdown(results)
     if write is not None:
+        _check_write(write, force)  # again: it may have appeared meanwhile
         try:
-            write.parent.mkdir(parents=True, exist_ok=True)
-            write.write_text(table)
+            coverage.write_table(write, table)
         except OSError as e:
             fail(f"--write {write}: cannot be written ({e.strerror})")
     if json:
         print(_json.dumps(coverage.as_dicts(results), indent=2))
     else:
         out.print(table, highlight=False, markup=False)
+
+
+def _check_write(write: Path, force: bool) -> None:
+    """Before the (long) build: --write names a file that may be written, and
+    replaced only when graphpatch coverage wrote it, or with --force."""
+    from graphpatch.testing import coverage
+
+    if write.is_dir() or not _writable_dir(write.parent):
+        fail(f"--write {write}: not a file in a writable directory")
+    if write.exists() and not write.is_file():
+        fail(f"--write {write}: not a regular file")
+    if write.exists() and not force and not coverage.written_here(write):
+        fail(f"--write {write}: {COVERAGE_NOT_OURS}")
 
 
 def _writable_dir(path: Path) -> bool:
@@ -373,7 +438,9 @@ def golden_record(
     out_file: Annotated[
         Path, typer.Argument(metavar="OUT", help="the golden .safetensors to write")
     ],
-    passes: Annotated[str, typer.Option(help="passes to apply first")] = "",
+    passes: Annotated[
+        list[str] | None, typer.Option(help="passes to apply first (may be repeated)")
+    ] = None,
     prompts: Annotated[
         Path | None, typer.Option(help="a text file, one prompt per line")
     ] = None,
@@ -381,7 +448,7 @@ def golden_record(
     """Write the logits of fixed prompts (and their metadata) to OUT."""
     try:
         texts = None if prompts is None else _read_prompts(prompts)
-        file = golden.record(model_path(model), out_file, passes, texts)
+        file = golden.record(model_path(model), out_file, _joined(passes), texts)
     except GraphpatchError as e:
         fail(str(e))
     out.print(f"wrote {file}", highlight=False, soft_wrap=True)
@@ -410,16 +477,18 @@ def golden_check(
     ],
     file: Annotated[Path, typer.Argument(help="a golden file from golden record")],
     passes: Annotated[
-        str | None, typer.Option(help="default: the passes it was recorded with")
+        list[str] | None,
+        typer.Option(help="default: the passes it was recorded with (may be repeated)"),
     ] = None,
 ) -> None:
     """Recompute and compare: exit 0 within tolerance, 1 with the diff."""
     try:
-        result = golden.check(model_path(model), file, passes)
+        specs = None if passes is None else _joined(passes)
+        result = golden.check(model_path(model), file, specs)
     except GraphpatchError as e:
         fail(str(e))
-    for line in result.lines:
-        out.print(line, highlight=False, soft_wrap=True)
+    for line in result.lines:  # golden made its values from the file printable
+        out.print(line, highlight=False, soft_wrap=True, markup=False)
     raise typer.Exit(0 if result.ok else 1)
 
 

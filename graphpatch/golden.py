@@ -5,6 +5,15 @@ float32 logits of its last position and their top-k ids, plus metadata
 (graphpatch, mlx and mlx-lm versions, platform and device, hashes of the
 model's config and weights, dtype, passes, tolerance). ``check`` recomputes
 and compares, and refuses a file recorded from another model.
+
+Verdicts, per prompt. The error is ``verify.compare``'s: a token masked with
+the same infinity in the file and now (-inf, phi3small's) is no error, and
+only finite logits scale the tolerance. FAILED: an error over tolerance, an
+infinity on one side only, NaN now, or a changed top-1 whatever the error (a
+golden check exists to catch that; a tie keeps it). A file holding NaN is
+refused (GoldenError, "holds NaN logits"), and ``record`` never writes one.
+``record`` writes nothing into a model directory (one holding config.json:
+mlx-lm could read it as weights) and replaces only an earlier golden file.
 """
 
 import hashlib
@@ -24,12 +33,25 @@ from graphpatch.contract import GraphpatchError
 from graphpatch.limits import check_tokens
 from graphpatch.loading import quiet_transformers, write_failure
 from graphpatch.opening import load
-from graphpatch.verify import PROBE_TOKENS, TOLERANCE, dtype_name, logits_dtype
+from graphpatch.report import printable
+from graphpatch.verify import (
+    PROBE_TOKENS,
+    TOLERANCE,
+    compare,
+    dtype_name,
+    logits_dtype,
+)
 
 TOP_K = 8
 DEFAULT_PROMPTS = [*PROBE_TOKENS, [5, 9, 33, 2, 17, 41, 8, 3, 12, 60, 1, 7, 22, 48, 19]]
 # Metadata that names the model: a file recorded from another is refused.
 IDENTITY = ("config_hash", "weights_hash", "weights_stat")
+NAN_IN_FILE = "holds NaN logits, which compare to nothing: record it again"
+NAN_FROM_MODEL = "gives NaN logits: there is nothing to record"
+IN_A_MODEL_DIR = (
+    "is a model directory (it holds config.json), where mlx-lm could read a "
+    "golden file as weights: write it outside"
+)
 
 
 class GoldenError(GraphpatchError):
@@ -117,6 +139,8 @@ def record(
     check_tokens(model, ids, "golden prompt")
     arrays = {}
     for i, (tokens, logits) in enumerate(zip(ids, _logits(model, ids), strict=True)):
+        if mx.isnan(logits).any().item():
+            raise GoldenError(f"{model_dir} {NAN_FROM_MODEL} (prompt {i})")
         arrays[f"tokens.{i}"] = mx.array(tokens, mx.int32)
         arrays[f"logits.{i}"] = logits
         arrays[f"top.{i}"] = mx.argsort(-logits)[:TOP_K].astype(mx.int32)
@@ -135,12 +159,16 @@ def record(
 
 
 def _check_out(out: Path) -> None:
-    """OUT may be new, or a golden file to record again; nothing else."""
+    """OUT may be new, or a golden file to record again; nothing else, and
+    never inside a model directory."""
     if out.is_dir():
         raise GoldenError(f"{out} is a directory: name the golden file to write")
+    for parent in dict.fromkeys([out.parent, out.resolve().parent]):
+        if (parent / "config.json").exists():
+            raise GoldenError(f"{out}: {parent} {IN_A_MODEL_DIR}")
     if out.exists() or out.is_symlink():
         try:
-            read(out)
+            _load(out)
         except GoldenError:
             raise GoldenError(
                 f"{out} exists and is not a golden file: it is never replaced"
@@ -161,9 +189,22 @@ def read(file: str | Path) -> tuple[dict[str, mx.array], dict[str, str]]:
     """A golden file's arrays and metadata, checked for what ``check`` reads.
 
     Raises:
-        GoldenError: a missing, unreadable or malformed file, in one line.
+        GoldenError: a missing, unreadable or malformed file, or one holding
+            NaN logits, in one line.
     """
-    file = Path(file)
+    arrays, metadata = _load(Path(file))
+    for i in range(_count(arrays)):
+        if mx.isnan(arrays[f"logits.{i}"]).any().item():
+            raise GoldenError(f"{file}: logits.{i} {NAN_IN_FILE}")
+    return arrays, metadata
+
+
+def _count(arrays: dict[str, mx.array]) -> int:
+    return len([k for k in arrays if k.startswith("tokens.")])
+
+
+def _load(file: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
+    """A golden file's arrays and metadata, checked for their shapes."""
     try:
         regular_file(file, "golden file")
         check_safetensors(file)
@@ -190,10 +231,11 @@ def _problem(arrays: dict[str, mx.array], metadata: dict[str, str]) -> str | Non
     try:
         atol, rtol = (float(x) for x in metadata["tolerance"].split(","))
     except ValueError:
-        return f"tolerance {metadata['tolerance']!r} is not two numbers"
+        return f"tolerance {printable(metadata['tolerance'])!r} is not two numbers"
     if not (0 <= atol < float("inf") and 0 <= rtol < float("inf")):
-        return f"tolerance {metadata['tolerance']!r} is not two finite numbers"
-    count = len([k for k in arrays if k.startswith("tokens.")])
+        shown = printable(metadata["tolerance"])
+        return f"tolerance {shown!r} is not two finite numbers"
+    count = _count(arrays)
     if count == 0:
         return "it holds no prompts (tokens.*)"
     for i in range(count):
@@ -250,8 +292,7 @@ def check(
     model, _ = _model(model_dir, passes)
     now = _metadata(model_dir, model, passes, here["weights_hash"])
     atol, rtol = (float(x) for x in recorded["tolerance"].split(","))
-    count = len([k for k in arrays if k.startswith("tokens.")])
-    prompts = [arrays[f"tokens.{i}"].tolist() for i in range(count)]
+    prompts = [arrays[f"tokens.{i}"].tolist() for i in range(_count(arrays))]
     check_tokens(model, prompts, f"{file}")
     result = GoldenResult(True)
     for i, logits in enumerate(_logits(model, prompts)):
@@ -264,7 +305,8 @@ def check(
         result.lines.append(line)
         result.ok &= ok
     changed = [
-        f"{key}: {recorded.get(key) or '(none)'} -> {now[key] or '(none)'}"
+        f"{key}: {printable(recorded.get(key) or '(none)')} -> "
+        f"{printable(now[key] or '(none)')}"
         for key in now
         if key not in IDENTITY and recorded.get(key) != now[key]
     ]
@@ -274,20 +316,41 @@ def check(
 
 
 def _compare(i: int, arrays: dict, logits: mx.array, atol: float, rtol: float):
-    golden = arrays[f"logits.{i}"]
-    error = mx.abs(logits - golden)
-    worst, at = error.max().item(), int(mx.argmax(error).item())
-    tolerance = atol + rtol * mx.abs(golden).max().item()
-    top1 = int(mx.argmax(logits).item())
-    golden_top1 = int(arrays[f"top.{i}"][0].item())
-    ok = worst <= tolerance
+    golden = arrays[f"logits.{i}"].astype(mx.float32)
+    head = f"prompt {i} ({arrays[f'tokens.{i}'].size} tokens): "
+    if problem := _unlike(golden, logits):
+        return head + problem + ": FAILED", False
+    error = compare([golden[None]], [logits[None]]).max_error
+    # verify.compare's rule: only finite values scale the tolerance.
+    scale = mx.max(mx.where(mx.isfinite(golden), mx.abs(golden), 0)).item()
+    tolerance = atol + rtol * scale
+    golden_top1, top1 = int(arrays[f"top.{i}"][0].item()), int(mx.argmax(logits).item())
+    kept = logits[golden_top1].item() >= logits[top1].item()  # a tie keeps it
+    where = ""
+    if error > 0:
+        moved = mx.where(golden == logits, 0, mx.abs(golden - logits))
+        where = f" at vocab id {int(mx.argmax(moved).item())}"
+    ok = error <= tolerance and kept
     line = (
-        f"prompt {i} ({arrays[f'tokens.{i}'].size} tokens): max abs error "
-        f"{worst:.3g} at vocab id {at} (tolerance {tolerance:.3g}), top-1 "
-        + ("same" if top1 == golden_top1 else f"{golden_top1} -> {top1}")
-        + (": ok" if ok else ": FAILED")
+        f"{head}max abs error {error:.3g}{where} (tolerance {tolerance:.3g}), "
+        f"top-1 " + ("same" if kept else f"{golden_top1} -> {top1}")
     )
-    return line, ok
+    return line + (": ok" if ok else ": FAILED"), ok
+
+
+def _unlike(golden: mx.array, logits: mx.array) -> str | None:
+    """What no tolerance can pass: NaN now, or an infinity on one side only."""
+    if (nan := int(mx.isnan(logits).sum().item())) > 0:
+        first = int(mx.argmax(mx.isnan(logits)).item())
+        return f"the model gives NaN at {nan} vocab ids (first {first})"
+    odd = (mx.isinf(golden) | mx.isinf(logits)) & (golden != logits)
+    if (count := int(odd.sum().item())) == 0:
+        return None
+    j = int(mx.argmax(odd).item())
+    return (
+        f"{count} vocab ids infinite on one side only (first {j}: "
+        f"{golden[j].item():.3g} in the file, {logits[j].item():.3g} now)"
+    )
 
 
 def assert_matches(
@@ -296,6 +359,3 @@ def assert_matches(
     """A pytest helper: raise AssertionError with the diff when logits moved."""
     result = check(model_dir, file, passes)
     assert result.ok, f"golden logits moved ({file}):\n{result.diff}"
-
-
-# The zoo models whose golden files live in golden/: (name, build, passes).

@@ -1,6 +1,10 @@
 """Which passes run, with which options, in what order: from arguments or env.
 
-Specs are ``name`` or ``name:option=value:flag``. The env gives
+Specs are ``name`` or ``name:option=value:flag``, spaces around each part
+ignored; ``passes`` is one comma-separated string of them or a list (or
+tuple) of strings, nothing else. A control character in a spec is an error
+that names where it came from (a newline in ``GRAPHPATCH_PASSES`` must not
+read as one odd pass name). The env gives
 ``GRAPHPATCH_PASSES`` and per-pass ``GRAPHPATCH_<NAME>=0/1`` switches (0 is a
 kill switch even for a named pass). Passes that another needs are pulled in;
 the plan is always in the one canonical order of ``PASSES``.
@@ -8,10 +12,12 @@ the plan is always in the one canonical order of ``PASSES``.
 
 import difflib
 import os
+import unicodedata
 from collections.abc import Mapping
 
 from graphpatch.contract import Pass, PassSpecError
 from graphpatch.passes import PASSES
+from graphpatch.report import printable
 
 # GRAPHPATCH_* variables that are not pass switches.
 OTHER_ENV = {
@@ -23,20 +29,25 @@ OTHER_ENV = {
 
 Plan = list[tuple[Pass, dict]]
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+NOT_SPECS = "passes must be a string of pass specs or a list of them"
+CONTROL = "holds a control character"
 
 
 def parse_spec(spec: str) -> tuple[Pass, dict]:
     """``name`` or ``name:option=value:flag`` -> (pass, options with defaults)."""
-    name, *items = spec.strip().split(":")
+    name, *items = (part.strip() for part in spec.split(":"))
     if name not in PASSES:
-        raise PassSpecError(f"unknown pass '{name}' (known: {', '.join(PASSES)})")
+        known = ", ".join(PASSES)
+        raise PassSpecError(f"unknown pass '{printable(name)}' (known: {known})")
     p = PASSES[name]
     options = dict(p.options)
     for item in items:
-        key, has_value, text = item.partition("=")
+        key, has_value, text = (part.strip() for part in item.partition("="))
         if key not in p.options:
             known = ", ".join(p.options) or "none"
-            raise PassSpecError(f"unknown option '{key}' for {name} (known: {known})")
+            raise PassSpecError(
+                f"unknown option '{printable(key)}' for {name} (known: {known})"
+            )
         options[key] = _parse_value(name, key, p.options[key], text, has_value)
     return p, options
 
@@ -52,7 +63,9 @@ def _parse_value(name: str, key: str, default, text: str, has_value: str):
             return type(default)(text)
         except ValueError:
             pass
-    raise PassSpecError(f"option {name}:{key} wants {_kind(default)}, got '{text}'")
+    raise PassSpecError(
+        f"option {name}:{key} wants {_kind(default)}, got '{printable(text)}'"
+    )
 
 
 def check_options(name: str, options) -> str | None:
@@ -79,6 +92,24 @@ def _boolean(text: str) -> bool | None:
     """1/0, true/false, yes/no, on/off in any case; None for anything else."""
     word = text.strip().lower()
     return True if word in TRUE else False if word in FALSE else None
+
+
+def _specs(passes: object, source: str) -> list[str]:
+    """The non-empty specs of ``passes`` (from ``source``, named in errors)."""
+    if isinstance(passes, str):
+        items: list = passes.split(",")
+    elif isinstance(passes, (list, tuple)):
+        items = list(passes)
+    else:
+        raise PassSpecError(f"{NOT_SPECS}, got {type(passes).__name__}")
+    for item in items:
+        if not isinstance(item, str):
+            got = printable(repr(item), 60)
+            raise PassSpecError(f"{NOT_SPECS}: {got} is not a pass spec")
+        if any(unicodedata.category(c).startswith("C") for c in item):
+            shown = printable(passes if isinstance(passes, str) else item)
+            raise PassSpecError(f"{source} {CONTROL}: '{shown}'")
+    return [s for s in items if s.strip()]
 
 
 def _by_env() -> dict[str, str]:
@@ -111,7 +142,8 @@ def _switches(env: Mapping[str, str]) -> dict[str, bool]:
             continue
         if (switch := _boolean(value)) is None:
             raise PassSpecError(
-                f"{key} must be 1/0, true/false, yes/no or on/off, got '{value}'"
+                f"{key} must be 1/0, true/false, yes/no or on/off, "
+                f"got '{printable(value)}'"
             )
         switches[by_env[key]] = switch
     return switches
@@ -137,11 +169,10 @@ def resolve(
     env = os.environ if env is None else env
     switches, warnings = _switches(env), unknown_variables(env)
     if passes is None:
-        specs = [s for s in env.get("GRAPHPATCH_PASSES", "").split(",") if s.strip()]
+        specs = _specs(env.get("GRAPHPATCH_PASSES", ""), "GRAPHPATCH_PASSES")
         specs += [name for name, on in switches.items() if on]
     else:
-        specs = passes.split(",") if isinstance(passes, str) else list(passes)
-        specs = [s for s in specs if s.strip()]
+        specs = _specs(passes, "passes")
     chosen: dict[str, dict] = {}
     for spec in specs:
         p, options = parse_spec(spec)

@@ -8,6 +8,7 @@ import json
 from dataclasses import asdict, dataclass, field
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from graphpatch._version import __version__
@@ -15,6 +16,7 @@ from graphpatch._version import __version__
 REWRITTEN = "rewritten"
 SKIPPED = "skipped"
 SCHEMA = 1  # of to_dict(): bumped when a key changes meaning or goes away
+LINE = 1000  # the longest text of one printed line, a path within it
 
 
 def printable(text: object, limit: int = 200) -> str:
@@ -123,7 +125,7 @@ class Report:
         return [
             f"{group[0].pass_name} {path_pattern([s.path for s in group])}"
             + (f" ({len(group)} sites)" if len(group) > 1 else "")
-            + f": {group[0].reason}"
+            + f": {printable(group[0].reason, LINE)}"
             for group in skipped
         ]
 
@@ -144,10 +146,12 @@ class Report:
                 f"{check.max_error:.3g} (tolerance {check.tolerance:.3g}), "
                 f"top-1 agreement {check.top1:.0%}: {mark}"
             )
-        if self.record:
-            console.print(self.record, highlight=False, soft_wrap=True)  # a path
+        if self.record:  # a path and a date read from the record
+            shown = printable(self.record, LINE)
+            console.print(shown, highlight=False, soft_wrap=True, markup=False)
         for warning in self.warnings:
-            console.print(f"[yellow]warning:[/yellow] {warning}")
+            shown = escape(printable(warning, LINE))
+            console.print(f"[yellow]warning:[/yellow] {shown}", highlight=False)
         delta = self.bytes_delta
         console.print(
             f"{_count(len(self.rewritten()), 'site')} rewritten, "
@@ -176,7 +180,7 @@ class Report:
             table.add_row(
                 group[0].pass_name,
                 _sites(group),
-                self._outcome(group[0]),
+                escape(printable(self._outcome(group[0]), LINE)),
                 f"{max(errors):.3g}" if errors else "",
                 f"{min(top1):.0%}" if top1 else "",
             )
