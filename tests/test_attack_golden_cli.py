@@ -11,10 +11,12 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx_lm
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
+from safetensors.numpy import load_file, save_file
 from test_attack_commands import GRAPHPATCH, command, one_line, write_golden
 from test_attack_inputs import PROPERTY, linked_copy
 from test_attack_save import digest, one_error_line
@@ -107,6 +109,18 @@ def test_golden_values_from_the_file_are_printed_as_text(
     assert (
         "\x1b" not in done.stdout and "platform: \\x1b[2J[red]cleared ->" in done.stdout
     )
+
+
+def test_golden_record_refuses_a_model_that_gives_nan(zoo_dir, tmp_path):
+    model = linked_copy(zoo_dir("llama"), tmp_path / "model")
+    weights = model / "model.safetensors"
+    arrays = load_file(weights)
+    arrays["model.norm.weight"] = np.full_like(arrays["model.norm.weight"], np.nan)
+    weights.unlink()  # a link to the zoo's file: write a file of its own
+    save_file(arrays, weights, metadata={"format": "mlx"})
+    out = tmp_path / "g.safetensors"
+    line = one_error_line(run("golden", "record", model, out))
+    assert golden.NAN_FROM_MODEL in line and not out.exists()
 
 
 # where golden record may write
