@@ -2,6 +2,13 @@
 in place of a module's projections (gate and up; q, k and v), so the module's
 own ``__call__`` runs unchanged; and joining layers on the output axis, and
 splitting them back.
+
+A projection wrapped in one of mlx-lm's LoRA adapters (``mlx_lm.load`` with
+``adapter_path``) is fused by its base: the part stands where the adapter's
+``linear`` stood, and the adapter adds its own delta to its own part. mlx-lm's
+``linear_to_lora_layers`` (training) gives each part an adapter of its own,
+under the unpatched names, and leaves the joined layer alone, so a patched
+model trains the adapter the unpatched one would.
 """
 
 import functools
@@ -9,9 +16,16 @@ import weakref
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_unflatten
+from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
 
-from graphpatch.contract import module_at, rebuilt, walk
+from graphpatch.contract import mark, module_at, rebuilt, unmark, walk
 from graphpatch.timing import interleaved_ratio
+
+# Adapters whose __call__ runs their base, self.linear(x), on the very input
+# they were given and add a delta of their own (DoRA's reads the base's
+# weight instead, and is not one).
+ADAPTERS = (LoRALinear, LoRASwitchLinear)
 
 
 @functools.cache
@@ -87,6 +101,33 @@ class FusedPart(nn.Module):
     def __call__(self, *args, **kwargs) -> mx.array:
         return self.call.part(self.index, args, kwargs)
 
+    def to_lora(self, r: int, scale: float, dropout: float) -> nn.Module:
+        """mlx-lm's LoRA on this part (``linear_to_lora_layers`` asks): the
+        adapter the unpatched projection would get, with this part as its
+        base, so its keys and its initial values are the unpatched ones."""
+        owner = self.call.owner()
+        assert owner is not None, "a fused part outlived its module"
+        joined = owner[self.call.fused]
+        in_dims = joined.weight.shape[-1]
+        if "scales" in joined:
+            in_dims = in_dims * 32 // joined.bits
+        out_dims = self.call.sizes[self.index]
+        if joined.weight.ndim == 3:  # experts
+            experts = joined.weight.shape[0]
+            adapter = LoRASwitchLinear(in_dims, out_dims, experts, r, dropout, scale)
+        else:
+            adapter = LoRALinear(in_dims, out_dims, r, dropout, scale)
+        adapter.linear = self
+        return adapter
+
+
+class Joined:
+    """Marks the layer ``fuse`` puts under the fused name: mlx-lm's LoRA
+    leaves it as it is, since its parts get the adapters."""
+
+    def to_lora(self, r: int, scale: float, dropout: float) -> nn.Module:
+        return self  # type: ignore[return-value]
+
 
 NOT_A_LAYER = "{name} is a {cls}, not a linear layer that can be concatenated"
 KINDS_DIFFER = "{a} is a {x} and {b} a {y}"
@@ -161,6 +202,26 @@ def without(shape: tuple, axis: int) -> tuple:
     return shape[:axis] + shape[axis + 1 :]
 
 
+def holder(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """Where the layer of projection ``name`` lives: the module's own child,
+    or the base of an adapter wrapping it (``gate_proj.linear``)."""
+    child = module[name]
+    return (child, "linear") if isinstance(child, ADAPTERS) else (module, name)
+
+
+def layer_of(module: nn.Module, name: str) -> nn.Module:
+    """The layer of projection ``name`` (an adapter's base; see ``holder``)."""
+    container, key = holder(module, name)
+    return container[key]
+
+
+def _place(module: nn.Module, name: str) -> str:
+    """``layer_of``'s path inside ``module``: ``gate_proj`` or
+    ``gate_proj.linear``."""
+    container, key = holder(module, name)
+    return name if container is module else f"{name}.{key}"
+
+
 def joined(*layers: nn.Module) -> nn.Module:
     """One layer of the first's kind holding them all on the output axis."""
     fused = rebuilt(layers[0])
@@ -184,7 +245,7 @@ def rows(key: str, array: mx.array, start: int, stop: int | None) -> mx.array:
 
 def part(fused: nn.Module, start: int, stop: int | None) -> nn.Module:
     """The output rows ``start:stop`` of a joined layer, as a layer."""
-    part = rebuilt(fused)
+    part = unmark(fused) if isinstance(fused, Joined) else rebuilt(fused)
     with mx.stream(any_thread()):
         for key in fused:
             part[key] = rows(key, fused[key], start, stop)
@@ -194,17 +255,23 @@ def part(fused: nn.Module, start: int, stop: int | None) -> nn.Module:
 def fuse(module: nn.Module, names: tuple[str, ...], fused: str, layer) -> None:
     """Put ``layer`` (the joined ``names``) under ``fused`` and a part of it
     where each of ``names`` stood; the old layers are released."""
-    sizes = [module[name].weight.shape[-2] for name in names]
+    sizes = [layer_of(module, name).weight.shape[-2] for name in names]
     call = FusedCall(module, fused, sizes)
-    module[fused] = layer
+    module[fused] = mark(layer, Joined)
     for index, name in enumerate(names):
-        module[name] = FusedPart(call, index)
+        container, key = holder(module, name)
+        container[key] = FusedPart(call, index)
 
 
 def parts_in(module: nn.Module, names: tuple[str, ...]) -> list[str]:
     """Those of ``names`` that are still parts of the module's fused matmul
     (a user may have replaced one since: ``mlp.up_proj = ...``)."""
-    return [name for name in names if isinstance(module.get(name), FusedPart)]
+    return [
+        name
+        for name in names
+        if isinstance(module.get(name), nn.Module)
+        and isinstance(layer_of(module, name), FusedPart)
+    ]
 
 
 def unfuse(module: nn.Module, names: tuple[str, ...], fused: str) -> None:
@@ -212,8 +279,10 @@ def unfuse(module: nn.Module, names: tuple[str, ...], fused: str) -> None:
     replaced since stays as the user left it, so the module computes what it
     computed before."""
     for name in parts_in(module, names):
-        index = module[name].index
-        module[name] = part(module[fused], *module[name].call.bounds(index))
+        container, key = holder(module, name)
+        fused_part = container[key]
+        bounds = fused_part.call.bounds(fused_part.index)
+        container[key] = part(module[fused], *bounds)
     del module[fused]
 
 
@@ -231,23 +300,24 @@ def plain(model: nn.Module, weights: dict, names: tuple, fused: str) -> dict:
         for name in [n for n in weights if n.startswith(prefix)]:
             key, array = name[len(prefix) :], weights.pop(name)
             for part_name in parts_in(module, names):
-                fused_part = module[part_name]
+                fused_part = layer_of(module, part_name)
                 start, stop = fused_part.call.bounds(fused_part.index)
-                weights[f"{path}.{part_name}.{key}"] = rows(key, array, start, stop)
+                place = f"{path}.{_place(module, part_name)}"
+                weights[f"{place}.{key}"] = rows(key, array, start, stop)
     return weights
 
 
 def timed(module: nn.Module, names: tuple, fused: str, calls: dict) -> dict:
     """Unfused/fused time of ``module`` on each of ``calls`` (name -> args),
     interleaved (``tune``): above 1 means fused is faster."""
-    parts = {name: module[name] for name in names}
-    call = parts[names[0]].call
-    unfused = {n: part(module[fused], *call.bounds(i)) for i, n in enumerate(names)}
+    parts = {_place(module, name): layer_of(module, name) for name in names}
+    call = next(iter(parts.values())).call
+    unfused = {n: part(module[fused], *call.bounds(i)) for i, n in enumerate(parts)}
     mx.eval([m.parameters() for m in unfused.values()])
 
     def run_with(children: dict, args: tuple):
         def run():
-            module.update_modules(children)
+            module.update_modules(tree_unflatten(list(children.items())))
             mx.eval(module(*args))
 
         return run
@@ -276,7 +346,7 @@ def hooks(fusions: dict[str, tuple[str, ...]]) -> dict:
     def rewrite(model: nn.Module, site, options: dict, context) -> None:
         module = module_at(model, site.path)
         names, fused = names_in(module, fusions)
-        fuse(module, names, fused, joined(*(module[n] for n in names)))
+        fuse(module, names, fused, joined(*(layer_of(module, n) for n in names)))
 
     def undo(model: nn.Module, path: str) -> None:
         module = module_at(model, path)

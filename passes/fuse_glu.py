@@ -87,7 +87,7 @@ def _other_mlp(module: nn.Module) -> str | None:
 
 
 def _is_experts(module: nn.Module, *names: str) -> bool:
-    layer = module[names[0]]
+    layer = fusion.layer_of(module, names[0])
     if isinstance(layer, FusedPart):
         return isinstance(module[fusion.names_in(module, FUSIONS)[1]], EXPERTS)
     return isinstance(layer, EXPERTS)
@@ -106,14 +106,15 @@ def why_not(
         return ALREADY_APPLIED
     if "gate_up_proj" in module:
         return ALREADY_FUSED
-    return fusion.why_not_joined({name: module[name] for name in names}, LAYERS)
+    layers = {name: fusion.layer_of(module, name) for name in names}
+    return fusion.why_not_joined(layers, LAYERS)
 
 
 def _inputs(model: nn.Module, site: Site, dtype, shapes, k: int = 2) -> list[tuple]:
     """Synthetic inputs of ``dtype``: (x,) or, for experts, (x, indices)."""
     module = module_at(model, site.path)
     names, fused = fusion.names_in(module, FUSIONS)
-    layer = module.get(fused) or module[names[0]]
+    layer = module.get(fused) or fusion.layer_of(module, names[0])
     dims = layer.scales.shape[-1] * layer.group_size if "scales" in layer else None
     dims = dims or layer.weight.shape[-1]
     experts = layer.weight.shape[0] if site.kind == "moe" else 0

@@ -58,7 +58,8 @@ def why_not(
     module = module_at(model, site.path)
     if fusion.parts_in(module, NAMES):
         return ALREADY_APPLIED
-    return fusion.why_not_joined({name: module[name] for name in NAMES}, LAYERS)
+    layers = {name: fusion.layer_of(module, name) for name in NAMES}
+    return fusion.why_not_joined(layers, LAYERS)
 
 
 def taps(model: nn.Module, options: dict, context: Context) -> list[tuple[str, str]]:
@@ -73,7 +74,7 @@ def probe(
     # synthetic input of the site's dtype where the forward did not reach it.
     inputs = record.inputs(recorded, (f"{site.path}.q_proj", "__call__"))
     if not inputs:
-        q = module_at(model, site.path)["q_proj"]
+        q = fusion.layer_of(module_at(model, site.path), "q_proj")
         dims = (
             q.scales.shape[-1] * q.group_size if "scales" in q else q.weight.shape[-1]
         )

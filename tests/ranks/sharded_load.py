@@ -13,7 +13,12 @@ from mlx_lm.utils import sharded_load
 group = mx.distributed.init(backend="ring", strict=True)
 kind = "tensor_group" if sys.argv[2] == "tensor" else "pipeline_group"
 model, _ = sharded_load(sys.argv[1], **{kind: group})
-fused = [type(m).__name__ for p, m in model.named_modules() if "gate_up_proj" in p]
+# the joined layer's own class, under fusion's Joined marker
+fused = [
+    getattr(type(m), "original", type(m)).__name__
+    for p, m in model.named_modules()
+    if "gate_up_proj" in p
+]
 logits = model(mx.array([[5, 9, 33, 2, 17, 41, 8, 3]]))
 result = {
     "rank": group.rank(),

@@ -54,7 +54,8 @@ mx.eval(unfused)
 report = graphpatch.apply(model, [sys.argv[2]])
 fused = model(tokens)
 fused_layers = [
-    f"{type(m).__name__} {m.weight.shape[-2]}"
+    # the joined layer's own class, under fusion's Joined marker
+    f"{getattr(type(m), 'original', type(m)).__name__} {m.weight.shape[-2]}"
     for path, m in model.named_modules()
     if path.endswith(FUSED)
 ]
