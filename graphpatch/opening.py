@@ -210,7 +210,7 @@ def _saved_problem(saved, marked: bool) -> str | None:
     if saved_as not in FORMATS:
         if "format" not in saved:
             return "no format"
-        return f"unknown format {printable(saved_as)}"
+        return f"unknown format {printable(repr(saved_as))}"
     if (saved_as == "fused") != marked:
         said = "is" if marked else "is not"
         return f"format {saved_as}, but model_type {said} the fused marker"

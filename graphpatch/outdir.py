@@ -264,10 +264,15 @@ def locked(out: Path) -> Iterator[None]:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         except OSError as e:
             raise SaveError(f"cannot write {out}: {e.strerror}") from None
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        with contextlib.suppress(FileNotFoundError):
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
             if os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino:
                 break  # else its holder removed it while we waited: again
+        except FileNotFoundError:
+            pass
+        except OSError as e:  # a file system without locks
+            os.close(fd)
+            raise SaveError(f"cannot lock {path}: {e.strerror}") from None
         os.close(fd)
     try:
         yield

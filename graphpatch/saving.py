@@ -10,9 +10,13 @@ passes bound it (an untied head as ``lm_head.*`` with
 structure itself (``gate_up_proj``), which only ``graphpatch.load`` opens,
 without fusing again; its ``model_type`` makes mlx-lm refuse it in one line.
 
-Either is written beside OUT and renamed into place (``outdir``): a killed
-save leaves no OUT or the complete old one, and nothing graphpatch did not
-write is ever replaced.
+Either also holds the source's other files and non-hidden sub-folders
+(``adapters/``), copied byte for byte and counted in the room a save needs,
+and a manifest of every file it wrote (``outdir``). It is written beside OUT,
+opened again and compared with the model on a probe, and only then renamed
+into place: a killed save leaves no OUT or the complete old one, a save that
+would not reopen to the model's logits writes nothing, and nothing graphpatch
+cannot prove it wrote is ever replaced.
 """
 
 import dataclasses
