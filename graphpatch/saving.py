@@ -168,7 +168,8 @@ def save(
     mlx-lm for a plain save) and its last-position logits on the probe tokens
     are compared with the model's: two probe forwards, with the saved arrays
     read once from the new files (memory peaks at about twice the model's
-    weights while they are checked).
+    weights while they are checked). The manifest hashes every file written
+    (sha256: about 2 s per GB on a loaded 2-core machine).
 
     Args:
         model: a model patched by ``graphpatch.apply``.
