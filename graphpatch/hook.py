@@ -31,6 +31,10 @@ FUSED = (
     "saved with --save-format fused, which mlx-lm cannot open: open it with "
     "graphpatch.load, or save it again without --save-format"
 )
+CANNOT_PATCH = "graphpatch could not patch"
+REPORT_NOT_WRITTEN = "GRAPHPATCH_REPORT: could not write the report to"
+NO_READER = "a FIFO no process reads; the report is here instead"
+NOT_EXECUTABLE = "not executable (chmod +x it, or name its interpreter first)"
 _state = threading.local()  # loader nesting depth: patch once, outermost
 
 
@@ -81,16 +85,28 @@ def _wrap(loader):
         finally:
             _state.depth -= 1
         if _state.depth == 0:
-            _patch(result[0], path_or_repo)
+            _patch(result[0], path_or_repo, _adapter_path(loader, args, kwargs))
         return result
 
     load_and_patch.graphpatch_wrapped = loader
     return load_and_patch
 
 
-def _patch(model, path_or_repo) -> None:
+def _adapter_path(loader, args: tuple, kwargs: dict) -> str | None:
+    """The ``adapter_path`` the program passed to mlx-lm's ``load``, if any."""
+    import inspect  # here, not at every interpreter start
+
+    try:
+        bound = inspect.signature(loader).bind(None, *args, **kwargs)
+    except (TypeError, ValueError):
+        return None
+    return bound.arguments.get("adapter_path")
+
+
+def _patch(model, path_or_repo, adapter_path: str | None = None) -> None:
     import graphpatch
     from graphpatch import verified
+    from graphpatch.report import printable
 
     _loaded_one()
     mode = os.environ.get("GRAPHPATCH_VERIFY", "cached")
@@ -99,7 +115,9 @@ def _patch(model, path_or_repo) -> None:
         say = _progress(path_or_repo)
         if model_dir.is_dir():
             passes = _passes(model_dir)
-            report = verified.apply(model, passes, model_dir, mode, progress=say)
+            report = verified.apply(
+                model, passes, model_dir, mode, say, adapter_path=adapter_path
+            )
         else:
             report = graphpatch.apply(model, verify=mode != "never", progress=say)
         verified.settle(model, report)  # the program may run it on another thread
@@ -109,6 +127,8 @@ def _patch(model, path_or_repo) -> None:
         _die(f"verification failed, stopping: {e}")
     except graphpatch.GraphpatchError as e:
         _die(str(e), code=2)  # bad input, as graphpatch apply exits
+    except Exception as e:  # graphpatch's own fault, never the program's or mlx-lm's
+        _die(f"{CANNOT_PATCH} {path_or_repo}: {type(e).__name__}: {printable(e)}")
     _emit(report, path_or_repo)
 
 
@@ -165,16 +185,33 @@ def _emit(report, model: str) -> None:
     if target:
         rank = os.environ.get("MLX_RANK")
         report.model, report.rank = str(model), None if rank is None else int(rank)
-        entry = report.to_dict()
-        with open(target, "a") as f:
-            f.write(json.dumps(entry) + "\n")
-        return
+        why = _append(target, json.dumps(report.to_dict()) + "\n")
+        if why is None:
+            return
+        report.warnings.append(f"{REPORT_NOT_WRITTEN} {target} ({why})")
     lines = [f"{model}: {line}" for line in report.summary_lines()]
     lines += [f"{model}: {report.record}"] if report.record else []
     lines += [f"  skipped {line}" for line in report.skipped_lines()]
     lines += [f"  warning: {warning}" for warning in report.warnings]
     for line in lines or [f"{model}: no passes chosen"]:
         print(f"{_prefix()}: {line}", file=sys.stderr, flush=True)
+
+
+def _append(target: str, line: str) -> str | None:
+    """Append ``line`` to ``target``; return why it could not be, or None.
+    Opened without blocking: a FIFO no process reads would wait forever."""
+    try:
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK
+        fd = os.open(target, flags, 0o666)
+    except OSError as e:
+        return NO_READER if e.errno == errno.ENXIO else e.strerror
+    try:
+        os.set_blocking(fd, True)  # a reader is there: let it take its time
+        with os.fdopen(fd, "w") as f:
+            f.write(line)
+    except OSError as e:
+        return e.strerror
+    return None
 
 
 def _die(message: str, code: int = 1) -> None:
@@ -196,6 +233,8 @@ def _start(command: list[str], env: dict[str, str]) -> subprocess.Popen:
             why = "not a program: no #! line and not a binary this system runs"
         elif e.errno == errno.ENOENT:
             why = "its #! interpreter was not found"
+        elif e.errno == errno.EACCES:
+            why = NOT_EXECUTABLE
         else:
             why = e.strerror or str(e)
         raise CannotRun(f"cannot run {command[0]}: {why}") from None

@@ -1,19 +1,28 @@
 """Records of verified applies, so that the next start of the same checkpoint
 with the same passes and the same software need not verify again.
 
-A record is keyed by the checkpoint (a hash of config.json, and each weight
-file's name, size and mtime), the graphpatch, mlx and mlx-lm versions and the
-resolved pass specs. It lives in the user's cache
-(``$XDG_CACHE_HOME/graphpatch/verified``), never in the model directory, and
-holds the sites each pass rewrote: a cached apply whose sites differ from the
-record's verifies after all. Modes: ``always`` verifies (and records),
-``cached`` uses a matching record, ``never`` verifies nothing.
+A record is keyed by what the apply saw (``key``): the checkpoint (a hash of
+config.json; each weight file's name, size, mtime, inode and ctime, and a hash
+of its safetensors header and of sampled bytes), any adapter (the files of
+``adapter_path``, and the LoRA layers in the model), the graphpatch, mlx and
+mlx-lm versions, the source of graphpatch's core and of the applied passes,
+and the resolved pass specs. It lives in the user's cache
+(``$XDG_CACHE_HOME/graphpatch/verified``, a relative one ignored as the XDG
+spec says), never in the model directory, and holds the sites each pass
+rewrote: a cached apply whose sites differ from the record's verifies after
+all. A record that cannot be read, or a cache that cannot be used, is one
+warning, never an error: the apply verifies afresh. Modes: ``always``
+verifies (and records), ``cached`` uses a matching record, ``never``
+verifies nothing.
 """
 
 import datetime
 import hashlib
 import json
 import os
+import stat
+import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,34 +32,143 @@ import mlx_lm
 
 import graphpatch
 from graphpatch._version import __version__
-from graphpatch.contract import module_at
+from graphpatch.contract import Pass, module_at
 from graphpatch.manager import apply as apply_passes
 from graphpatch.plan import resolve
-from graphpatch.report import Report
+from graphpatch.report import Report, printable
 
 MODES = ("always", "cached", "never")
+CACHE_OFF = "verification records are off"
+IGNORED = "ignored the verification record"
+NOT_WRITTEN = "could not write the verification record"
+SAMPLES = 8  # blocks of each weight file hashed, spread over its data
+BLOCK = 4096
+HEADER_LIMIT = 100 << 20  # a larger safetensors header is no header
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    """Where records live: ``$XDG_CACHE_HOME/graphpatch/verified``, or under
+    ``~/.cache`` when XDG_CACHE_HOME is unset, empty or relative.
+
+    Raises:
+        RuntimeError: no home directory can be found.
+    """
+    root = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(root):
+        root = str(Path.home() / ".cache")
     return Path(root) / "graphpatch" / "verified"
 
 
-def key(model_dir: Path, specs: list[str]) -> str:
-    """What a record must match: checkpoint, software and passes."""
-    files = sorted(model_dir.glob("*.safetensors"))
-    parts = {
-        "config": hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest(),
-        "weights": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files],
-        "versions": [__version__, mx.__version__, mlx_lm.__version__],
-        "passes": specs,
-    }
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:32]
+def key(
+    model_dir: Path,
+    passes: str | list[str] | None,
+    model: nn.Module | None = None,
+    adapter_path: str | Path | None = None,
+) -> str:
+    """What a record must match: checkpoint, adapter, software and passes.
 
+    Args:
+        model_dir: the checkpoint's directory.
+        passes: pass specs, as ``apply`` takes them.
+        model: the loaded model, whose LoRA layers (if any) are keyed too.
+        adapter_path: the adapter directory mlx-lm loaded, when known.
 
-def _specs(passes: str | list[str] | None) -> list[str]:
+    Raises:
+        OSError: config.json or a source file cannot be read.
+    """
     plan, _ = resolve(passes)
-    return [f"{p.name}{sorted(o.items())}" for p, o in plan]
+    parts = {
+        "config": _sha256((model_dir / "config.json").read_bytes()),
+        "weights": [_fingerprint(f) for f in sorted(model_dir.glob("*.safetensors"))],
+        "versions": [__version__, mx.__version__, mlx_lm.__version__],
+        "passes": [f"{p.name}{sorted(o.items())}" for p, o in plan],
+        "code": _code([p for p, _ in plan]),
+        "adapter": _adapter(model, adapter_path),
+    }
+    return _sha256(json.dumps(parts).encode())[:32]
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _fingerprint(file: Path) -> list:
+    """A weight file as the key sees it. Inode and ctime change with any
+    write, even one that keeps size and mtime (``touch -r``); the header and
+    sampled blocks pin the content where a filesystem's ctime does not. A
+    file that cannot be read (a dangling link, a FIFO) is keyed as such:
+    mlx-lm may never open it."""
+    try:
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO must not block
+    except OSError as e:
+        return [file.name, f"unreadable: {e.strerror}"]
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return [file.name, "not a regular file"]
+        times = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
+        return [file.name, *times, _content(fd, st.st_size)]
+    except OSError as e:
+        return [file.name, f"unreadable: {e.strerror}"]
+    finally:
+        os.close(fd)
+
+
+def _content(fd: int, size: int) -> str:
+    """A hash of the safetensors header and of SAMPLES blocks of the data."""
+    digest = hashlib.sha256()
+    length = int.from_bytes(os.pread(fd, 8, 0).ljust(8, b"\0"), "little")
+    start = 8 + length if length <= min(HEADER_LIMIT, size - 8) else 0
+    digest.update(os.pread(fd, start, 0))
+    step = max((size - start) // SAMPLES, 1)
+    for offset in range(start, size, step):
+        digest.update(os.pread(fd, BLOCK, offset))
+    return digest.hexdigest()
+
+
+def _code(plan: list[Pass]) -> str:
+    """A hash of the source graphpatch runs: its core and each applied pass
+    (a whole package, for a pass that is one), so that a pass edited in a
+    development install is verified again."""
+    core = Path(graphpatch.__file__).parent
+    files = sorted(core.glob("*.py"))
+    files.append(Path(str(sys.modules["graphpatch.passes"].__file__)))
+    for p in plan:
+        files += _pass_files(p)
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(f"{file.name}\0".encode())
+        digest.update(file.read_bytes())
+    return digest.hexdigest()
+
+
+def _pass_files(p: Pass) -> list[Path]:
+    name = p.find.__module__
+    if name.startswith("graphpatch.passes."):
+        name = ".".join(name.split(".")[:3])  # the pass's module or package
+    module = sys.modules[name]
+    file = Path(str(module.__file__))
+    return sorted(file.parent.rglob("*.py")) if hasattr(module, "__path__") else [file]
+
+
+def _adapter(model: nn.Module | None, adapter_path: str | Path | None) -> list:
+    """The adapter files mlx-lm loaded (a full fine-tune leaves no layer to
+    find), and the arrays of every LoRA or DoRA layer in the model: mlx-lm
+    marks an adapter-loaded model in no other way."""
+    files = []
+    if adapter_path is not None:
+        directory = Path(adapter_path)
+        names = ("adapter_config.json", "adapters.safetensors")
+        files = [_fingerprint(directory / name) for name in names]
+    layers = []
+    for path, module in [] if model is None else model.named_modules():
+        arrays = [module.get(n) for n in ("lora_a", "lora_b", "m")]
+        if isinstance(arrays[0], mx.array) and isinstance(arrays[1], mx.array):
+            found = [a for a in arrays if isinstance(a, mx.array)]
+            mx.eval(found)
+            content = b"".join(bytes(memoryview(a)) for a in found)
+            layers.append([path, str(getattr(module, "scale", None)), _sha256(content)])
+    return [files, layers]
 
 
 def apply(
@@ -59,14 +177,17 @@ def apply(
     model_dir: str | Path,
     mode: str = "always",
     progress: Callable[[str], None] | None = None,
+    adapter_path: str | Path | None = None,
 ) -> Report:
     """``graphpatch.apply`` with a verification record for ``model_dir``.
 
     Args:
         mode: ``always``, ``cached`` or ``never`` (see the module docstring).
+        adapter_path: the adapter directory the model was loaded with.
 
     Returns:
-        The report; ``report.record`` names the record used or written.
+        The report; ``report.record`` names the record used or written (None
+        when none was, and a warning says why).
     """
     if mode not in MODES:
         raise graphpatch.PassSpecError(f"--verify must be one of {', '.join(MODES)}")
@@ -79,21 +200,72 @@ def apply(
 
     if mode == "never":
         return apply_with(False)
-    file = cache_dir() / f"{key(model_dir, _specs(passes))}.json"
-    if mode == "cached" and file.is_file():
+    file, problem = _record_file(model, passes, model_dir, adapter_path)
+    record = None
+    if mode == "cached" and file is not None:
+        record, problem = _read(file)
+    if record is not None:
         report = apply_with(False)
-        record = json.loads(file.read_text())
-        if record.get("sites") == _sites(report):
-            report.record = f"verified on {record['date']}, record {file}"
+        if record["sites"] == _sites(report):
+            report.record = f"verified on {printable(record['date'])}, record {file}"
             settle(model, report)
             return report
-        graphpatch.revert(model)  # another structure than recorded: verify
+        _undo(model, passes, report)  # only this apply's: load's passes stay
     report = apply_with(True)
-    if not report.passes:
-        return report  # nothing to record
-    _write(file, model_dir, report)
-    report.record = f"verified now, record {file}"
+    report.warnings += [problem] if problem else []
+    if report.passes and file is not None and not _unusable(problem):
+        report.record = _write(file, model_dir, report)
     return report
+
+
+def _record_file(model, passes, model_dir: Path, adapter_path) -> tuple:
+    """(the record's path, None), or (None, why the cache cannot be used)."""
+    try:
+        name = key(model_dir, passes, model, adapter_path)
+        return cache_dir() / f"{name}.json", None
+    except (OSError, RuntimeError) as e:
+        return None, f"{CACHE_OFF} ({_why(e)}); verified afresh"
+
+
+def _why(e: Exception) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        where = f"{printable(e.filename)}: " if e.filename else ""
+        return f"{where}{e.strerror}"
+    return printable(e)
+
+
+def _read(file: Path) -> tuple[dict | None, str | None]:
+    """(a well-formed record, None), (None, None) when there is none, or
+    (None, why the file there is no record)."""
+    try:
+        record = json.loads(file.read_bytes().decode("utf-8"))
+    except (FileNotFoundError, NotADirectoryError):
+        return None, None
+    except OSError as e:
+        return None, f"{CACHE_OFF} ({_why(e)}); verified afresh"
+    except ValueError:  # JSON and UTF-8 errors alike
+        return None, f"{IGNORED} {file} (not JSON); verified afresh"
+    if not isinstance(record, dict) or not isinstance(record.get("date"), str):
+        return None, f"{IGNORED} {file} (no date); verified afresh"
+    sites = record.get("sites")
+    if not isinstance(sites, dict) or not all(
+        isinstance(paths, list) and all(isinstance(p, str) for p in paths)
+        for paths in sites.values()
+    ):
+        return None, f"{IGNORED} {file} (no sites); verified afresh"
+    return record, None
+
+
+def _unusable(problem: str | None) -> bool:
+    """Whether the cache failed already (one warning is enough)."""
+    return problem is not None and problem.startswith(CACHE_OFF)
+
+
+def _undo(model: nn.Module, passes, report: Report) -> None:
+    """Undo the sites ``report`` rewrote, last first, and nothing else."""
+    by_name = {p.name: p for p, _ in resolve(passes)[0]}
+    for site in reversed(report.rewritten()):
+        by_name[site.pass_name].undo(model, site.path)
 
 
 def settle(model: nn.Module, report: Report) -> None:
@@ -111,16 +283,24 @@ def _sites(report: Report) -> dict[str, list[str]]:
     return sites
 
 
-def _write(file: Path, model_dir: Path, report: Report) -> None:
+def _write(file: Path, model_dir: Path, report: Report) -> str | None:
+    """Write the record atomically; return the report's line for it, or None
+    with a warning (and no temporary file left) when it cannot be written."""
     record = {
         "date": datetime.date.today().isoformat(),
         "checkpoint": str(model_dir.resolve()),
         "sites": _sites(report),
     }
+    tmp = file.with_name(f".{file.name}.{os.getpid()}-{threading.get_ident()}")
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = file.with_name(f".{file.name}.{os.getpid()}")
         tmp.write_text(json.dumps(record, indent=2))
         os.replace(tmp, file)
-    except OSError:
-        report.warnings.append(f"could not write the verification record {file}")
+    except OSError as e:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        report.warnings.append(f"{NOT_WRITTEN} {file} ({_why(e)})")
+        return None
+    return f"verified now, record {file}"
