@@ -103,9 +103,8 @@ class ElidedHead(StandIn, TakenOver, nn.Module):
         self.model_dir = model_dir  # set only when the arrays were released
 
     def __call__(self, h: mx.array) -> mx.array:
-        kept = getattr(self.held, "kept", None)  # last_token's, when applied
-        positions = h.shape[-2] if kept is None else kept(h.shape[-2])
-        shape = (*h.shape[:-2], positions, self.vocab)
+        # last_token cuts h itself, before the head: its positions are the logits'
+        shape = (*h.shape[:-1], self.vocab)
         zeros = mx.broadcast_to(mx.zeros((1,) * len(shape), h.dtype), shape)
         zeros = mx.depends(zeros, h)
         return broadcast_logits(zeros).astype(h.dtype) if self.share else zeros

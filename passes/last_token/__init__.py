@@ -1,22 +1,22 @@
-"""last_token: long calls run the LM head on their last ``keep`` positions.
+"""last_token: a prefill runs the LM head on its last ``keep`` positions.
 
-Rewrite:       head(h) -> head(h[:, -keep:, :]) when the call has more than
-               ``short`` positions (a prefill), head(h) otherwise (decode,
-               speculative verification of num_draft + 1 positions), at the
-               explicit head that untied_head provides (a top-level lm_head /
-               output, or the embedding's lm_head for tied models). The head
-               becomes a subclass copy of its own class (same arrays, same
-               parameter paths); everything after it in __call__ still runs.
-               A head computed inline (no head module): the body holding
-               the layers returns the kept positions instead (inline.py).
-Preconditions: an explicit head (untied_head runs first and is pulled in),
-               or a body, consulted by the model's __call__ (the patched
-               model must return keep positions for a long call).
-Equivalence:   the last ``keep`` positions of a long call and every position
-               of a short one equal the unpatched model's.
+Rewrite:       body(...) -> body(...)[:, -keep:, :] at the body holding the
+               layers (``model.model``), for the calls rule.py lets it cut:
+               a call into an empty cache, longer than ``max(keep, short)``,
+               that its caller declared a prefill (``prefill()``) or, with
+               ``last_token:prefill``, any such call. Every other call
+               (without a cache: scoring, perplexity, training; continuing a
+               cache: decode, speculative verification) is left whole. The
+               body becomes a subclass copy of its own class (same arrays,
+               same parameter paths); the head and everything after it in
+               the model's __call__ run on the kept positions, whether the
+               head is a module or computed inline.
+Preconditions: a body holding the model's layers whose __call__ takes a
+               ``cache`` (else: the reason), a head not elided (elide_head).
+Equivalence:   the last ``keep`` positions of a cut call, and every position
+               of any other call, equal the unpatched model's.
 """
 
-import mlx.core as mx
 import mlx.nn as nn
 
 from graphpatch.contract import (
@@ -30,71 +30,70 @@ from graphpatch.contract import (
     parent_and_key,
     unmark,
 )
-from graphpatch.heads import head_input, head_path, head_tap
+from graphpatch.heads import head_path
 from graphpatch.limits import context_length
-from graphpatch.passes.last_token.inline import (
+from graphpatch.passes.last_token.body import (
     INLINE,
-    Keeps,
-    LastPositions,
     body_path,
     body_probe,
-    long_tokens,
+    positions,
 )
+from graphpatch.passes.last_token.rule import LastPositions, takes_cache
+from graphpatch.passes.last_token.rule import prefill as prefill  # documented
 
 # The head's positions at each call; beyond this the pass saves nothing, and
 # the probe (keep+ positions) would cost more than a real prompt.
 MAX_KEEP = 1024
 ALREADY_APPLIED = "already applied"
-NO_HEAD = "no explicit LM head: untied_head made none (see its report)"
+NO_BODY = "no module holding the model's layers: nothing sees a call's cache"
+NO_CACHE = (
+    "{path}.__call__ takes no cache: a prefill cannot be told from a call "
+    "that scores every position"
+)
 HEAD_ELIDED = (
     "the head is elided (elide_head): name last_token in the same apply, "
     "which runs it first"
 )
-NOT_CONSULTED = "the model's __call__ does not run its head through {path}"
-SPECULATIVE = (
-    "last_token:short={short}: calls of up to {n} positions keep every "
-    "position; speculative decoding needs num_draft + 1 of them"
+NOT_CONSULTED = (
+    "{path} does not shape the model's output: {length} positions gave "
+    "{got} (a prefill, without a cache, continuing one; want {want})"
+)
+UNDECLARED = (
+    "last_token:prefill cuts every call into an empty cache longer than {n} "
+    "positions: not for scoring with a fresh cache (mlx_lm evaluate's "
+    "loglikelihood_rolling) nor speculative decoding from a one-token prompt "
+    "with num_draft >= {n}"
 )
 
 
-class LastToken(Keeps):
-    """The marker this pass puts on a head: it runs on the last ``keep``
-    positions of calls longer than ``short``."""
-
-    def __call__(self, x):
-        if x.ndim >= 3:
-            x = x[..., -self.kept(x.shape[-2]) :, :]
-        return super().__call__(x)  # type: ignore[misc]  # the head's own
-
-
 def find(model: nn.Module, options: dict, context: Context) -> list[Site]:
-    # Every rank of a sharded or pipelined model has its head, and the
+    # Every rank of a sharded or pipelined model has its body, and the
     # probe runs the whole model: its collectives.
-    if (path := head_path(model)) is not None:
-        return [Site(path, "head", collective=True)]
-    if (path := body_path(model)) is not None:
-        return [Site(path, "body", note=INLINE, collective=True)]
-    return [Site("", "none")]
+    if (path := body_path(model)) is None:
+        return [Site("", "none")]
+    note = None if head_path(model) is not None else INLINE
+    return [Site(path, "body", note=note, collective=True)]
 
 
 def why_not(
     model: nn.Module, site: Site, options: dict, context: Context
 ) -> str | None:
     if site.kind == "none":
-        return NO_HEAD
-    head = module_at(model, site.path)
-    if isinstance(head, TakenOver):
+        return NO_BODY
+    if (head := head_path(model)) is not None and isinstance(
+        module_at(model, head), TakenOver
+    ):
         return HEAD_ELIDED
-    if isinstance(head, Keeps):
+    body = module_at(model, site.path)
+    if isinstance(body, LastPositions):
         return ALREADY_APPLIED
-    return None
+    return None if takes_cache(type(body)) else NO_CACHE.format(path=site.path)
 
 
 def rewrite(model: nn.Module, site: Site, options: dict, context: Context) -> None:
     parent, key = parent_and_key(model, site.path)
-    keep, short = options["keep"], options["short"]
-    marker = LastToken if site.kind == "head" else LastPositions
-    parent[key] = mark(parent[key], marker, keep=keep, short=short)
+    settings = {k: options[k] for k in ("keep", "short", "prefill")}
+    parent[key] = mark(parent[key], LastPositions, **settings)
 
 
 def undo(model: nn.Module, path: str) -> None:
@@ -103,17 +102,14 @@ def undo(model: nn.Module, path: str) -> None:
 
 
 def applied(model: nn.Module) -> list[str]:
-    return marked(model, Keeps)
+    return marked(model, LastPositions)
 
 
 def options_in(model: nn.Module) -> dict:
-    heads = [module_at(model, path) for path in applied(model)]
-    return {"keep": heads[0].keep, "short": heads[0].short} if heads else {}
-
-
-def taps(model: nn.Module, options: dict, context: Context) -> list[tuple[str, str]]:
-    tap = head_tap(model)
-    return [tap] if tap else []
+    bodies = [module_at(model, path) for path in applied(model)]
+    if not bodies:
+        return {}
+    return {k: getattr(bodies[0], k) for k in ("keep", "short", "prefill")}
 
 
 def _long(options: dict) -> int:
@@ -123,32 +119,19 @@ def _long(options: dict) -> int:
 def probe(
     model: nn.Module, site: Site, dtype, options: dict, recorded: dict, context: Context
 ):
-    # The head's recorded input (a head matmul, not a forward): its last
-    # positions repeated into a long call, and two of them as a short one.
-    # The head treats each position alike; only the last keep of a long call
-    # are computed, before (sliced here) and after (sliced by the pass).
-    keep = options["keep"]
-    if site.kind == "body":
-        return body_probe(model, site.path, _long(options), keep)
-    h = head_input(model, dtype, recorded, positions=2)
-    long = mx.concatenate([h] * _long(options), axis=-2)[..., -_long(options) :, :]
-    short = h[..., -min(2, max(keep, options["short"])) :, :]
-
-    def run():
-        head = module_at(model, site.path)
-        last = long if isinstance(head, LastToken) else long[..., -keep:, :]
-        return [head(last), head(short)]
-
-    return run
+    return body_probe(model, site.path, _long(options), options["keep"])
 
 
 def confirm(
     model: nn.Module, site: Site, options: dict, context: Context
 ) -> str | None:
-    """A long call's output really has ``keep`` positions: read from the shape
-    of a forward that is built, never evaluated."""
-    shape = model(long_tokens(_long(options))).shape
-    return None if shape[1] == options["keep"] else NOT_CONSULTED.format(path=site.path)
+    """A prefill really returns ``keep`` positions, and a call without a cache
+    or continuing one every position."""
+    length = _long(options)
+    got, want = positions(model, length), (options["keep"], length, length)
+    if got == want:
+        return None
+    return NOT_CONSULTED.format(path=site.path, length=length, got=got, want=want)
 
 
 def validate(options: dict, model: nn.Module | None = None) -> str | None:
@@ -166,23 +149,22 @@ def validate(options: dict, model: nn.Module | None = None) -> str | None:
 
 def warnings(model: nn.Module, options: dict, context: Context) -> list[str]:
     n = max(options["keep"], options["short"])
-    return [SPECULATIVE.format(short=options["short"], n=n)] if n < 8 else []
+    return [UNDECLARED.format(n=n)] if options["prefill"] else []
 
 
 PASS = Pass(
     name="last_token",
-    summary="LM head on the last keep positions only: no (B, S, vocab) on prefill",
+    summary="LM head on a prefill's last keep positions only: no (B, S, vocab)",
     find=find,
     why_not=why_not,
     rewrite=rewrite,
     undo=undo,
     applied=applied,
     probe=probe,
-    options={"keep": 1, "short": 32},
+    options={"keep": 1, "short": 32, "prefill": False},
     requires=("untied_head",),
     validate=validate,
     warnings=warnings,
     options_in=options_in,
-    taps=taps,
     confirm=confirm,
 )
