@@ -29,13 +29,8 @@ from graphpatch.loading import (
     quiet_transformers,
     read_arrays,
 )
-from graphpatch.outdir import (
-    MANIFEST,
-    MODEL_TYPE,
-    format_of,
-    read_manifest,
-    section_hash,
-)
+from graphpatch.manifest import MANIFEST, read_manifest, section_hash
+from graphpatch.outdir import MODEL_TYPE, format_of
 from graphpatch.passes import PASSES
 from graphpatch.plan import check_options
 from graphpatch.report import printable

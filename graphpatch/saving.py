@@ -12,7 +12,7 @@ without fusing again; its ``model_type`` makes mlx-lm refuse it in one line.
 
 Either also holds the source's other files and non-hidden sub-folders
 (``adapters/``), copied byte for byte and counted in the room a save needs,
-and a manifest of every file it wrote (``outdir``). It is written beside OUT,
+and a manifest of every file it wrote (``manifest``). It is written beside OUT,
 opened again and compared with the model on a probe, and only then renamed
 into place: a killed save leaves no OUT or the complete old one, a save that
 would not reopen to the model's logits writes nothing, and nothing graphpatch
@@ -41,9 +41,8 @@ from graphpatch.loading import (
     write_safetensors,
 )
 from graphpatch.manager import replaced
+from graphpatch.manifest import MANIFEST, MARKER, write_manifest
 from graphpatch.outdir import (
-    MANIFEST,
-    MARKER,
     MODEL_TYPE,
     SaveError,
     check_out,
@@ -52,7 +51,6 @@ from graphpatch.outdir import (
     recover,
     saved_format,
     write_atomically,
-    write_manifest,
 )
 from graphpatch.passes import PASSES
 from graphpatch.report import printable

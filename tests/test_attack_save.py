@@ -14,7 +14,8 @@ from test_cli import run
 
 import graphpatch
 from graphpatch import saving
-from graphpatch.outdir import MARKER, is_save
+from graphpatch.manifest import MARKER
+from graphpatch.outdir import is_save
 
 SCRIPT = Path(__file__).parent / "scripts" / "killed_save.py"
 

@@ -21,8 +21,8 @@ from test_attack_save import digest, one_error_line, small_fs  # noqa: F401
 from test_cli import run
 
 import graphpatch
-from graphpatch import LoadError, SaveError, outdir, saving
-from graphpatch.outdir import MANIFEST
+from graphpatch import LoadError, SaveError, manifest, outdir, saving
+from graphpatch.manifest import MANIFEST
 
 
 @pytest.fixture
@@ -118,16 +118,16 @@ def one_save(tmp_path_factory, zoo_dir):
     folder=st.booleans(),
 )
 def test_any_entry_the_user_adds_stops_a_replace(one_save, tmp_path, name, folder):
-    if name in (".", "..", MANIFEST, outdir.MARKER) or len(name.encode()) > 200:
+    if name in (".", "..", MANIFEST, manifest.MARKER) or len(name.encode()) > 200:
         return
     copy = Path(shutil.copytree(one_save, tmp_path / "copy", dirs_exist_ok=True))
     try:
-        assert outdir.unproven(copy) == []
+        assert manifest.unproven(copy) == []
         entry = copy / name
         if entry.exists():
             entry.unlink()  # one of ours: it is missing, and another takes its place
         (entry / "f").parent.mkdir() if folder else entry.write_text("mine")
-        found = outdir.unproven(copy)
+        found = manifest.unproven(copy)
         assert found and found[0].startswith(name if not folder else f"{name}/")
         with pytest.raises(SaveError, match="which graphpatch did not write"):
             outdir.check_out(tmp_path / "src", copy, True)
@@ -195,7 +195,7 @@ def test_two_saves_racing_for_one_out_never_both_succeed(place, tmp_path):
     assert sorted(code for code, _ in results) == [0, 2], results
     assert any("earlier graphpatch save (--force replaces it)" in o for _, o in results)
     assert sorted(p.name for p in place.parent.iterdir()) == ["out", "src"]
-    assert outdir.unproven(out) == []
+    assert manifest.unproven(out) == []
 
 
 def test_a_240_character_out_name_is_saved_and_replaced(place):
