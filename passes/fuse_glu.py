@@ -21,7 +21,7 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from graphpatch import fusion, record
 from graphpatch.contract import Context, Pass, Site, module_at, walk
-from graphpatch.fusion import FusedPart
+from graphpatch.parts import FusedPart
 
 LAYERS = (
     nn.Linear,

@@ -16,7 +16,7 @@ from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
 import graphpatch
-from graphpatch.fusion import FusedPart
+from graphpatch.parts import FusedPart
 
 LORA = {"rank": 4, "scale": 10.0, "dropout": 0.0}
 WORDS = "the quick brown fox jumps over a lazy dog while the cat sat on a mat"

@@ -1,0 +1,117 @@
+"""What stands in the tree after a fusion: one fused matmul serving a
+module's parts (``FusedCall``, ``FusedPart``), the marker on the joined layer,
+and the stream they are built on.
+"""
+
+import functools
+import weakref
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
+
+# Adapters whose __call__ runs their base, self.linear(x), on the very input
+# they were given and add a delta of their own (DoRA's reads the base's
+# weight instead, and is not one).
+ADAPTERS = (LoRALinear, LoRASwitchLinear)
+
+
+@functools.cache
+def _any_thread_stream(device: str) -> mx.Stream:
+    return mx.new_thread_unsafe_stream(mx.default_device())
+
+
+def any_thread() -> mx.Stream:
+    """The stream joined and split arrays are built on: an unverified apply
+    leaves them unevaluated, and a program may first run the model on another
+    thread (mlx-lm's server), where MLX cannot evaluate an array built on a
+    stream of this thread ("no Stream(cpu, 0) in current thread")."""
+    return _any_thread_stream(str(mx.default_device()))
+
+
+class FusedCall:
+    """The one fused matmul behind a module's parts.
+
+    The first part called computes ``owner.<fused>`` once and keeps the other
+    parts until their siblings ask for them with the very same arguments; any
+    other call computes its own fused matmul, so a ``__call__`` that feeds the
+    parts different inputs stays correct, only slower. The owner is looked up
+    on each call, so a later ``nn.quantize`` of the fused layer is honoured.
+    """
+
+    def __init__(self, owner: nn.Module, fused: str, sizes: list[int]):
+        self.owner = weakref.ref(owner)
+        self.fused = fused
+        self.sizes = sizes  # each part's output rows, in order
+        self.cuts = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
+        # (args, kwargs, {index: output}) of the last call, until all are taken
+        self.pending: tuple[tuple, dict, dict[int, mx.array]] | None = None
+
+    def bounds(self, index: int) -> tuple[int, int]:
+        start = sum(self.sizes[:index])
+        return start, start + self.sizes[index]
+
+    def part(self, index: int, args: tuple, kwargs: dict) -> mx.array:
+        if self.pending is not None and _same_call(self.pending, args, kwargs):
+            outputs = self.pending[2]
+            if index in outputs:
+                out = outputs.pop(index)
+                if not outputs:
+                    self.pending = None
+                return out
+        owner = self.owner()
+        assert owner is not None, "a fused part outlived its module"
+        out = owner[self.fused](*args, **kwargs)
+        parts = dict(enumerate(mx.split(out, self.cuts, axis=-1)))
+        mine = parts.pop(index)
+        self.pending = (args, kwargs, parts)
+        return mine
+
+
+def _same_call(pending: tuple, args: tuple, kwargs: dict) -> bool:
+    old_args, old_kwargs, _ = pending
+    return (
+        len(args) == len(old_args)
+        and all(a is b for a, b in zip(args, old_args, strict=True))
+        and old_kwargs.keys() == kwargs.keys()
+        and all(old_kwargs[k] is v for k, v in kwargs.items())
+    )
+
+
+class FusedPart(nn.Module):
+    """Stands where one of the fused projections stood (``index`` in order)."""
+
+    def __init__(self, call: FusedCall, index: int):
+        super().__init__()
+        self.call = call
+        self.index = index
+
+    def __call__(self, *args, **kwargs) -> mx.array:
+        return self.call.part(self.index, args, kwargs)
+
+    def to_lora(self, r: int, scale: float, dropout: float) -> nn.Module:
+        """mlx-lm's LoRA on this part (``linear_to_lora_layers`` asks): the
+        adapter the unpatched projection would get, with this part as its
+        base, so its keys and its initial values are the unpatched ones."""
+        owner = self.call.owner()
+        assert owner is not None, "a fused part outlived its module"
+        joined = owner[self.call.fused]
+        in_dims = joined.weight.shape[-1]
+        if "scales" in joined:
+            in_dims = in_dims * 32 // joined.bits
+        out_dims = self.call.sizes[self.index]
+        if joined.weight.ndim == 3:  # experts
+            experts = joined.weight.shape[0]
+            adapter = LoRASwitchLinear(in_dims, out_dims, experts, r, dropout, scale)
+        else:
+            adapter = LoRALinear(in_dims, out_dims, r, dropout, scale)
+        adapter.linear = self
+        return adapter
+
+
+class Joined:
+    """Marks the layer ``fuse`` puts under the fused name: mlx-lm's LoRA
+    leaves it as it is, since its parts get the adapters."""
+
+    def to_lora(self, r: int, scale: float, dropout: float) -> nn.Module:
+        return self  # type: ignore[return-value]
