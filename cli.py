@@ -304,10 +304,10 @@ def _run(command: list[str], passes: str, verify: str) -> None:
         plan, _ = graphpatch.resolve(None, env)
     except GraphpatchError as e:
         fail(str(e))
-    for warning in unknown_variables(
-        env
-    ):  # before the child runs, which may load no model
-        err.print(f"warning: {warning}", highlight=False)
+    # Before the child runs, which may load no model; a variable's name is
+    # anyone's text.
+    for warning in unknown_variables(env):
+        err.print(f"warning: {printable(warning, 400)}", highlight=False, markup=False)
     _refuse_elide_without_logits(plan)
     if not plan:
         err.print("warning: no passes chosen (--passes or GRAPHPATCH_PASSES)")

@@ -230,6 +230,13 @@ def test_a_control_character_in_graphpatch_passes_names_the_variable(
     assert "\x1b" not in done.stderr
 
 
+def test_an_unknown_variable_is_named_as_text():
+    env = {**os.environ, "GRAPHPATCH_X\x1b[2J[red]Y": "1"}
+    done = command("run", "--passes", "fuse_glu", "--", "true", env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "warning: GRAPHPATCH_X\\x1b[2J[red]Y is not a graphpatch" in done.stderr
+
+
 def test_markup_in_a_pass_name_is_shown_as_written(zoo_dir):
     done = command("apply", "--passes", "[red]fuse", zoo_dir("llama"), timeout=60)
     assert "unknown pass '[red]fuse'" in one_line(done)
