@@ -6,13 +6,11 @@ after each pass, and rolls every rewrite of the call back on a failed check.
 """
 
 import time
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 from graphpatch.checks import LoadError
 from graphpatch.contract import (
@@ -23,28 +21,20 @@ from graphpatch.contract import (
     PassSpecError,
     Site,
     VerificationError,
-    module_at,
-    parent_and_key,
 )
 from graphpatch.limits import check_tokens
 from graphpatch.passes import PASSES
 from graphpatch.plan import resolve
+from graphpatch.ranks import agree, anywhere, everywhere
 from graphpatch.record import recording
-from graphpatch.report import REWRITTEN, SKIPPED, ModelCheck, Report, SiteResult
+from graphpatch.report import REWRITTEN, ModelCheck, Report
+from graphpatch.sites import apply_site
 from graphpatch.verify import (
     compare,
     dtype_name,
     last_logits,
     probe_tokens,
 )
-
-ANOTHER_RANK = "skipped: another rank of the group could not rewrite this site"
-
-
-def nbytes(module: nn.Module) -> int:
-    """Bytes of the module's arrays, each counted once (a tied head shares)."""
-    arrays = {id(v): v for _, v in tree_flatten(module.parameters())}
-    return sum(v.nbytes for v in arrays.values())
 
 
 def apply(
@@ -88,7 +78,7 @@ def apply(
     for p, options in plan:
         if p.validate and (problem := p.validate(options, model)):
             raise PassSpecError(problem)
-    _agree(plan)
+    agree(plan)
     context = Context(None if model_dir is None else str(model_dir))
     tokens = probe_tokens(probe)
     reference, recorded, dtype = None, None, None  # None: nothing is verified
@@ -115,12 +105,12 @@ def apply(
             sites = p.find(model, options, context)
             for number, site in enumerate(sites, 1):
                 progress(f"{p.name}: site {number} of {len(sites)} ({site.path})")
-                result = _apply_site(model, p, site, options, context, dtype, recorded)
+                result = apply_site(model, p, site, options, context, dtype, recorded)
                 report.sites.append(result)
                 if result.status == REWRITTEN:
                     done.append((p, site.path))
             # A rank that rewrote nothing still joins the others' check.
-            if verify and _anywhere(bool(report.rewritten(p.name))):
+            if verify and anywhere(bool(report.rewritten(p.name))):
                 progress(f"{p.name}: checking the model")
                 reference = _check_model(model, p, tokens, reference, report, sites)
     except BaseException:
@@ -130,22 +120,6 @@ def apply(
     finally:
         report.seconds = time.perf_counter() - start
     return report
-
-
-def _agree(plan) -> None:
-    """Ranks of a distributed group must run the same passes: probes and
-    checks run collectives, and a rank that ran other ones would hang."""
-    group = mx.distributed.init()
-    if group.size() == 1:
-        return
-    spec = ",".join(f"{p.name}{sorted(o.items())}" for p, o in plan) or "none"
-    mine = mx.array([zlib.crc32(spec.encode())], mx.uint32)
-    every = mx.distributed.all_gather(mine, group=group).tolist()
-    if len(set(every)) > 1:
-        raise PassSpecError(
-            f"the {group.size()} ranks disagree on the passes (rank "
-            f"{group.rank()} has {spec}); every rank must apply the same"
-        )
 
 
 def _reference(model: nn.Module, tokens: mx.array, taps: list) -> tuple:
@@ -164,20 +138,6 @@ def _reference(model: nn.Module, tokens: mx.array, taps: list) -> tuple:
             "nothing can be verified against them"
         )
     return logits, recorded
-
-
-def _anywhere(happened: bool) -> bool:
-    """Whether ``happened`` holds on some rank of the global group."""
-    return not _everywhere(not happened)
-
-
-def _everywhere(ok: bool) -> bool:
-    """Whether ``ok`` holds on every rank of the global group."""
-    group = mx.distributed.init()
-    if group.size() == 1:
-        return ok
-    failed = mx.distributed.all_sum(mx.array(0 if ok else 1), group=group)
-    return failed.item() == 0
 
 
 def _check_model(
@@ -199,7 +159,7 @@ def _check_model(
     report.checks.append(
         ModelCheck(p.name, cmp.max_error, cmp.tolerance, cmp.top1, ok, rebase)
     )
-    if collective and not _everywhere(ok):
+    if collective and not everywhere(ok):
         raise VerificationError(
             p.name, "the model check failed on another rank; rolled back", report
         )
@@ -213,110 +173,6 @@ def _check_model(
             report,
         )
     return reference
-
-
-def _apply_site(
-    model: nn.Module,
-    p: Pass,
-    site: Site,
-    options: dict,
-    context: Context,
-    dtype,
-    recorded: dict | None,
-) -> SiteResult:
-    """Rewrite one site; with ``recorded`` (None: unverified) check it first."""
-    start = time.perf_counter()
-    result = SiteResult(p.name, site.path, site.kind, SKIPPED)
-    result.reason = p.why_not(model, site, options, context)
-    if site.collective and not _everywhere(result.reason is None):
-        result.reason = result.reason or ANOTHER_RANK
-    if result.reason:
-        return result
-    result.bytes_before = nbytes(module_at(model, site.path))
-    if recorded is not None:
-        result.reason = _rewrite_verified(
-            model, p, site, options, context, dtype, recorded, result
-        )
-    else:
-        result.note = p.rewrite(model, site, options, context)
-    if result.reason:
-        return result
-    if recorded is not None and options.get("tune") and p.tune:
-        result.speedup, result.reason = p.tune(model, site, dtype)
-        if result.reason:
-            return result
-    result.status = REWRITTEN
-    result.note = result.note or site.note
-    result.bytes_after = nbytes(module_at(model, site.path))
-    result.seconds = time.perf_counter() - start
-    return result
-
-
-def _rewrite_verified(
-    model: nn.Module,
-    p: Pass,
-    site: Site,
-    options: dict,
-    context: Context,
-    dtype,
-    recorded: dict,
-    result: SiteResult,
-) -> str | None:
-    """Probe, rewrite, probe again and compare; on a failure restore the held
-    originals and return the reason the site stays as it was."""
-    try:
-        run = p.probe(model, site, dtype, options, recorded, context)
-        reference = run()
-        mx.eval(reference)
-    except Exception as e:
-        return f"cannot run the site on a probe: {e}"
-    held = _hold(model, site.path)
-    result.note = p.rewrite(model, site, options, context)
-    mx.eval(module_at(model, site.path).parameters())
-    try:
-        cmp = compare(reference, run())
-    except Exception as e:
-        _restore(held)
-        return f"rewritten site failed on the probe, restored: {e}"
-    result.max_error, result.tolerance, result.top1, result.dtype = (
-        cmp.max_error,
-        cmp.tolerance,
-        cmp.top1,
-        cmp.dtype,
-    )
-    ok = _everywhere(cmp.ok) if site.collective else cmp.ok
-    if not ok:
-        _restore(held)
-        if cmp.ok:
-            return ANOTHER_RANK
-        return (
-            f"rewrite off by {cmp.max_error:.3g} (tolerance {cmp.tolerance:.3g}), "
-            "restored"
-        )
-    reason = p.confirm(model, site, options, context) if p.confirm else None
-    if reason:
-        _restore(held)
-        return reason
-    result.verified = True
-    return None
-
-
-def _hold(model: nn.Module, path: str) -> tuple:
-    """What a failed site check restores: the site module's own object, its
-    children and attributes. A wrong rewrite cannot be trusted to undo itself,
-    so the originals are held (one site's worth) until the check has passed."""
-    parent, key = parent_and_key(model, path)
-    module = parent[key]
-    return parent, key, module, dict(module), dict(vars(module))
-
-
-def _restore(held: tuple) -> None:
-    parent, key, module, children, attributes = held
-    dict.clear(module)
-    dict.update(module, children)  # nn.Module.update means parameters
-    vars(module).clear()
-    vars(module).update(attributes)
-    parent[key] = module
 
 
 def _roll_back(model: nn.Module, done: list[tuple[Pass, str]]) -> None:

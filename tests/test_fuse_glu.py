@@ -270,7 +270,7 @@ def test_a_lazy_model_is_loaded_once_already_fused(zoo_dir):
     import mlx_lm
 
     model_dir = str(zoo_dir("llama", **LAZY_BUILD))
-    size = graphpatch.manager.nbytes(mlx_lm.load(model_dir)[0])
+    size = graphpatch.sites.nbytes(mlx_lm.load(model_dir)[0])
     site = 2 * 256 * 2048 * 4  # gate + up of one layer, float32
     mx.clear_cache()
     base = mx.get_active_memory()

@@ -1,0 +1,126 @@
+"""One site at a time: why not, probe, rewrite, probe again and compare; a
+site whose check fails is restored exactly from the originals held for it.
+"""
+
+import time
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten
+
+from graphpatch.contract import Context, Pass, Site, module_at, parent_and_key
+from graphpatch.ranks import everywhere
+from graphpatch.report import REWRITTEN, SKIPPED, SiteResult
+from graphpatch.verify import compare
+
+ANOTHER_RANK = "skipped: another rank of the group could not rewrite this site"
+
+
+def nbytes(module: nn.Module) -> int:
+    """Bytes of the module's arrays, each counted once (a tied head shares)."""
+    arrays = {id(v): v for _, v in tree_flatten(module.parameters())}
+    return sum(v.nbytes for v in arrays.values())
+
+
+def apply_site(
+    model: nn.Module,
+    p: Pass,
+    site: Site,
+    options: dict,
+    context: Context,
+    dtype,
+    recorded: dict | None,
+) -> SiteResult:
+    """Rewrite one site; with ``recorded`` (None: unverified) check it first."""
+    start = time.perf_counter()
+    result = SiteResult(p.name, site.path, site.kind, SKIPPED)
+    result.reason = p.why_not(model, site, options, context)
+    if site.collective and not everywhere(result.reason is None):
+        result.reason = result.reason or ANOTHER_RANK
+    if result.reason:
+        return result
+    result.bytes_before = nbytes(module_at(model, site.path))
+    if recorded is not None:
+        result.reason = _rewrite_verified(
+            model, p, site, options, context, dtype, recorded, result
+        )
+    else:
+        result.note = p.rewrite(model, site, options, context)
+    if result.reason:
+        return result
+    if recorded is not None and options.get("tune") and p.tune:
+        result.speedup, result.reason = p.tune(model, site, dtype)
+        if result.reason:
+            return result
+    result.status = REWRITTEN
+    result.note = result.note or site.note
+    result.bytes_after = nbytes(module_at(model, site.path))
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def _rewrite_verified(
+    model: nn.Module,
+    p: Pass,
+    site: Site,
+    options: dict,
+    context: Context,
+    dtype,
+    recorded: dict,
+    result: SiteResult,
+) -> str | None:
+    """Probe, rewrite, probe again and compare; on a failure restore the held
+    originals and return the reason the site stays as it was."""
+    try:
+        run = p.probe(model, site, dtype, options, recorded, context)
+        reference = run()
+        mx.eval(reference)
+    except Exception as e:
+        return f"cannot run the site on a probe: {e}"
+    held = _hold(model, site.path)
+    result.note = p.rewrite(model, site, options, context)
+    mx.eval(module_at(model, site.path).parameters())
+    try:
+        cmp = compare(reference, run())
+    except Exception as e:
+        _restore(held)
+        return f"rewritten site failed on the probe, restored: {e}"
+    result.max_error, result.tolerance, result.top1, result.dtype = (
+        cmp.max_error,
+        cmp.tolerance,
+        cmp.top1,
+        cmp.dtype,
+    )
+    ok = everywhere(cmp.ok) if site.collective else cmp.ok
+    if not ok:
+        _restore(held)
+        if cmp.ok:
+            return ANOTHER_RANK
+        return (
+            f"rewrite off by {cmp.max_error:.3g} (tolerance {cmp.tolerance:.3g}), "
+            "restored"
+        )
+    reason = p.confirm(model, site, options, context) if p.confirm else None
+    if reason:
+        _restore(held)
+        return reason
+    result.verified = True
+    return None
+
+
+def _hold(model: nn.Module, path: str) -> tuple:
+    """What a failed site check restores: the site module's own object, its
+    children and attributes. A wrong rewrite cannot be trusted to undo itself,
+    so the originals are held (one site's worth) until the check has passed."""
+    parent, key = parent_and_key(model, path)
+    module = parent[key]
+    return parent, key, module, dict(module), dict(vars(module))
+
+
+def _restore(held: tuple) -> None:
+    parent, key, module, children, attributes = held
+    dict.clear(module)
+    dict.update(module, children)  # nn.Module.update means parameters
+    vars(module).clear()
+    vars(module).update(attributes)
+    parent[key] = module
