@@ -213,7 +213,8 @@ def apply(
         _undo(model, passes, report)  # only this apply's: load's passes stay
     report = apply_with(True)
     report.warnings += [problem] if problem else []
-    if report.passes and file is not None and not _unusable(problem):
+    # a cache that failed to read is not written to: one warning is enough
+    if report.passes and file is not None and not (problem or "").startswith(CACHE_OFF):
         report.record = _write(file, model_dir, report)
     return report
 
@@ -254,11 +255,6 @@ def _read(file: Path) -> tuple[dict | None, str | None]:
     ):
         return None, f"{IGNORED} {file} (no sites); verified afresh"
     return record, None
-
-
-def _unusable(problem: str | None) -> bool:
-    """Whether the cache failed already (one warning is enough)."""
-    return problem is not None and problem.startswith(CACHE_OFF)
 
 
 def _undo(model: nn.Module, passes, report: Report) -> None:

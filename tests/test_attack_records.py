@@ -173,6 +173,27 @@ def test_an_adapter_and_its_base_keep_records_side_by_side(model_dir, tmp_path, 
     assert again.record.startswith("verified on") and not again.verified
 
 
+def test_a_full_fine_tune_under_run_gets_a_record_of_its_own(model_dir, tmp_path):
+    """A full fine-tune leaves no layer to find: run keys it by the adapter
+    files the program passed to mlx-lm's load."""
+    adapter = tmp_path / "full"
+    adapter.mkdir()
+    norm = mlx_lm.load(str(model_dir))[0].model.norm.weight
+    mx.save_safetensors(
+        str(adapter / "adapters.safetensors"), {"model.norm.weight": norm * 3}
+    )
+    config = {"fine_tune_type": "full", "num_layers": 2, "lora_parameters": {}}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    lines = []
+    for path in (None, adapter):
+        load = f"mlx_lm.load({str(model_dir)!r}, adapter_path={path and str(path)!r})"
+        script = f"import mlx_lm; {load}; print('done')"
+        done = run_under("--passes", "fuse_glu", "--", PYTHON, "-c", script)
+        assert done.returncode == 0 and done.stdout == "done\n", done.stderr
+        lines.append(done.stderr)
+    assert "verified now" in lines[0] and "verified now" in lines[1]
+
+
 # 2. records and caches that cannot be used
 
 
