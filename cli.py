@@ -44,6 +44,8 @@ def main_options(
     ] = False,
 ) -> None:
     """Verified rewrite passes for MLX language models."""
+    global _json_errors
+    _json_errors = False  # each invocation's own: a command given --json sets it
 
 
 @app.command("version")
