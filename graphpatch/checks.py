@@ -77,6 +77,8 @@ def read_config(model_dir: Path) -> dict:
         config = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LoadError(f"{config_file}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise LoadError(f"{config_file}: nested too deep to be a config") from None
     if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
         raise LoadError(f"{config_file}: no model_type string")
     model_type = config["model_type"]

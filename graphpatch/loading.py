@@ -6,6 +6,7 @@ safetensors) once ``checks`` has passed it.
 import contextlib
 import json
 import re
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -127,6 +128,17 @@ def read_arrays(model_dir: str | Path, prefix: str) -> dict[str, mx.array]:
     return arrays
 
 
+def _why(error: Exception) -> str:
+    """An exception's first line; for one without words (a bare assert in
+    mlx-lm), where it was raised and the line that raised it."""
+    words = str(error).strip()
+    if words:
+        return f"{type(error).__name__}: {words.splitlines()[0]}"
+    frame = traceback.extract_tb(error.__traceback__)[-1]
+    place = f"{Path(frame.filename).parent.name}/{Path(frame.filename).name}"
+    return f"{type(error).__name__} at {place}:{frame.lineno}: {frame.line}"
+
+
 def mlx_lm_load_checked(model_dir: Path, lazy: bool) -> tuple[nn.Module, object, dict]:
     """``mlx_lm.load``, its errors as one LoadError line; a tied model whose
     checkpoint holds a quantized head's scales and biases loads too."""
@@ -136,8 +148,7 @@ def mlx_lm_load_checked(model_dir: Path, lazy: bool) -> tuple[nn.Module, object,
         if not _only_head_left_over(e):
             raise LoadError(f"{model_dir}: mlx-lm could not load it: {e}") from None
     except Exception as e:  # what mlx-lm raises for a config it cannot build
-        reason = f"{type(e).__name__}: {e}".splitlines()[0]
-        raise LoadError(f"{model_dir}: mlx-lm could not load it ({reason})") from None
+        raise LoadError(f"{model_dir}: mlx-lm could not load it ({_why(e)})") from None
     # A tied architecture pops lm_head.weight but not a quantized head's scales
     # and biases; load the rest as exo does (strict=False): untied_head binds them.
     model, config = load_model(model_dir, lazy, strict=False)

@@ -19,14 +19,13 @@ would not reopen to the model's logits writes nothing, and nothing graphpatch
 cannot prove it wrote is ever replaced.
 """
 
-import dataclasses
+import contextlib
 import json
 import math
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -34,14 +33,14 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model
 
 from graphpatch._version import __version__
+from graphpatch.layout import copies, kept_head, linked_folders, plain_weights
 from graphpatch.loading import (
     EXTRA_WEIGHTS,
-    read_arrays,
     write_failure,
     write_safetensors,
 )
 from graphpatch.manager import replaced
-from graphpatch.manifest import MANIFEST, MARKER, write_manifest
+from graphpatch.manifest import write_manifest
 from graphpatch.outdir import (
     MODEL_TYPE,
     SaveError,
@@ -58,13 +57,15 @@ from graphpatch.verify import compare, last_logits, probe_tokens
 
 FORMATS = ("plain", "fused")
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's own limit per safetensors file
+NOT_COPIED = "not copying {name}: a link to a folder, not the model's own"
 FUSED_SOURCE = (
     "{source} is already a saved patched model (a fused save): save from the "
     "model it was saved from"
 )
 REPLACED = (
-    "{sites} replaced since apply: the save would write graphpatch's arrays, "
-    "not yours; refused (revert before replacing a part, then apply again)"
+    "{sites} replaced since apply: a save would write graphpatch's arrays over "
+    "yours; refused (graphpatch.revert keeps your parts and undoes the rest: "
+    "save after it)"
 )
 NOT_REOPENED = (
     "the save would not reopen as this model ({reason}): nothing was written; "
@@ -121,7 +122,8 @@ def _record(model: nn.Module) -> list[dict]:
 
 def prepare(source_dir: str | Path, out: str | Path, force: bool) -> list[str]:
     """Recover what killed saves of ``out`` left, then check that ``out`` may
-    be written, before any model is loaded; returns what was recovered.
+    be written, before any model is loaded; returns what was recovered and
+    the source's linked folders a save will not copy.
 
     Raises:
         SaveError: ``out`` must not be written (see ``outdir.check_out``), the
@@ -129,6 +131,18 @@ def prepare(source_dir: str | Path, out: str | Path, force: bool) -> list[str]:
     """
     source_dir, out = Path(source_dir), Path(out)
     place = Path(os.path.abspath(out))
+    try:
+        return _prepare(source_dir, out, place, force)
+    except OSError as e:  # a name too long for the system, a folder unreadable
+        raise SaveError(f"cannot write {out}: {e.strerror or e}") from None
+
+
+def _prepare(source_dir: Path, out: Path, place: Path, force: bool) -> list[str]:
+    # The save writes through the absolute name: what the system cannot take
+    # (PATH_MAX) must fail here, before anything is loaded.
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        os.stat(place.parent)
+        os.stat(place)
     done = []
     if place.parent.is_dir():
         with locked(place):
@@ -140,8 +154,8 @@ def prepare(source_dir: str | Path, out: str | Path, force: bool) -> list[str]:
         raise SaveError(FUSED_SOURCE.format(source=source_dir))
     check_out(source_dir, out, force)
     weights = sum(f.stat().st_size for f in source_dir.glob("*.safetensors"))
-    check_room(out, weights + sum(f.stat().st_size for f in _copies(source_dir)))
-    return done
+    check_room(out, weights + sum(f.stat().st_size for f in copies(source_dir)))
+    return done + [NOT_COPIED.format(name=name) for name in linked_folders(source_dir)]
 
 
 def save(
@@ -228,8 +242,8 @@ def _writer(
         section |= {"model_type": config["model_type"], "aliases": aliases}
         config = {**config, "model_type": MODEL_TYPE}
     else:
-        weights, extra, config, strays = _plain(model, config)
-        extra |= _kept_head(source_dir, {**weights, **extra})
+        weights, extra, config, strays = plain_weights(model, config)
+        extra |= kept_head(source_dir, {**weights, **extra})
         reopen = "graphpatch" if strays else "mlx_lm"
 
     def write(tmp: Path) -> None:
@@ -239,7 +253,9 @@ def _writer(
         progress("writing config.json")
         saved = {**config, "graphpatch": section}
         (tmp / "config.json").write_text(json.dumps(saved, indent=2))
-        for file in _copies(source_dir):
+        for name in linked_folders(source_dir):
+            progress(NOT_COPIED.format(name=name))
+        for file in copies(source_dir):
             target = tmp / file.relative_to(source_dir)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(file, target)
@@ -283,54 +299,6 @@ def _check_reopens(model: nn.Module, tmp: Path, how: str) -> None:
         )
 
 
-def _plain(model: nn.Module, config: dict) -> tuple[dict, dict, dict, bool]:
-    """The weights under the names the unpatched architecture loads, those it
-    does not load (kept apart), the config that loads the rest, and whether
-    any were kept apart."""
-    weights = dict(tree_flatten(model.parameters()))
-    for p in PASSES.values():
-        if p.plain is not None and p.applied(model):
-            weights = p.plain(model, weights)
-    stray = _not_loaded(model, weights)
-    untied = _untied_config(model, config, stray)
-    if untied is not None:
-        return weights, {}, untied, False
-    extra = {name: weights.pop(name) for name in stray}
-    return weights, extra, config, bool(extra)
-
-
-def _kept_head(source_dir: Path, saved: dict) -> dict[str, mx.array]:
-    """The checkpoint's own ``lm_head.*`` arrays when the save holds no head
-    of its own: a tied architecture's loader drops them, untied_head reads
-    them (from the extra weights file) on the save as on the source."""
-    if any(name.startswith("lm_head.") for name in saved):
-        return {}
-    return read_arrays(source_dir, "lm_head.")
-
-
-def _not_loaded(model: nn.Module, weights: dict) -> list[str]:
-    modules = {path for path, _ in model.named_modules()}
-    return [name for name in weights if name.rpartition(".")[0] not in modules]
-
-
-def _untied_config(model: nn.Module, config: dict, stray: list[str]) -> dict | None:
-    """A config under which the architecture loads every stray array (an
-    untied head): the same one where it decides by the arrays present
-    (gemma3), or with ``tie_word_embeddings: false``; None when none does."""
-    args: Any = getattr(model, "args", None)
-    if not stray or not dataclasses.is_dataclass(args):
-        return None
-    candidates: list[tuple[dict, Any]] = [({}, args)]
-    if "tie_word_embeddings" in {f.name for f in dataclasses.fields(args)}:
-        untied = dataclasses.replace(args, tie_word_embeddings=False)  # type: ignore[type-var]
-        candidates.append(({"tie_word_embeddings": False}, untied))
-    for change, candidate in candidates:
-        # Built lazily: its random initial arrays are never evaluated.
-        if not _not_loaded(type(model)(candidate), dict.fromkeys(stray)):
-            return {**config, **change}
-    return None
-
-
 def check_format(format: str) -> None:
     if format not in FORMATS:
         raise SaveError(f"--save-format is one of {', '.join(FORMATS)}, got {format}")
@@ -341,24 +309,3 @@ def max_shard_bytes(megabytes: float) -> int:
     if not math.isfinite(megabytes) or megabytes * 2**20 < 1:
         raise SaveError(f"--max-shard-mb must be a positive size, got {megabytes}")
     return int(megabytes * 2**20)
-
-
-def _copies(source_dir: Path) -> list[Path]:
-    """The source's files a save copies byte for byte (rather than mlx-lm's
-    tokenizer.save_pretrained, which writes them anew): every file but the
-    weights and config, and every file of its sub-folders but hidden ones
-    (``.git``, ``.cache``: a clone's or a download's own bookkeeping)."""
-    skip = {"config.json", "model.safetensors.index.json", MANIFEST, MARKER}
-    if not source_dir.is_dir():
-        return []  # loading it will say why
-    found = [
-        file
-        for file in sorted(source_dir.iterdir())
-        if file.is_file() and file.name not in skip and file.suffix != ".safetensors"
-    ]
-    for folder in sorted(source_dir.iterdir()):
-        if folder.is_dir() and not folder.name.startswith("."):
-            for root, dirs, names in os.walk(folder):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                found += [p for n in sorted(names) if (p := Path(root, n)).is_file()]
-    return found

@@ -1,0 +1,81 @@
+"""The third hostile round's findings, each one `error:` line with the right
+exit code or the behaviour a user expects (issue: trust, second round, item
+9; the round's cases and verdicts are listed in the session notes)."""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from test_attack_commands import command, one_line
+
+
+def _copy(zoo_dir, tmp_path: Path) -> Path:
+    source = tmp_path / "model"
+    shutil.copytree(zoo_dir("llama"), source)
+    return source
+
+
+def test_an_out_name_over_the_systems_limit_is_refused_before_loading(
+    zoo_dir, tmp_path
+):
+    done = command(
+        "apply",
+        "--passes",
+        "fuse_glu",
+        zoo_dir("llama"),
+        "--save",
+        tmp_path / ("n" * 256),
+    )
+    assert "File name too long" in one_line(done)
+    assert "rewritten" not in done.stdout  # nothing was loaded or reported
+
+
+def test_an_absolute_out_past_path_max_is_refused_before_loading(
+    zoo_dir, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    for i in range(17):  # 240 characters each: the absolute name passes PATH_MAX
+        os.mkdir(f"{i:02d}{'d' * 238}")
+        os.chdir(f"{i:02d}{'d' * 238}")
+    done = command(
+        "apply", "--passes", "fuse_glu", zoo_dir("llama"), "--save", "e" * 200
+    )
+    assert "File name too long" in one_line(done)
+    assert "rewritten" not in done.stdout
+
+
+def test_a_linked_folder_in_the_source_is_not_copied_and_is_named(zoo_dir, tmp_path):
+    source = _copy(zoo_dir, tmp_path)
+    elsewhere = tmp_path / "big"
+    elsewhere.mkdir()
+    (elsewhere / "data.bin").write_bytes(b"not the model's")
+    (source / "zones").symlink_to(elsewhere)
+    (source / "loop").symlink_to(".")
+    (source / "adapters").mkdir()
+    (source / "adapters" / "a.txt").write_text("kept")
+    out = tmp_path / "out"
+    done = command("apply", "--passes", "fuse_glu", source, "--save", out)
+    assert done.returncode == 0, done.stderr
+    assert not (out / "zones").exists() and not (out / "loop").exists()
+    assert (out / "adapters" / "a.txt").read_text() == "kept"
+    assert "not copying loop/" in done.stderr and "not copying zones/" in done.stderr
+
+
+def test_a_config_nested_too_deep_is_one_line(zoo_dir, tmp_path):
+    source = _copy(zoo_dir, tmp_path)
+    (source / "config.json").write_text("[" * 100000 + "]" * 100000)
+    assert "nested too deep" in one_line(
+        command("apply", "--passes", "fuse_glu", source)
+    )
+    golden = tmp_path / "g.safetensors"
+    assert command("golden", "record", zoo_dir("llama"), golden).returncode == 0
+    assert "nested too deep" in one_line(command("golden", "check", source, golden))
+
+
+def test_mlx_lms_bare_assertion_is_named_by_where_it_fails(zoo_dir, tmp_path):
+    source = _copy(zoo_dir, tmp_path)
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "vocab_size": -1}))
+    line = one_line(command("apply", "--passes", "fuse_glu", source))
+    assert "could not load it" in line and ".py:" in line, line
