@@ -28,8 +28,8 @@ import mlx_lm
 
 import graphpatch
 from graphpatch._version import __version__
-from graphpatch.checks import LoadError, check_safetensors, read_config, regular_file
-from graphpatch.contract import GraphpatchError
+from graphpatch.checks import read_config
+from graphpatch.golden_file import GoldenError, load_checked, prompt_count, read
 from graphpatch.limits import check_tokens
 from graphpatch.loading import quiet_transformers, write_failure
 from graphpatch.opening import load
@@ -46,16 +46,11 @@ TOP_K = 8
 DEFAULT_PROMPTS = [*PROBE_TOKENS, [5, 9, 33, 2, 17, 41, 8, 3, 12, 60, 1, 7, 22, 48, 19]]
 # Metadata that names the model: a file recorded from another is refused.
 IDENTITY = ("config_hash", "weights_hash", "weights_stat")
-NAN_IN_FILE = "holds NaN logits, which compare to nothing: record it again"
 NAN_FROM_MODEL = "gives NaN logits: there is nothing to record"
 IN_A_MODEL_DIR = (
     "is a model directory (it holds config.json), where mlx-lm could read a "
     "golden file as weights: write it outside"
 )
-
-
-class GoldenError(GraphpatchError):
-    """A golden file that cannot be checked here (another model, bad file)."""
 
 
 def config_hash(model_dir: Path) -> str:
@@ -168,7 +163,7 @@ def _check_out(out: Path) -> None:
             raise GoldenError(f"{out}: {parent} {IN_A_MODEL_DIR}")
     if out.exists() or out.is_symlink():
         try:
-            _load(out)
+            load_checked(out)
         except GoldenError:
             raise GoldenError(
                 f"{out} exists and is not a golden file: it is never replaced"
@@ -183,80 +178,6 @@ class GoldenResult:
     @property
     def diff(self) -> str:
         return "\n".join(self.lines)
-
-
-def read(file: str | Path) -> tuple[dict[str, mx.array], dict[str, str]]:
-    """A golden file's arrays and metadata, checked for what ``check`` reads.
-
-    Raises:
-        GoldenError: a missing, unreadable or malformed file, or one holding
-            NaN logits, in one line.
-    """
-    arrays, metadata = _load(Path(file))
-    for i in range(_count(arrays)):
-        if mx.isnan(arrays[f"logits.{i}"]).any().item():
-            raise GoldenError(f"{file}: logits.{i} {NAN_IN_FILE}")
-    return arrays, metadata
-
-
-def _count(arrays: dict[str, mx.array]) -> int:
-    return len([k for k in arrays if k.startswith("tokens.")])
-
-
-def _load(file: Path) -> tuple[dict[str, mx.array], dict[str, str]]:
-    """A golden file's arrays and metadata, checked for their shapes."""
-    try:
-        regular_file(file, "golden file")
-        check_safetensors(file)
-    except LoadError as e:
-        reason = str(e).removeprefix(f"{file}: ")
-        raise GoldenError(f"{file}: not a golden file ({reason})") from None
-    try:
-        arrays, metadata = mx.load(
-            str(file), format="safetensors", return_metadata=True
-        )
-    except Exception as e:
-        raise GoldenError(f"{file}: not a golden file ({e})") from None
-    problem = _problem(arrays, metadata)
-    if problem:
-        raise GoldenError(f"{file}: not a golden file ({problem})")
-    return arrays, metadata
-
-
-def _problem(arrays: dict[str, mx.array], metadata: dict[str, str]) -> str | None:
-    required = ("config_hash", "weights_hash", "tolerance")  # weights_stat: optional
-    missing = [k for k in required if k not in metadata]
-    if missing:
-        return f"no {missing[0]} in its metadata"
-    try:
-        atol, rtol = (float(x) for x in metadata["tolerance"].split(","))
-    except ValueError:
-        return f"tolerance {printable(metadata['tolerance'])!r} is not two numbers"
-    if not (0 <= atol < float("inf") and 0 <= rtol < float("inf")):
-        shown = printable(metadata["tolerance"])
-        return f"tolerance {shown!r} is not two finite numbers"
-    count = _count(arrays)
-    if count == 0:
-        return "it holds no prompts (tokens.*)"
-    for i in range(count):
-        tokens, logits, top = (
-            arrays.get(f"{k}.{i}") for k in ("tokens", "logits", "top")
-        )
-        if tokens is None or logits is None or top is None:
-            return f"prompt {i} lacks tokens, logits or top ids"
-        if tokens.ndim != 1 or tokens.size == 0 or not _ints(tokens):
-            return f"tokens.{i} is not a row of token ids"
-        if logits.ndim != 1 or not mx.issubdtype(logits.dtype, mx.floating):
-            return f"logits.{i} is not a row of logits"
-        if top.ndim != 1 or top.size == 0 or not _ints(top):
-            return f"top.{i} is not a row of ids"
-        if not (0 <= top.min().item() and top.max().item() < logits.size):
-            return f"top.{i} holds ids outside logits.{i}"
-    return None
-
-
-def _ints(array: mx.array) -> bool:
-    return mx.issubdtype(array.dtype, mx.integer)
 
 
 def check(
@@ -292,7 +213,7 @@ def check(
     model, _ = _model(model_dir, passes)
     now = _metadata(model_dir, model, passes, here["weights_hash"])
     atol, rtol = (float(x) for x in recorded["tolerance"].split(","))
-    prompts = [arrays[f"tokens.{i}"].tolist() for i in range(_count(arrays))]
+    prompts = [arrays[f"tokens.{i}"].tolist() for i in range(prompt_count(arrays))]
     check_tokens(model, prompts, f"{file}")
     result = GoldenResult(True)
     for i, logits in enumerate(_logits(model, prompts)):

@@ -23,7 +23,7 @@ from test_attack_save import digest, one_error_line
 from test_cli import run
 
 import graphpatch
-from graphpatch import golden
+from graphpatch import golden, golden_file
 from graphpatch.contract import PassSpecError
 from graphpatch.report import Report
 from graphpatch.testing import coverage
@@ -84,7 +84,7 @@ def test_an_infinity_never_scales_the_tolerance(llama_golden):
 def test_nan_in_a_golden_file_is_refused(zoo_dir, tmp_path, llama_golden):
     file = edited(tmp_path, llama_golden, 0, 3, float("nan"))
     line = one_error_line(run("golden", "check", zoo_dir("llama"), file))
-    assert f"logits.0 {golden.NAN_IN_FILE}" in line and "tolerance nan" not in line
+    assert f"logits.0 {golden_file.NAN_IN_FILE}" in line and "tolerance nan" not in line
 
 
 def test_a_changed_top1_is_failed_whatever_the_error(zoo_dir, tmp_path, llama_golden):
