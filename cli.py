@@ -16,7 +16,9 @@ import graphpatch
 from graphpatch import golden, saving, verified
 from graphpatch.checks import check_config, check_weights, read_config, regular_file
 from graphpatch.contract import GraphpatchError, VerificationError
+from graphpatch.hook import FUSED
 from graphpatch.loading import model_path
+from graphpatch.outdir import saved_format
 from graphpatch.plan import unknown_variables
 from graphpatch.report import printable, stamped
 
@@ -281,6 +283,8 @@ def serve_cmd(
         serving.check_address(host, port)
         model_dir = model_path(model)
         config = read_config(model_dir)
+        if saved_format(model_dir) == "fused":
+            fail(f"{model_dir}: {FUSED}")
         check_config(model_dir, config, check_weights(model_dir))
         serving.serve(model_dir, host, port, specs, ctx.args)
     except GraphpatchError as e:

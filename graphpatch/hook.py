@@ -11,6 +11,7 @@ the file named by ``GRAPHPATCH_REPORT``. A failed check ends the program
 before it can serve anything.
 """
 
+import contextlib
 import errno
 import functools
 import importlib.abc
@@ -170,7 +171,7 @@ def _progress(model) -> Callable[[str], None]:
         nonlocal last
         if time.monotonic() - last >= 1.0 or line.endswith("checking the model"):
             last = time.monotonic()
-            print(f"{_prefix()}: {model}: {line}", file=sys.stderr, flush=True)
+            _tell(f"{_prefix()}: {model}: {line}")
 
     return say
 
@@ -194,7 +195,7 @@ def _emit(report, model: str) -> None:
     lines += [f"  skipped {line}" for line in report.skipped_lines()]
     lines += [f"  warning: {warning}" for warning in report.warnings]
     for line in lines or [f"{model}: no passes chosen"]:
-        print(f"{_prefix()}: {line}", file=sys.stderr, flush=True)
+        _tell(f"{_prefix()}: {line}")
 
 
 def _append(target: str, line: str) -> str | None:
@@ -214,10 +215,19 @@ def _append(target: str, line: str) -> str | None:
     return None
 
 
+def _tell(line: str) -> None:
+    """One line on stderr; none where the program closed it or its reader is
+    gone (a daemon, ``2>&1 | head``): graphpatch's words never stop a load."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):  # ValueError: sys.stderr itself closed
+        pass
+
+
 def _die(message: str, code: int = 1) -> None:
-    line = " ".join(message.split())
-    print(f"{_prefix()}: error: {line}", file=sys.stderr, flush=True)
-    sys.stdout.flush()
+    _tell(f"{_prefix()}: error: {' '.join(message.split())}")
+    with contextlib.suppress(OSError, ValueError):
+        sys.stdout.flush()
     os._exit(code)  # also from a server's loader thread: nothing may be served
 
 

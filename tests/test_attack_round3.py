@@ -5,9 +5,12 @@ exit code or the behaviour a user expects (issue: trust, second round, item
 import json
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-from test_attack_commands import command, one_line
+import pytest
+from test_attack_commands import GRAPHPATCH, command, one_line
 
 
 def _copy(zoo_dir, tmp_path: Path) -> Path:
@@ -79,3 +82,57 @@ def test_mlx_lms_bare_assertion_is_named_by_where_it_fails(zoo_dir, tmp_path):
     (source / "config.json").write_text(json.dumps({**config, "vocab_size": -1}))
     line = one_line(command("apply", "--passes", "fuse_glu", source))
     assert "could not load it" in line and ".py:" in line, line
+
+
+def test_serve_of_a_fused_save_is_one_line(zoo_dir, tmp_path):
+    out = tmp_path / "fused"
+    saved = command(
+        "apply",
+        "--passes",
+        "fuse_glu",
+        zoo_dir("llama"),
+        "--save",
+        out,
+        "--save-format",
+        "fused",
+    )
+    assert saved.returncode == 0, saved.stderr
+    assert "fused" in one_line(command("serve", out, "--port", "18997"))
+
+
+PROGRAM = """
+import os, sys
+{close}
+import mlx_lm
+model, _ = mlx_lm.load(sys.argv[1])
+kind = type(model.model.layers[0].mlp.gate_proj).__name__
+open(sys.argv[2], "w").write(kind)
+"""
+
+
+@pytest.mark.parametrize("close", ["os.close(1); os.close(2)", "", "pipe"])
+def test_a_program_whose_stderr_is_gone_still_loads_patched(zoo_dir, tmp_path, close):
+    # A daemon closes its descriptors; a log reader may have gone (2>&1 | head).
+    script, result = tmp_path / "program.py", tmp_path / "kind.txt"
+    script.write_text(PROGRAM.format(close="" if close == "pipe" else close))
+    child = subprocess.Popen(
+        [
+            GRAPHPATCH,
+            "run",
+            "--passes",
+            "fuse_glu",
+            "--verify",
+            "always",
+            "--",
+            sys.executable,
+            script,
+            zoo_dir("llama"),
+            result,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE if close == "pipe" else subprocess.DEVNULL,
+    )
+    if close == "pipe":
+        child.stderr.close()  # the reader is gone before graphpatch says a word
+    assert child.wait(timeout=120) == 0
+    assert result.read_text() == "FusedPart"
