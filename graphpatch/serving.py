@@ -7,6 +7,7 @@ hook (``graphpatch.hook``) is installed in this process, and the server's
 ``run`` first loads the default model; every other flag is mlx-lm's own.
 """
 
+import io
 import os
 import socket
 import sys
@@ -59,8 +60,11 @@ def serve(model_dir: Path, host: str, port: int, passes: str, flags: list[str]) 
     import mlx_lm.server as server
 
     run = server.run
+    said, original = io.StringIO(), sys.stderr  # said: mlx-lm's parser's words
 
     def run_loaded(host, port, model_provider, *args, **kwargs):
+        sys.stderr = original  # the flags parsed: mlx-lm speaks for itself
+        sys.stderr.write(said.getvalue())
         try:
             model_provider.load_default()
         except Exception as e:
@@ -76,4 +80,13 @@ def serve(model_dir: Path, host: str, port: int, passes: str, flags: list[str]) 
     server.run = run_loaded  # this process is the server: nothing else sees it
     sys.argv = ["mlx_lm.server", "--model", str(model_dir)]
     sys.argv += ["--host", host, "--port", str(port), *flags]
-    server.main()
+    sys.stderr = said
+    try:
+        server.main()
+    except SystemExit as e:
+        refused = sys.stderr is said and e.code not in (0, None)
+        sys.stderr = original
+        if refused:  # mlx-lm's parser refused a flag
+            lines = said.getvalue().strip().splitlines() or [f"exit {e.code}"]
+            raise ServeError(lines[-1].removeprefix("mlx_lm.server: error: ")) from None
+        raise

@@ -136,3 +136,10 @@ def test_a_program_whose_stderr_is_gone_still_loads_patched(zoo_dir, tmp_path, c
         child.stderr.close()  # the reader is gone before graphpatch says a word
     assert child.wait(timeout=120) == 0
     assert result.read_text() == "FusedPart"
+
+
+def test_a_flag_mlx_lms_server_refuses_is_one_line(zoo_dir):
+    done = command(
+        "serve", zoo_dir("llama"), "--port", "18996", "--num-draft-tokens", "abc"
+    )
+    assert "invalid int value: 'abc'" in one_line(done)
