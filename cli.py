@@ -316,7 +316,11 @@ def _run(command: list[str], passes: str, verify: str) -> None:
         err.print(f"warning: {printable(warning, 400)}", highlight=False, markup=False)
     _refuse_elide_without_logits(plan)
     if not plan:
-        err.print("warning: no passes chosen (--passes or GRAPHPATCH_PASSES)")
+        err.print(
+            "warning: no passes chosen (--passes or GRAPHPATCH_PASSES): only a "
+            "graphpatch save the program loads is patched, with the passes it "
+            "recorded"
+        )
     _check_command(command[0])
     if report := env.get("GRAPHPATCH_REPORT"):
         # Absolute: a child that changes directory writes where this checked.

@@ -269,8 +269,9 @@ def run(command: list[str], env: dict[str, str], startup: str) -> int:
         code = child.wait()
         if not os.listdir(run_dir):
             print(
-                "graphpatch: the program loaded no model through mlx-lm; "
-                "nothing was patched",
+                "graphpatch: the program loaded no model through mlx-lm "
+                "before it ended; nothing was patched (a process it left "
+                "running is patched when it loads one)",
                 file=sys.stderr,
                 flush=True,
             )
