@@ -55,8 +55,14 @@ def regular_file(file: Path, what: str = "file") -> Path:
 
 
 def _check_entries(model_dir: Path) -> None:
-    """Every file mlx-lm may open in the directory is a regular file."""
+    """Every file mlx-lm may open in the directory is a regular file (a FIFO
+    would hang it). A dangling link is passed over unless mlx-lm surely reads
+    it (config.json, the weights): it cannot hang anything, and mlx-lm opens
+    the directory."""
     for entry in sorted(model_dir.iterdir()):
+        read = entry.name == "config.json" or entry.suffix == ".safetensors"
+        if entry.is_symlink() and not entry.exists() and not read:
+            continue
         if entry.suffix in (".json", ".safetensors", ".model", ".txt", ".jinja"):
             try:
                 regular_file(entry)

@@ -143,3 +143,14 @@ def test_a_flag_mlx_lms_server_refuses_is_one_line(zoo_dir):
         "serve", zoo_dir("llama"), "--port", "18996", "--num-draft-tokens", "abc"
     )
     assert "invalid int value: 'abc'" in one_line(done)
+
+
+def test_a_dangling_link_nobody_reads_does_not_stop_apply(zoo_dir, tmp_path):
+    source = _copy(zoo_dir, tmp_path)
+    (source / "dangling.json").symlink_to(tmp_path / "gone.json")
+    done = command("apply", "--passes", "fuse_glu", source)
+    assert done.returncode == 0, done.stderr
+    (source / "extra.safetensors").symlink_to(tmp_path / "gone.safetensors")
+    assert "extra.safetensors" in one_line(
+        command("apply", "--passes", "fuse_glu", source)
+    )
