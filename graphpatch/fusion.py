@@ -173,6 +173,8 @@ def unfuse(module: nn.Module, names: tuple[str, ...], fused: str) -> None:
         fused_part = container[key]
         bounds = fused_part.call.bounds(fused_part.index)
         container[key] = part(module[fused], *bounds)
+        if fused_part.call.settled:  # as evaluated as before: any thread runs it
+            mx.eval(container[key].parameters())
     del module[fused]
 
 

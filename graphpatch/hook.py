@@ -81,7 +81,7 @@ def _wrap(loader):
 
             if saved_format(path_or_repo) == "fused":
                 _loaded_one()
-                _die(f"{path_or_repo}: {FUSED}", code=2)
+                _stop(f"{path_or_repo}: {FUSED}", code=2)
             raise
         finally:
             _state.depth -= 1
@@ -125,11 +125,11 @@ def _patch(model, path_or_repo, adapter_path: str | None = None) -> None:
     except graphpatch.VerificationError as e:
         if e.report is not None:
             _emit(e.report, path_or_repo)
-        _die(f"verification failed, stopping: {e}")
+        _stop(f"verification failed, stopping: {e}")
     except graphpatch.GraphpatchError as e:
-        _die(str(e), code=2)  # bad input, as graphpatch apply exits
+        _stop(str(e), code=2)  # bad input, as graphpatch apply exits
     except Exception as e:  # graphpatch's own fault, never the program's or mlx-lm's
-        _die(f"{CANNOT_PATCH} {path_or_repo}: {type(e).__name__}: {printable(e)}")
+        _stop(f"{CANNOT_PATCH} {path_or_repo}: {type(e).__name__}: {printable(e)}")
     _emit(report, path_or_repo)
 
 
@@ -222,6 +222,29 @@ def _tell(line: str) -> None:
         print(line, file=sys.stderr, flush=True)
     except (OSError, ValueError):  # ValueError: sys.stderr itself closed
         pass
+
+
+# Set once a server has loaded its own model and answers requests: a model a
+# request names that cannot be patched is refused to that request alone.
+_answering = threading.Event()
+
+
+def answering_requests() -> None:
+    """From now on, a model that cannot be patched raises to its caller (a
+    server's request, which mlx-lm answers with an error) instead of ending
+    the process: the model the server was started with passed already."""
+    _answering.set()
+
+
+def _stop(message: str, code: int = 1) -> None:
+    """End the program before it can use a model that failed (``_die``); in a
+    server answering requests, refuse the request's model instead."""
+    if _answering.is_set():
+        from graphpatch.contract import GraphpatchError
+
+        _tell(f"{_prefix()}: error: {' '.join(message.split())}")
+        raise GraphpatchError(message)
+    _die(message, code)
 
 
 def _die(message: str, code: int = 1) -> None:

@@ -4,6 +4,7 @@ and the stream they are built on.
 """
 
 import functools
+import threading
 import weakref
 
 import mlx.core as mx
@@ -35,8 +36,10 @@ class FusedCall:
     The first part called computes ``owner.<fused>`` once and keeps the other
     parts until their siblings ask for them with the very same arguments; any
     other call computes its own fused matmul, so a ``__call__`` that feeds the
-    parts different inputs stays correct, only slower. The owner is looked up
-    on each call, so a later ``nn.quantize`` of the fused layer is honoured.
+    parts different inputs stays correct, only slower. What is kept is each
+    thread's own, so threads running the model at once never meet. The owner
+    is looked up on each call, so a later ``nn.quantize`` of the fused layer
+    is honoured.
     """
 
     def __init__(self, owner: nn.Module, fused: str, sizes: list[int]):
@@ -44,8 +47,32 @@ class FusedCall:
         self.fused = fused
         self.sizes = sizes  # each part's output rows, in order
         self.cuts = [sum(sizes[: i + 1]) for i in range(len(sizes) - 1)]
-        # (args, kwargs, {index: output}) of the last call, until all are taken
-        self.pending: tuple[tuple, dict, dict[int, mx.array]] | None = None
+        self.threads = threading.local()  # .pending of each thread
+        self.settled = False  # the joined arrays are evaluated
+        self.settling = threading.Lock()
+
+    @property
+    def pending(self) -> tuple[tuple, dict, dict[int, mx.array]] | None:
+        """(args, kwargs, {index: output}) of this thread's last call, until
+        all its parts are taken."""
+        return getattr(self.threads, "pending", None)
+
+    @pending.setter
+    def pending(self, value) -> None:
+        self.threads.pending = value
+
+    def settle(self, owner: nn.Module) -> None:
+        """Evaluate the joined layer's arrays once, on the first call from
+        any thread: an unverified apply leaves them a graph on a stream any
+        thread may evaluate, but not several threads at once."""
+        with self.settling:
+            if self.settled:
+                return
+            try:
+                mx.eval(owner[self.fused].parameters())
+            except ValueError:
+                return  # traced by mx.compile: the trace evaluates them
+            self.settled = True
 
     def bounds(self, index: int) -> tuple[int, int]:
         start = sum(self.sizes[:index])
@@ -61,6 +88,8 @@ class FusedCall:
                 return out
         owner = self.owner()
         assert owner is not None, "a fused part outlived its module"
+        if not self.settled:
+            self.settle(owner)
         out = owner[self.fused](*args, **kwargs)
         parts = dict(enumerate(mx.split(out, self.cuts, axis=-1)))
         mine = parts.pop(index)

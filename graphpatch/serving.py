@@ -72,6 +72,7 @@ def serve(model_dir: Path, host: str, port: int, passes: str, flags: list[str]) 
             raise ServeError(
                 f"{model_dir}: mlx-lm could not load it ({reason})"
             ) from None
+        hook.answering_requests()
         try:
             return run(host, port, model_provider, *args, **kwargs)
         except OSError as e:  # the port was free when checked, taken since

@@ -44,6 +44,7 @@ NOT_WRITTEN = "could not write the verification record"
 SAMPLES = 8  # blocks of each weight file hashed, spread over its data
 BLOCK = 4096
 HEADER_LIMIT = 100 << 20  # a larger safetensors header is no header
+RECORD_LIMIT = 16 << 20  # a record lists paths: a larger file is none
 
 
 def cache_dir() -> Path:
@@ -235,17 +236,36 @@ def _why(e: Exception) -> str:
     return printable(e)
 
 
+class NotARecord(ValueError):
+    """A file in a record's place that no record can be (a FIFO, a device)."""
+
+
+def _record_bytes(file: Path) -> bytes:
+    """A record's bytes, opened without blocking (a FIFO planted in the cache
+    must not hang the program) and only from a small regular file (a link to
+    /dev/zero must not fill the memory)."""
+    fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise NotARecord("not a regular file")
+        if info.st_size > RECORD_LIMIT:
+            raise NotARecord(f"{info.st_size} bytes, larger than any record")
+        return f.read(RECORD_LIMIT + 1)
+
+
 def _read(file: Path) -> tuple[dict | None, str | None]:
     """(a well-formed record, None), (None, None) when there is none, or
     (None, why the file there is no record)."""
     try:
-        record = json.loads(file.read_bytes().decode("utf-8"))
+        record = json.loads(_record_bytes(file).decode("utf-8"))
     except (FileNotFoundError, NotADirectoryError):
         return None, None
     except OSError as e:
         return None, f"{CACHE_OFF} ({_why(e)}); verified afresh"
-    except ValueError:  # JSON and UTF-8 errors alike
-        return None, f"{IGNORED} {file} (not JSON); verified afresh"
+    except ValueError as e:  # JSON and UTF-8 errors alike, or not a record file
+        why = e.args[0] if isinstance(e, NotARecord) else "not JSON"
+        return None, f"{IGNORED} {file} ({why}); verified afresh"
     if not isinstance(record, dict) or not isinstance(record.get("date"), str):
         return None, f"{IGNORED} {file} (no date); verified afresh"
     sites = record.get("sites")

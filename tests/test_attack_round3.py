@@ -7,10 +7,16 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import urllib.error
 from pathlib import Path
 
+import mlx_lm
 import pytest
 from test_attack_commands import GRAPHPATCH, command, one_line
+from test_run import free_port, post, wait_until_up
+
+import graphpatch
 
 
 def _copy(zoo_dir, tmp_path: Path) -> Path:
@@ -154,3 +160,97 @@ def test_a_dangling_link_nobody_reads_does_not_stop_apply(zoo_dir, tmp_path):
     assert "extra.safetensors" in one_line(
         command("apply", "--passes", "fuse_glu", source)
     )
+
+
+def test_threads_at_once_on_an_unverified_fused_model(load_zoo):
+    # The joined arrays of an unverified apply stay a graph until first used;
+    # three threads using it at once once crashed MLX (a segfault).
+    model, tokenizer = load_zoo("qwen3_moe")
+    expected = mlx_lm.generate(model, tokenizer, "hello there", max_tokens=6)
+    graphpatch.apply(model, ["fuse_glu", "fuse_qkv"], verify=False)
+    answers = []
+
+    def generate():
+        answers.append(mlx_lm.generate(model, tokenizer, "hello there", max_tokens=6))
+
+    threads = [threading.Thread(target=generate) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert answers == [expected] * 3
+    graphpatch.revert(model)
+    assert mlx_lm.generate(model, tokenizer, "hello there", max_tokens=6) == expected
+
+
+@pytest.mark.parametrize("planted", ["fifo", "/dev/zero"])
+def test_a_record_that_is_no_file_is_one_warning(zoo_dir, tmp_path, planted):
+    model_dir = zoo_dir("llama")
+    cache = tmp_path / "cache"
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache)}
+    first = command(
+        "apply", "--passes", "fuse_glu", model_dir, "--verify", "cached", env=env
+    )
+    assert first.returncode == 0, first.stderr
+    (record,) = (cache / "graphpatch" / "verified").glob("*.json")
+    record.unlink()
+    if planted == "fifo":
+        os.mkfifo(record)
+    else:
+        record.symlink_to(planted)
+    done = command(
+        "apply",
+        "--passes",
+        "fuse_glu",
+        model_dir,
+        "--verify",
+        "cached",
+        env=env,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "not a regular file" in done.stdout + done.stderr
+    assert "verified now" in done.stdout + done.stderr
+
+
+def test_a_request_naming_a_model_that_cannot_be_patched_spares_the_server(
+    zoo_dir, tmp_path
+):
+    fused = tmp_path / "fused"
+    saved = command(
+        "apply",
+        "--passes",
+        "fuse_glu",
+        zoo_dir("llama"),
+        "--save",
+        fused,
+        "--save-format",
+        "fused",
+    )
+    assert saved.returncode == 0, saved.stderr
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            GRAPHPATCH,
+            "serve",
+            zoo_dir("llama"),
+            "--passes",
+            "fuse_glu",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_until_up(port, process)
+        body = {"prompt": "The quick", "max_tokens": 4, "temperature": 0}
+        with pytest.raises(urllib.error.HTTPError):
+            post(port, "/v1/completions", {**body, "model": str(fused)})
+        assert post(port, "/v1/completions", body)["choices"][0]["text"]
+        assert process.poll() is None
+    finally:
+        process.terminate()
+        stderr = process.communicate(timeout=30)[1]
+    assert "saved with --save-format fused" in stderr
