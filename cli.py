@@ -1,9 +1,11 @@
 """graphpatch: verified rewrite passes for MLX language models."""
 
+import contextlib
 import json as _json
 import os
 import shutil
 import stat
+import sys
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -280,6 +282,11 @@ def serve_cmd(
     try:
         plan, _ = graphpatch.resolve(None, env)
         _refuse_elide_without_logits(plan)
+        if any(f == "--model" or f.startswith("--model=") for f in ctx.args):
+            fail(
+                "--model is graphpatch serve's own argument (MODEL): a second one "
+                "would be served in its place, unpatched"
+            )
         serving.check_address(host, port)
         model_dir = model_path(model)
         config = read_config(model_dir)
@@ -502,8 +509,40 @@ def golden_check(
     raise typer.Exit(0 if result.ok else 1)
 
 
+class OutputFailed(Exception):
+    """Standard output could not be written (full, or its reader gone)."""
+
+
+class _Guarded:
+    """Standard output whose write errors are told apart from any other."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError as e:
+            raise OutputFailed(e.strerror or str(e)) from None
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as e:
+            raise OutputFailed(e.strerror or str(e)) from None
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
 def main() -> None:
-    app()
+    sys.stdout = _Guarded(sys.stdout)  # type: ignore[assignment]
+    try:
+        app()
+    except OutputFailed as e:  # >/dev/full: one line on stderr, not a traceback
+        with contextlib.suppress(OSError, ValueError):
+            print(f"error: cannot write the output: {e}", file=sys.stderr)
+        os._exit(2)
 
 
 if __name__ == "__main__":

@@ -254,3 +254,25 @@ def test_a_request_naming_a_model_that_cannot_be_patched_spares_the_server(
         process.terminate()
         stderr = process.communicate(timeout=30)[1]
     assert "saved with --save-format fused" in stderr
+
+
+def test_output_that_cannot_be_written_is_one_line():
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [GRAPHPATCH, "list", "--json"],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 2
+    assert (
+        done.stderr.strip() == "error: cannot write the output: No space left on device"
+    )
+
+
+def test_serve_refuses_a_second_model_among_mlx_lms_flags(zoo_dir):
+    done = command(
+        "serve", zoo_dir("llama"), "--port", "18995", "--model", zoo_dir("qwen3_moe")
+    )
+    assert "--model is graphpatch serve's own argument" in one_line(done)
