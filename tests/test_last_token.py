@@ -297,3 +297,12 @@ def test_a_body_that_never_sees_the_cache_is_restored_with_the_reason(load_zoo):
     # its prefill returns 33 positions where the unpatched sliced one has 1
     assert "failed on the probe, restored: shape (1, 33, 512)" in site.reason
     assert graphpatch.PASSES["last_token"].applied(wrapped) == []
+
+
+def test_a_pipelined_body_is_found_past_the_other_ranks_layers():
+    """Rank 0 of mlx-lm's pipeline keeps the last layers: its list starts with
+    None for the layers other ranks run (``PipelineMixin.pipeline``)."""
+    model = zoo.make_model(zoo.config_for("qwen3_moe"))
+    model.model.start_idx, model.model.end_idx = 1, 2
+    model.model.layers = [None, model.model.layers[1]]
+    assert body.body_path(model) == "model"
