@@ -150,11 +150,14 @@ def _prepare(source_dir: Path, out: Path, place: Path, force: bool) -> list[str]
                 done = recover(place)
             except OSError as e:
                 raise SaveError(f"cannot tidy up beside {out}: {e}") from None
-    if saved_format(source_dir) == "fused":
-        raise SaveError(FUSED_SOURCE.format(source=source_dir))
-    check_out(source_dir, out, force)
-    weights = sum(f.stat().st_size for f in source_dir.glob("*.safetensors"))
-    check_room(out, weights + sum(f.stat().st_size for f in copies(source_dir)))
+    try:
+        if saved_format(source_dir) == "fused":
+            raise SaveError(FUSED_SOURCE.format(source=source_dir))
+        check_out(source_dir, out, force)
+        weights = sum(f.stat().st_size for f in source_dir.glob("*.safetensors"))
+        check_room(out, weights + sum(f.stat().st_size for f in copies(source_dir)))
+    except SaveError as e:  # what was tidied is said all the same
+        raise SaveError("; ".join([*done, str(e)])) from None
     return done + [NOT_COPIED.format(name=name) for name in linked_folders(source_dir)]
 
 

@@ -17,6 +17,7 @@ from test_attack_commands import GRAPHPATCH, command, one_line
 from test_run import free_port, post, wait_until_up
 
 import graphpatch
+from graphpatch import outdir
 
 
 def _copy(zoo_dir, tmp_path: Path) -> Path:
@@ -276,3 +277,20 @@ def test_serve_refuses_a_second_model_among_mlx_lms_flags(zoo_dir):
         "serve", zoo_dir("llama"), "--port", "18995", "--model", zoo_dir("qwen3_moe")
     )
     assert "--model is graphpatch serve's own argument" in one_line(done)
+
+
+def test_a_save_restored_from_a_killed_replace_is_said_when_refused(zoo_dir, tmp_path):
+    out = tmp_path / "out"
+    assert (
+        command(
+            "apply", "--passes", "fuse_glu", zoo_dir("llama"), "--save", out
+        ).returncode
+        == 0
+    )
+    # What a kill between the two renames of a replace leaves: OUT set aside.
+    out.rename(tmp_path / f".graphpatch-old-999999-{outdir.tag(out)}")
+    line = one_line(
+        command("apply", "--passes", "fuse_glu", zoo_dir("llama"), "--save", out)
+    )
+    assert line.startswith(f"error: restored {out}") and "--force" in line
+    assert (out / "config.json").is_file()
