@@ -16,12 +16,14 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from mlx_lm.models.cache import make_prompt_cache
 from safetensors.numpy import load_file, save_file
 from test_attack_save import digest, one_error_line
 from test_cli import run
 
 import graphpatch
 from graphpatch.limits import TokenError
+from graphpatch.passes import last_token
 from graphpatch.passes.untied_head import checkpoint
 
 GRAPHPATCH = Path(sys.executable).parent / "graphpatch"
@@ -318,8 +320,13 @@ def test_save_records_the_options_the_model_carries(zoo_dir, tmp_path):
     graphpatch.apply(model, "last_token:keep=4:short=5")
     out = graphpatch.save(model, model_dir, tmp_path / "saved")
     loaded, _, _ = graphpatch.load(out)
-    assert loaded(mx.array([[1, 2, 3, 4, 5, 6, 7]])).shape[1] == 4
-    assert loaded(mx.array([[1, 2, 3, 4, 5]])).shape[1] == 5
+
+    def prefill(tokens: list[int]) -> int:
+        with last_token.prefill():  # a declared prefill into an empty cache
+            return loaded(mx.array([tokens]), cache=make_prompt_cache(loaded)).shape[1]
+
+    assert prefill([1, 2, 3, 4, 5, 6, 7]) == 4
+    assert prefill([1, 2, 3, 4, 5]) == 5
 
 
 def saved_config_edits():
