@@ -11,12 +11,13 @@ import pytest
 from conftest import TOKENS, assert_same_bits, snapshot
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from mlx_lm.models.cache import make_prompt_cache
 from safetensors.numpy import load_file, save_file
 
 import graphpatch
 from graphpatch import GraphpatchError
 from graphpatch.opening import load
-from graphpatch.passes import untied_head
+from graphpatch.passes import last_token, untied_head
 
 CHECKPOINTS = [
     pytest.param({}, id="float"),
@@ -56,7 +57,10 @@ def test_a_bare_array_head_is_named_and_left_alone(load_zoo):
     assert site.reason == untied_head.BARE_ARRAY.format(path="lm_head")
     (kept,) = report.rewritten("last_token")  # at the body, beside the array
     assert kept.path == "model"
-    assert mx.array_equal(model(TOKENS), reference[:, -1:])
+    assert mx.array_equal(model(TOKENS), reference)  # no cache: every position
+    with last_token.prefill():  # a declared prefill into an empty cache: cut
+        cut = model(TOKENS, cache=make_prompt_cache(model))
+    assert mx.array_equal(cut, reference[:, -1:])
 
 
 def test_without_a_model_dir_the_report_says_the_checkpoint_was_not_read(load_zoo):
