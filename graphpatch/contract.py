@@ -70,9 +70,13 @@ class Context:
             read the checkpoint (untied_head's lm_head.*, elide_head's
             release); None when there is none to read (a fused save re-makes
             its structure before its weights are loaded).
+        unverified: nothing will evaluate what a rewrite builds (an
+            unverified apply): it stays a graph until the model's first call,
+            which may come on another thread.
     """
 
     model_dir: str | None = None
+    unverified: bool = False
 
 
 Probe = Callable[[], list[mx.array]]

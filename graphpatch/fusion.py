@@ -112,10 +112,15 @@ def _place(module: nn.Module, name: str) -> str:
     return name if container is module else f"{name}.{key}"
 
 
-def joined(*layers: nn.Module) -> nn.Module:
-    """One layer of the first's kind holding them all on the output axis."""
+def joined(*layers: nn.Module, any_thread_stream: bool = False) -> nn.Module:
+    """One layer of the first's kind holding them all on the output axis;
+    built where any thread may evaluate it with ``any_thread_stream`` (an
+    unverified apply leaves it unevaluated)."""
     fused = rebuilt(layers[0])
-    with mx.stream(any_thread()):
+    where = (
+        any_thread() if any_thread_stream else mx.default_stream(mx.default_device())
+    )
+    with mx.stream(where):
         for key in layers[0]:
             if key != "global_scale":
                 axis = output_axis(key, layers[0][key])
@@ -136,9 +141,8 @@ def rows(key: str, array: mx.array, start: int, stop: int | None) -> mx.array:
 def part(fused: nn.Module, start: int, stop: int | None) -> nn.Module:
     """The output rows ``start:stop`` of a joined layer, as a layer."""
     part = unmark(fused) if isinstance(fused, Joined) else rebuilt(fused)
-    with mx.stream(any_thread()):
-        for key in fused:
-            part[key] = rows(key, fused[key], start, stop)
+    for key in fused:
+        part[key] = rows(key, fused[key], start, stop)
     return part
 
 
@@ -238,7 +242,10 @@ def hooks(fusions: dict[str, tuple[str, ...]]) -> dict:
     def rewrite(model: nn.Module, site, options: dict, context) -> None:
         module = module_at(model, site.path)
         names, fused = names_in(module, fusions)
-        fuse(module, names, fused, joined(*(layer_of(module, n) for n in names)))
+        layers = [layer_of(module, n) for n in names]
+        fuse(
+            module, names, fused, joined(*layers, any_thread_stream=context.unverified)
+        )
 
     def undo(model: nn.Module, path: str) -> None:
         module = module_at(model, path)

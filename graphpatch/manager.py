@@ -79,7 +79,7 @@ def apply(
         if p.validate and (problem := p.validate(options, model)):
             raise PassSpecError(problem)
     agree(plan)
-    context = Context(None if model_dir is None else str(model_dir))
+    context = Context(None if model_dir is None else str(model_dir), not verify)
     tokens = probe_tokens(probe)
     reference, recorded, dtype = None, None, None  # None: nothing is verified
     if verify:

@@ -23,10 +23,11 @@ def _any_thread_stream(device: str) -> mx.Stream:
 
 
 def any_thread() -> mx.Stream:
-    """The stream joined and split arrays are built on: an unverified apply
-    leaves them unevaluated, and a program may first run the model on another
-    thread (mlx-lm's server), where MLX cannot evaluate an array built on a
-    stream of this thread ("no Stream(cpu, 0) in current thread")."""
+    """The stream an unverified apply builds joined arrays on: it leaves them
+    unevaluated, and a program may first run the model on another thread
+    (mlx-lm's server), where MLX cannot evaluate an array built on a stream
+    of this thread ("no Stream(cpu, 0) in current thread"). A verified apply
+    evaluates them at once, on this thread's own stream."""
     return _any_thread_stream(str(mx.default_device()))
 
 

@@ -149,7 +149,7 @@ def test_failed_site_check_restores_the_site(load_zoo, monkeypatch):
 def test_wrong_concatenation_order_is_caught(load_zoo, monkeypatch):
     """The field's classic pitfall: [up, gate] where [gate, up] is split."""
     real = fusion.joined
-    monkeypatch.setattr(fusion, "joined", lambda gate, up: real(up, gate))
+    monkeypatch.setattr(fusion, "joined", lambda gate, up, **kw: real(up, gate, **kw))
     model, _ = load_zoo("qwen3_moe")
     before = snapshot(model)
     report = graphpatch.apply(model, ["fuse_glu"])

@@ -61,7 +61,9 @@ class HalfInput(nn.QuantizedLinear):
 
 def test_a_wrong_rewrite_visible_only_in_float32_is_caught(load_zoo, monkeypatch):
     monkeypatch.setattr(
-        fusion, "joined", lambda gate, up: rebuilt(joined(gate, up), HalfInput)
+        fusion,
+        "joined",
+        lambda *layers, **kw: rebuilt(joined(*layers, **kw), HalfInput),
     )
     model, _ = load_zoo("llama", dtype="float16", quant="affine4", norms="float32")
     reference = model(TOKENS)
