@@ -91,8 +91,7 @@ def test_mlx_lms_bare_assertion_is_named_by_where_it_fails(zoo_dir, tmp_path):
     assert "could not load it" in line and ".py:" in line, line
 
 
-def test_serve_of_a_fused_save_is_one_line(zoo_dir, tmp_path):
-    out = tmp_path / "fused"
+def _fused_save(zoo_dir, out: Path) -> None:
     saved = command(
         "apply",
         "--passes",
@@ -104,6 +103,11 @@ def test_serve_of_a_fused_save_is_one_line(zoo_dir, tmp_path):
         "fused",
     )
     assert saved.returncode == 0, saved.stderr
+
+
+def test_serve_of_a_fused_save_is_one_line(zoo_dir, tmp_path):
+    out = tmp_path / "fused"
+    _fused_save(zoo_dir, out)
     assert "fused" in one_line(command("serve", out, "--port", "18997"))
 
 
@@ -218,17 +222,7 @@ def test_a_request_naming_a_model_that_cannot_be_patched_spares_the_server(
     zoo_dir, tmp_path
 ):
     fused = tmp_path / "fused"
-    saved = command(
-        "apply",
-        "--passes",
-        "fuse_glu",
-        zoo_dir("llama"),
-        "--save",
-        fused,
-        "--save-format",
-        "fused",
-    )
-    assert saved.returncode == 0, saved.stderr
+    _fused_save(zoo_dir, fused)
     port = free_port()
     process = subprocess.Popen(
         [
