@@ -19,6 +19,8 @@ ADAPTERS = (LoRALinear, LoRASwitchLinear)
 
 @functools.cache
 def _any_thread_stream(device: str) -> mx.Stream:
+    # ``device`` (the default device's name) only keys the cache: one stream
+    # per device, made once, since each holds a worker thread for good.
     return mx.new_thread_unsafe_stream(mx.default_device())
 
 
