@@ -21,8 +21,8 @@ from pathlib import Path
 import mlx.core as mx
 
 import graphpatch
+from graphpatch.compare import PROBE_TOKENS
 from graphpatch.testing import zoo
-from graphpatch.verify import PROBE_TOKENS
 
 SMOLLM2_135M = {
     "hidden_size": 576,

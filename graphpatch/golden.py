@@ -29,18 +29,18 @@ import mlx_lm
 import graphpatch
 from graphpatch._version import __version__
 from graphpatch.checks import read_config
-from graphpatch.golden_file import GoldenError, load_checked, prompt_count, read
-from graphpatch.limits import check_tokens
-from graphpatch.loading import quiet_transformers, write_failure
-from graphpatch.opening import load
-from graphpatch.report import printable
-from graphpatch.verify import (
+from graphpatch.compare import (
     PROBE_TOKENS,
     TOLERANCE,
     compare,
     dtype_name,
     logits_dtype,
 )
+from graphpatch.golden_file import GoldenError, load_checked, prompt_count, read
+from graphpatch.limits import check_tokens
+from graphpatch.loading import quiet_transformers, write_failure
+from graphpatch.opening import load
+from graphpatch.report import printable
 
 TOP_K = 8
 DEFAULT_PROMPTS = [*PROBE_TOKENS, [5, 9, 33, 2, 17, 41, 8, 3, 12, 60, 1, 7, 22, 48, 19]]

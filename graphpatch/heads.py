@@ -6,9 +6,9 @@ elide_head.
 import mlx.core as mx
 import mlx.nn as nn
 
+from graphpatch.compare import PROBE_TOKENS
 from graphpatch.contract import walk
-from graphpatch.record import inputs
-from graphpatch.verify import PROBE_TOKENS
+from graphpatch.tapped import inputs
 
 HEADS = (nn.Linear, nn.QuantizedLinear)
 EMBEDDINGS = (nn.Embedding, nn.QuantizedEmbedding)

@@ -13,6 +13,12 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from graphpatch.checks import LoadError
+from graphpatch.compare import (
+    compare,
+    dtype_name,
+    last_logits,
+    probe_tokens,
+)
 from graphpatch.contract import (
     Context,
     GraphpatchError,
@@ -26,15 +32,9 @@ from graphpatch.limits import check_tokens
 from graphpatch.passes import PASSES
 from graphpatch.plan import resolve
 from graphpatch.ranks import agree, anywhere, everywhere
-from graphpatch.record import recording
 from graphpatch.report import REWRITTEN, ModelCheck, Report
 from graphpatch.sites import apply_site
-from graphpatch.verify import (
-    compare,
-    dtype_name,
-    last_logits,
-    probe_tokens,
-)
+from graphpatch.tapped import recording
 
 
 def apply(

@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.utils import infer_quant_config, load_tokenizer
 
-from graphpatch import verified
+from graphpatch import trust
 from graphpatch.checks import (
     LoadError,
     check_config,
@@ -156,8 +156,8 @@ def reapply(model: nn.Module, model_dir: Path, config: dict, verify: str) -> Non
     """Re-apply the passes a plain save recorded (``verify``: see ``verified``)."""
     specs = recorded(model_dir, config)
     if specs:
-        report = verified.apply(model, specs, model_dir, verify)
-        verified.settle(model, report)
+        report = trust.apply(model, specs, model_dir, verify)
+        trust.settle(model, report)
 
 
 def load_fused(model_dir: str | Path, lazy: bool = False) -> tuple:

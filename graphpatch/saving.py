@@ -33,6 +33,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model
 
 from graphpatch._version import __version__
+from graphpatch.compare import compare, last_logits, probe_tokens
 from graphpatch.layout import copies, kept_head, linked_folders, plain_weights
 from graphpatch.loading import (
     EXTRA_WEIGHTS,
@@ -53,7 +54,6 @@ from graphpatch.outdir import (
 )
 from graphpatch.passes import PASSES
 from graphpatch.report import printable
-from graphpatch.verify import compare, last_logits, probe_tokens
 
 FORMATS = ("plain", "fused")
 MAX_SHARD_BYTES = 5 << 30  # mlx-lm's own limit per safetensors file

@@ -3,7 +3,7 @@ before the port opens.
 
 mlx-lm's server loads its model on the first request, so a bad checkpoint or
 a failed check would show only then, behind an open port. Here the loader
-hook (``graphpatch.hook``) is installed in this process, and the server's
+hook (``graphpatch.run_hook``) is installed in this process, and the server's
 ``run`` first loads the default model; every other flag is mlx-lm's own.
 """
 
@@ -52,11 +52,11 @@ def serve(model_dir: Path, host: str, port: int, passes: str, flags: list[str]) 
     Raises:
         ServeError: the model could not be loaded; nothing was listening.
     """
-    from graphpatch import hook
+    from graphpatch import run_hook
 
     if passes:
         os.environ["GRAPHPATCH_PASSES"] = passes
-    hook.install()  # before mlx_lm.server binds mlx_lm.utils.load
+    run_hook.install()  # before mlx_lm.server binds mlx_lm.utils.load
     import mlx_lm.server as server
 
     run = server.run
@@ -72,7 +72,7 @@ def serve(model_dir: Path, host: str, port: int, passes: str, flags: list[str]) 
             raise ServeError(
                 f"{model_dir}: mlx-lm could not load it ({reason})"
             ) from None
-        hook.answering_requests()
+        run_hook.answering_requests()
         try:
             return run(host, port, model_provider, *args, **kwargs)
         except OSError as e:  # the port was free when checked, taken since

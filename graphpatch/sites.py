@@ -8,10 +8,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from graphpatch.compare import compare
 from graphpatch.contract import Context, Pass, Site, module_at, parent_and_key
 from graphpatch.ranks import everywhere
 from graphpatch.report import REWRITTEN, SKIPPED, SiteResult
-from graphpatch.verify import compare
 
 ANOTHER_RANK = "skipped: another rank of the group could not rewrite this site"
 

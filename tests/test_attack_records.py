@@ -25,7 +25,7 @@ from test_attack_inputs import PROPERTY
 from test_run import graphpatch_serve
 
 import graphpatch
-from graphpatch import hook, verified
+from graphpatch import run_hook, trust
 from graphpatch.passes import PASSES
 
 GRAPHPATCH = str(Path(sys.executable).parent / "graphpatch")
@@ -46,7 +46,7 @@ def model_dir(zoo_dir, tmp_path) -> Path:
 
 def patched(model_dir: Path, passes: str, mode: str = "cached"):
     model, _ = mlx_lm.load(str(model_dir))
-    return model, verified.apply(model, passes, model_dir, mode)
+    return model, trust.apply(model, passes, model_dir, mode)
 
 
 def run_under(*args: str) -> subprocess.CompletedProcess:
@@ -98,10 +98,10 @@ def test_weights_rewritten_with_size_and_mtime_kept_are_not_trusted(model_dir):
 @given(at=st.floats(0, 1), byte=st.integers(0, 255))
 def test_any_byte_changed_in_place_changes_the_key(model_dir, at, byte):
     weights = model_dir / "model.safetensors"
-    before = verified.key(model_dir, "fuse_glu")
+    before = trust.key(model_dir, "fuse_glu")
     offset = int(at * (weights.stat().st_size - 1))
     rewrite_in_place(weights, offset, bytes([byte]))
-    assert verified.key(model_dir, "fuse_glu") != before
+    assert trust.key(model_dir, "fuse_glu") != before
 
 
 def edited_copy(source: Path, into: Path) -> Path:
@@ -162,14 +162,14 @@ def test_an_adapter_and_its_base_keep_records_side_by_side(model_dir, tmp_path, 
     model, _ = mlx_lm.load(str(model_dir), adapter_path=str(adapter))
     assert not mx.array_equal(model(TOKENS), mlx_lm.load(str(model_dir))[0](TOKENS))
     passes, known_path = "fuse_glu,fuse_qkv", {"adapter_path": adapter} if known else {}
-    first = verified.apply(model, passes, model_dir, "cached", **known_path)
+    first = trust.apply(model, passes, model_dir, "cached", **known_path)
     assert first.record.startswith("verified now") and first.verified
     assert record_of(first) != record_of(base)
     trusted = patched(model_dir, passes)[1]
     assert trusted.record.startswith("verified on ")
     assert record_of(trusted) == record_of(base)
     model, _ = mlx_lm.load(str(model_dir), adapter_path=str(adapter))
-    again = verified.apply(model, passes, model_dir, "cached", **known_path)
+    again = trust.apply(model, passes, model_dir, "cached", **known_path)
     assert again.record.startswith("verified on") and not again.verified
 
 
@@ -233,7 +233,7 @@ def test_a_broken_record_is_one_warning_and_a_fresh_verification(model_dir, cont
     _, report = patched(model_dir, "fuse_glu")
     assert report.verified and report.record == f"verified now, record {file}"
     assert len(report.warnings) == 1
-    assert report.warnings[0].startswith(f"{verified.IGNORED} {file} (")
+    assert report.warnings[0].startswith(f"{trust.IGNORED} {file} (")
     assert patched(model_dir, "fuse_glu")[1].record.startswith("verified on")
 
 
@@ -269,7 +269,7 @@ def test_an_unusable_cache_is_one_warning(
     _, report = patched(model_dir, "fuse_glu", mode)
     assert report.verified and report.record is None
     (warning,) = report.warnings
-    assert warning.startswith((verified.CACHE_OFF, verified.NOT_WRITTEN))
+    assert warning.startswith((trust.CACHE_OFF, trust.NOT_WRITTEN))
     assert why in warning
 
 
@@ -290,7 +290,7 @@ def test_a_record_that_cannot_be_replaced_is_not_claimed(model_dir):
     file.mkdir()  # os.replace of the temporary file onto it fails
     _, report = patched(model_dir, "fuse_glu", "always")
     assert report.record is None
-    assert report.warnings[0].startswith(f"{verified.NOT_WRITTEN} {file}")
+    assert report.warnings[0].startswith(f"{trust.NOT_WRITTEN} {file}")
     assert sorted(p.name for p in file.parent.iterdir() if p.name.startswith(".")) == []
 
 
@@ -299,7 +299,7 @@ def test_a_broken_record_never_stops_a_program_under_run(model_dir):
     file.write_text("[")
     done = run_under("--passes", "fuse_glu", "--", PYTHON, "-c", load_script(model_dir))
     assert done.returncode == 0 and done.stdout == "done\n", done.stderr
-    assert f"warning: {verified.IGNORED} {file}" in done.stderr
+    assert f"warning: {trust.IGNORED} {file}" in done.stderr
 
 
 def test_serve_starts_past_a_broken_record(model_dir):
@@ -307,7 +307,7 @@ def test_serve_starts_past_a_broken_record(model_dir):
     file.write_bytes(b"\xff")
     answered, stderr = graphpatch_serve(model_dir, "fuse_glu")
     assert answered and "mlx-lm could not load" not in stderr
-    assert f"warning: {verified.IGNORED} {file}" in stderr
+    assert f"warning: {trust.IGNORED} {file}" in stderr
 
 
 # 3. a cached mismatch undoes only its own apply
@@ -317,12 +317,12 @@ def test_a_cached_mismatch_keeps_the_passes_load_applied(model_dir, tmp_path):
     model, _, _ = graphpatch.load(model_dir)
     graphpatch.apply(model, ["fuse_qkv"])
     save = graphpatch.save(model, model_dir, tmp_path / "save")
-    file = record_of(verified.apply(graphpatch.load(save)[0], "fuse_glu", save))
+    file = record_of(trust.apply(graphpatch.load(save)[0], "fuse_glu", save))
     record = json.loads(file.read_text())
     record["sites"]["fuse_glu"] = record["sites"]["fuse_glu"][:1]
     file.write_text(json.dumps(record))
     model, _, _ = graphpatch.load(save)
-    report = verified.apply(model, "fuse_glu", save, "cached")
+    report = trust.apply(model, "fuse_glu", save, "cached")
     assert report.verified and len(report.rewritten()) == 2
     assert len(PASSES["fuse_qkv"].applied(model)) == 2
     out = graphpatch.save(model, save, tmp_path / "out")
@@ -346,7 +346,7 @@ def test_a_report_fifo_nobody_reads_never_blocks_the_hook(model_dir, tmp_path):
         env=env,
     )
     assert done.returncode == 0 and done.stdout == "done\n", done.stderr
-    assert f"{hook.REPORT_NOT_WRITTEN} {fifo} ({hook.NO_READER})" in done.stderr
+    assert f"{run_hook.REPORT_NOT_WRITTEN} {fifo} ({run_hook.NO_READER})" in done.stderr
     assert "fuse_glu: 2 rewritten" in done.stderr
 
 
@@ -366,8 +366,8 @@ def a_script(tmp_path: Path) -> Path:
 
 def test_a_script_that_is_not_executable_cannot_run(tmp_path):
     script = a_script(tmp_path)
-    with pytest.raises(hook.CannotRun, match=re.escape(hook.NOT_EXECUTABLE)):
-        hook.run([str(script)], dict(os.environ), STARTUP)
+    with pytest.raises(run_hook.CannotRun, match=re.escape(run_hook.NOT_EXECUTABLE)):
+        run_hook.run([str(script)], dict(os.environ), STARTUP)
 
 
 # 5. a patched model generates from any thread
@@ -416,6 +416,6 @@ def test_a_verified_apply_generates_on_another_thread(zoo_dir, passes):
 def test_a_trusted_apply_generates_on_another_thread(model_dir, passes):
     patched(model_dir, passes)
     model, tokenizer = mlx_lm.load(str(model_dir))
-    report = verified.apply(model, passes, model_dir, "cached")
+    report = trust.apply(model, passes, model_dir, "cached")
     assert report.record.startswith("verified on")
     assert on_a_thread(model, tokenizer) == unfused_text(model_dir)

@@ -16,10 +16,10 @@ from hypothesis import strategies as st
 from mlx_lm.utils import quantize_model
 
 import graphpatch
+from graphpatch.compare import last_logits, probe_tokens
 from graphpatch.contract import module_at
 from graphpatch.passes import fuse_glu
 from graphpatch.testing import zoo
-from graphpatch.verify import last_logits, probe_tokens
 
 # name, build options, sites rewritten, sites left alone (with this reason)
 ARCHITECTURES = [

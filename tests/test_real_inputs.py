@@ -7,7 +7,7 @@ import pytest
 from conftest import TOKENS
 
 import graphpatch
-from graphpatch import fusion, record
+from graphpatch import fusion, tapped
 from graphpatch.contract import Context, rebuilt
 from graphpatch.fusion import joined
 from graphpatch.passes import fuse_glu
@@ -42,9 +42,9 @@ def test_every_pass_on_checkpoints_that_mix_dtypes(zoo_dir, name, build):
 def test_sites_are_probed_with_the_activations_the_model_produced(load_zoo):
     model, _ = load_zoo("qwen3_moe", **MIXED)
     taps = fuse_glu.taps(model, {}, Context())
-    logits, recorded = record.recording(model, taps, lambda: model(TOKENS))
+    logits, recorded = tapped.recording(model, taps, lambda: model(TOKENS))
     for tap in taps:
-        ((x, indices),) = record.inputs(recorded, tap)
+        ((x, indices),) = tapped.inputs(recorded, tap)
         assert x.dtype == mx.float32 and x.shape[:2] == TOKENS.shape
         assert indices.dtype == mx.uint32  # the router's real choice
     assert type(model.model.layers[0].mlp).__name__ == "Qwen3MoeSparseMoeBlock"

@@ -7,7 +7,7 @@ import mlx.core as mx
 from rich.console import Console
 
 import graphpatch
-from graphpatch.verify import TOLERANCE, compare, logits_dtype, tolerance_for
+from graphpatch.compare import TOLERANCE, compare, logits_dtype, tolerance_for
 
 
 def test_report_as_json_and_table(load_zoo):

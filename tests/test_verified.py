@@ -14,7 +14,7 @@ import pytest
 from conftest import TOKENS
 
 import graphpatch
-from graphpatch import verified
+from graphpatch import trust
 
 GRAPHPATCH = Path(sys.executable).parent / "graphpatch"
 
@@ -26,7 +26,7 @@ def model_dir(zoo_dir, tmp_path) -> Path:
 
 def patched(model_dir: Path, passes: str, mode: str):
     model, _, _ = graphpatch.load(model_dir)
-    return model, verified.apply(model, passes, model_dir, mode)
+    return model, trust.apply(model, passes, model_dir, mode)
 
 
 def test_a_matching_record_skips_verification(model_dir):

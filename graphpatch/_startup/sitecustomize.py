@@ -12,7 +12,7 @@ import sys
 
 _here = os.path.dirname(os.path.realpath(__file__))
 _spec = importlib.util.spec_from_file_location(
-    "graphpatch_hook", os.path.join(os.path.dirname(_here), "hook.py")
+    "graphpatch_hook", os.path.join(os.path.dirname(_here), "run_hook.py")
 )
 assert _spec is not None and _spec.loader is not None  # a file we ship
 _hook = importlib.util.module_from_spec(_spec)

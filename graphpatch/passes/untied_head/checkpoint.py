@@ -10,10 +10,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from graphpatch.compare import PROBE_TOKENS, dtype_name
 from graphpatch.contract import GraphpatchError
 from graphpatch.heads import dims_of, find_embedding
 from graphpatch.loading import read_arrays
-from graphpatch.verify import PROBE_TOKENS, dtype_name
 
 NO_HEAD = "no LM head found: no vocabulary-sized top-level linear and no embedding"
 NOT_PROVEN = (

@@ -16,7 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedLinear
 
-from graphpatch import fusion, record
+from graphpatch import fusion, tapped
 from graphpatch.contract import Context, Pass, Site, module_at, walk
 
 LAYERS = (
@@ -72,7 +72,7 @@ def probe(
 ):
     # What the attention really fed q_proj in the reference forward; a
     # synthetic input of the site's dtype where the forward did not reach it.
-    inputs = record.inputs(recorded, (f"{site.path}.q_proj", "__call__"))
+    inputs = tapped.inputs(recorded, (f"{site.path}.q_proj", "__call__"))
     if not inputs:
         q = fusion.layer_of(module_at(model, site.path), "q_proj")
         dims = (

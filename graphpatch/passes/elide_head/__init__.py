@@ -26,6 +26,7 @@ Equivalence:   the sampled token on every rank equals the unpatched model's;
 import mlx.core as mx
 import mlx.nn as nn
 
+from graphpatch.compare import PROBE_TOKENS
 from graphpatch.contract import (
     Context,
     Pass,
@@ -51,7 +52,6 @@ from graphpatch.passes.elide_head.pipeline import (
 )
 from graphpatch.passes.elide_head.pipeline import ElideError as ElideError  # find's
 from graphpatch.passes.elide_head.pipeline import sampler as sampler  # documented
-from graphpatch.verify import PROBE_TOKENS
 
 ALREADY_APPLIED = "already applied"
 NOT_PIPELINED = "not a pipelined model (no PipelineMixin)"

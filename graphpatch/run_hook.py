@@ -106,7 +106,7 @@ def _adapter_path(loader, args: tuple, kwargs: dict) -> str | None:
 
 def _patch(model, path_or_repo, adapter_path: str | None = None) -> None:
     import graphpatch
-    from graphpatch import verified
+    from graphpatch import trust
     from graphpatch.report import printable
 
     _loaded_one()
@@ -116,12 +116,12 @@ def _patch(model, path_or_repo, adapter_path: str | None = None) -> None:
         say = _progress(path_or_repo)
         if model_dir.is_dir():
             passes = _passes(model_dir)
-            report = verified.apply(
+            report = trust.apply(
                 model, passes, model_dir, mode, say, adapter_path=adapter_path
             )
         else:
             report = graphpatch.apply(model, verify=mode != "never", progress=say)
-        verified.settle(model, report)  # the program may run it on another thread
+        trust.settle(model, report)  # the program may run it on another thread
     except graphpatch.VerificationError as e:
         if e.report is not None:
             _emit(e.report, path_or_repo)

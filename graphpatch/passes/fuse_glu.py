@@ -19,7 +19,7 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedLinear
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from graphpatch import fusion, record
+from graphpatch import fusion, tapped
 from graphpatch.contract import Context, Pass, Site, module_at, walk
 from graphpatch.parts import FusedPart
 
@@ -140,7 +140,7 @@ def probe(
     # real dtype; synthetic ones only where none were recorded, and for
     # SwitchGLU's sorted path (indices.size >= 64), which a short probe's
     # real indices do not reach: (2, 16) tokens, as many experts each.
-    inputs = record.inputs(recorded, (site.path, "__call__"))
+    inputs = tapped.inputs(recorded, (site.path, "__call__"))
     if not inputs:
         inputs = _inputs(model, site, dtype, [(1, 1), (2, 16)])
     elif site.kind == "moe" and max(args[1].size for args in inputs) < SORTED:

@@ -8,9 +8,9 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
+from graphpatch.compare import PROBE_TOKENS
 from graphpatch.contract import module_at, walk
 from graphpatch.passes.last_token.rule import LastPositions, prefill, takes_cache
-from graphpatch.verify import PROBE_TOKENS
 
 INLINE = "the head is computed inline: the body's output keeps the last positions"
 

@@ -30,9 +30,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
 
-import graphpatch
 from graphpatch._version import __version__
-from graphpatch.contract import Pass, module_at
+from graphpatch.contract import Pass, PassSpecError, module_at
 from graphpatch.manager import apply as apply_passes
 from graphpatch.plan import resolve
 from graphpatch.report import Report, printable
@@ -131,7 +130,7 @@ def _code(plan: list[Pass]) -> str:
     """A hash of the source graphpatch runs: its core and each applied pass
     (a whole package, for a pass that is one), so that a pass edited in a
     development install is verified again."""
-    core = Path(graphpatch.__file__).parent
+    core = Path(__file__).parent
     files = sorted(core.glob("*.py"))
     files.append(Path(str(sys.modules["graphpatch.passes"].__file__)))
     for p in plan:
@@ -191,7 +190,7 @@ def apply(
         when none was, and a warning says why).
     """
     if mode not in MODES:
-        raise graphpatch.PassSpecError(f"--verify must be one of {', '.join(MODES)}")
+        raise PassSpecError(f"--verify must be one of {', '.join(MODES)}")
     model_dir = Path(model_dir)
 
     def apply_with(verify: bool) -> Report:
