@@ -3,8 +3,10 @@
 A golden file is a small safetensors file: per prompt its token ids, the
 float32 logits of its last position and their top-k ids, plus metadata
 (graphpatch, mlx and mlx-lm versions, platform and device, hashes of the
-model's config and weights, dtype, passes, tolerance). ``check`` recomputes
-and compares, and refuses a file recorded from another model.
+model's config and tensors, dtype, passes, tolerance). ``check`` recomputes
+and compares, and refuses a file recorded from another model; a plain save
+is the model it was saved from (its graphpatch section and the layout of its
+files are left out of the hashes).
 
 Verdicts, per prompt. The error is ``verify.compare``'s: a token masked with
 the same infinity in the file and now (-inf, phi3small's) is no error, and
@@ -28,7 +30,7 @@ import mlx_lm
 
 import graphpatch
 from graphpatch._version import __version__
-from graphpatch.checks import read_config
+from graphpatch.checks import check_weights, read_config
 from graphpatch.compare import (
     PROBE_TOKENS,
     TOLERANCE,
@@ -36,7 +38,14 @@ from graphpatch.compare import (
     dtype_name,
     logits_dtype,
 )
-from graphpatch.golden_file import GoldenError, load_checked, prompt_count, read
+from graphpatch.golden_file import (
+    GoldenError,
+    bytes_hash,
+    load_checked,
+    prompt_count,
+    read,
+    tensors_hash,
+)
 from graphpatch.limits import check_tokens
 from graphpatch.loading import quiet_transformers, write_failure
 from graphpatch.opening import load
@@ -45,7 +54,8 @@ from graphpatch.report import printable
 TOP_K = 8
 DEFAULT_PROMPTS = [*PROBE_TOKENS, [5, 9, 33, 2, 17, 41, 8, 3, 12, 60, 1, 7, 22, 48, 19]]
 # Metadata that names the model: a file recorded from another is refused.
-IDENTITY = ("config_hash", "weights_hash", "weights_stat")
+IDENTITY = ("config_hash", "weights_hash", "weights_hash_of", "weights_stat")
+TENSORS = "tensors"  # weights_hash_of: how the weights were hashed
 NAN_FROM_MODEL = "gives NaN logits: there is nothing to record"
 IN_A_MODEL_DIR = (
     "is a model directory (it holds config.json), where mlx-lm could read a "
@@ -54,17 +64,16 @@ IN_A_MODEL_DIR = (
 
 
 def config_hash(model_dir: Path) -> str:
+    """The config's hash without graphpatch's own section: a save of the
+    model is the model whose golden file it checks against."""
     config = json.loads((model_dir / "config.json").read_text())
+    config.pop("graphpatch", None)
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
 
 
 def weights_hash(model_dir: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(model_dir.glob("model*.safetensors")):
-        with open(file, "rb") as f:
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-    return digest.hexdigest()
+    """The hash of the tensors the model directory's weight files hold."""
+    return tensors_hash(model_dir)
 
 
 def weights_stat(model_dir: Path) -> str:
@@ -72,6 +81,20 @@ def weights_stat(model_dir: Path) -> str:
     check trusts the recorded hash instead of reading every byte again."""
     files = sorted(model_dir.glob("model*.safetensors"))
     return json.dumps([[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files])
+
+
+def identity(model_dir: Path, recorded: dict[str, str] | None = None) -> dict:
+    """The metadata that names the model. Against a ``recorded`` file: its
+    weights hash is trusted while the files' stat is as recorded, and is of
+    the files' bytes where the file predates tensor hashes."""
+    recorded = recorded or {}
+    if recorded.get("weights_stat") == weights_stat(model_dir):
+        weights = recorded.get("weights_hash")
+    elif recorded and recorded.get("weights_hash_of") != TENSORS:
+        weights = bytes_hash(model_dir)
+    else:
+        weights = weights_hash(model_dir)
+    return {"config_hash": config_hash(model_dir), "weights_hash": weights}
 
 
 def _logits(model, prompts: list[list[int]]) -> list[mx.array]:
@@ -87,9 +110,8 @@ def _model(model_dir: Path, passes: str):
     return model, tokenizer
 
 
-def _metadata(
-    model_dir: Path, model, passes: str, weights: str | None = None
-) -> dict[str, str]:
+def _metadata(model, passes: str) -> dict[str, str]:
+    """What a file records besides the model's identity."""
     dtype = logits_dtype(model)
     atol, rtol = TOLERANCE.get(dtype, TOLERANCE[mx.float32])
     return {
@@ -98,9 +120,6 @@ def _metadata(
         "mlx_lm": mlx_lm.__version__,
         "platform": platform.platform(),
         "device": str(mx.default_device()),
-        "config_hash": config_hash(model_dir),
-        "weights_hash": weights or weights_hash(model_dir),
-        "weights_stat": weights_stat(model_dir),
         "dtype": dtype_name(dtype),
         "passes": passes,
         "tolerance": f"{atol},{rtol}",
@@ -139,7 +158,13 @@ def record(
         arrays[f"tokens.{i}"] = mx.array(tokens, mx.int32)
         arrays[f"logits.{i}"] = logits
         arrays[f"top.{i}"] = mx.argsort(-logits)[:TOP_K].astype(mx.int32)
-    metadata = _metadata(model_dir, model, passes) | (extra or {})
+    metadata = {
+        **identity(model_dir),
+        "weights_hash_of": TENSORS,
+        "weights_stat": weights_stat(model_dir),
+        **_metadata(model, passes),
+        **(extra or {}),
+    }
     # mx.save_safetensors appends .safetensors to other names: write a
     # temporary name it keeps, then rename, so OUT is exactly what was asked.
     tmp = out.parent / f".{out.name}.graphpatch-{os.getpid()}.safetensors"
@@ -195,23 +220,17 @@ def check(
     """
     model_dir = Path(model_dir)
     read_config(model_dir)
+    check_weights(model_dir)
     arrays, recorded = read(file)
     passes = recorded.get("passes", "") if passes is None else passes
-    unchanged = recorded.get("weights_stat") == weights_stat(model_dir)
-    here = {
-        "config_hash": config_hash(model_dir),
-        "weights_hash": recorded.get("weights_hash")
-        if unchanged
-        else weights_hash(model_dir),
-    }
-    for key, value in here.items():
+    for key, value in identity(model_dir, recorded).items():
         if recorded.get(key) != value:
             raise GoldenError(
                 f"{file} was recorded from another model: its {key.replace('_', ' ')} "
                 f"differs from {model_dir}'s"
             )
     model, _ = _model(model_dir, passes)
-    now = _metadata(model_dir, model, passes, here["weights_hash"])
+    now = _metadata(model, passes)
     atol, rtol = (float(x) for x in recorded["tolerance"].split(","))
     prompts = [arrays[f"tokens.{i}"].tolist() for i in range(prompt_count(arrays))]
     check_tokens(model, prompts, f"{file}")

@@ -1,7 +1,11 @@
 """A golden file as ``golden`` writes it, read back and checked for what
-``check`` reads: its prompts, logits, top ids and metadata.
+``check`` reads: its prompts, logits, top ids and metadata; and the hashes
+of a model's weights it records.
 """
 
+import contextlib
+import hashlib
+import json
 from pathlib import Path
 
 import mlx.core as mx
@@ -89,3 +93,49 @@ def _problem(arrays: dict[str, mx.array], metadata: dict[str, str]) -> str | Non
 
 def _ints(array: mx.array) -> bool:
     return mx.issubdtype(array.dtype, mx.integer)
+
+
+def tensors_hash(model_dir: Path) -> str:
+    """sha256 of every tensor's name, dtype, shape and bytes, in name order:
+    the same tensors hash alike however files shard, order or label them."""
+    tensors = {}
+    for file in sorted(model_dir.glob("model*.safetensors")):
+        start, header = _header(file)
+        for name, entry in header.items():
+            if name != "__metadata__":
+                tensors[name] = (file, start, entry)
+    digest = hashlib.sha256()
+    with contextlib.ExitStack() as stack:
+        opened = {}
+        for name in sorted(tensors):
+            file, start, entry = tensors[name]
+            if file not in opened:
+                opened[file] = stack.enter_context(open(file, "rb"))
+            digest.update(json.dumps([name, entry["dtype"], entry["shape"]]).encode())
+            begin, end = entry["data_offsets"]
+            opened[file].seek(start + begin)
+            _copy_into(digest, opened[file], end - begin)
+    return digest.hexdigest()
+
+
+def _header(file: Path) -> tuple[int, dict]:
+    """Where a safetensors file's data starts, and its header."""
+    with open(file, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return 8 + size, json.loads(f.read(size))
+
+
+def _copy_into(digest, f, count: int) -> None:
+    while count > 0 and (chunk := f.read(min(count, 1 << 20))):
+        digest.update(chunk)
+        count -= len(chunk)
+
+
+def bytes_hash(model_dir: Path) -> str:
+    """The weight files' bytes: what files recorded before tensor hashes hold."""
+    digest = hashlib.sha256()
+    for file in sorted(model_dir.glob("model*.safetensors")):
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+    return digest.hexdigest()
