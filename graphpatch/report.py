@@ -15,7 +15,7 @@ from graphpatch._version import __version__
 
 REWRITTEN = "rewritten"
 SKIPPED = "skipped"
-SCHEMA = 1  # of to_dict(): bumped when a key changes meaning or goes away
+SCHEMA = 2  # of to_dict(): bumped when keys come, change meaning or go away
 LINE = 1000  # the longest text of one printed line, a path within it
 
 
@@ -67,6 +67,16 @@ class ModelCheck:
 
 
 @dataclass
+class RecordUse:
+    """The verification record an apply used: ``trusted`` when its sites
+    were taken from it, False when they were verified now and it was written."""
+
+    path: str
+    date: str
+    trusted: bool
+
+
+@dataclass
 class Report:
     passes: list[str]
     dtype: str
@@ -76,7 +86,8 @@ class Report:
     warnings: list[str] = field(default_factory=list)
     seconds: float = 0.0
     rolled_back: bool = False
-    record: str | None = None  # the verification record used or written
+    record: str | None = None  # the verification record used or written, a line
+    record_used: RecordUse | None = None  # the same, as fields
     model: str | None = None  # the model directory or repo id, when known
     rank: int | None = None  # in a distributed group, this process's rank
 

@@ -34,7 +34,7 @@ from graphpatch._version import __version__
 from graphpatch.contract import Pass, PassSpecError, module_at
 from graphpatch.manager import apply as apply_passes
 from graphpatch.plan import resolve
-from graphpatch.report import Report, printable
+from graphpatch.report import RecordUse, Report, printable
 
 MODES = ("always", "cached", "never")
 CACHE_OFF = "verification records are off"
@@ -186,8 +186,9 @@ def apply(
         adapter_path: the adapter directory the model was loaded with.
 
     Returns:
-        The report; ``report.record`` names the record used or written (None
-        when none was, and a warning says why).
+        The report; ``report.record`` names the record used or written in a
+        line, ``report.record_used`` in fields (both None when none was, and
+        a warning says why).
     """
     if mode not in MODES:
         raise PassSpecError(f"--verify must be one of {', '.join(MODES)}")
@@ -208,6 +209,7 @@ def apply(
         report = apply_with(False)
         if record["sites"] == _sites(report):
             report.record = f"verified on {printable(record['date'])}, record {file}"
+            report.record_used = RecordUse(str(file), record["date"], trusted=True)
             settle(model, report)
             return report
         _undo(model, passes, report)  # only this apply's: load's passes stay
@@ -215,7 +217,7 @@ def apply(
     report.warnings += [problem] if problem else []
     # a cache that failed to read is not written to: one warning is enough
     if report.passes and file is not None and not (problem or "").startswith(CACHE_OFF):
-        report.record = _write(file, model_dir, report)
+        _write(file, model_dir, report)
     return report
 
 
@@ -298,11 +300,12 @@ def _sites(report: Report) -> dict[str, list[str]]:
     return sites
 
 
-def _write(file: Path, model_dir: Path, report: Report) -> str | None:
-    """Write the record atomically; return the report's line for it, or None
-    with a warning (and no temporary file left) when it cannot be written."""
+def _write(file: Path, model_dir: Path, report: Report) -> None:
+    """Write the record atomically and name it in the report, or warn (and
+    leave no temporary file) when it cannot be written."""
+    date = datetime.date.today().isoformat()
     record = {
-        "date": datetime.date.today().isoformat(),
+        "date": date,
         "checkpoint": str(model_dir.resolve()),
         "sites": _sites(report),
     }
@@ -317,5 +320,6 @@ def _write(file: Path, model_dir: Path, report: Report) -> str | None:
         except OSError:
             pass
         report.warnings.append(f"{NOT_WRITTEN} {file} ({_why(e)})")
-        return None
-    return f"verified now, record {file}"
+        return
+    report.record = f"verified now, record {file}"
+    report.record_used = RecordUse(str(file), date, trusted=False)

@@ -2,13 +2,16 @@
 its source's golden file, the JSON report's record, the lines the command
 prints, and ``graphpatch.load`` in mlx-lm's shapes."""
 
+import datetime
 import json
+import shutil
 from pathlib import Path
 
 import mlx.core as mx
 from test_cli import run
 
 from graphpatch import golden
+from graphpatch.report import SCHEMA
 
 
 def test_a_plain_save_checks_against_its_sources_golden_file(zoo_dir, tmp_path):
@@ -33,3 +36,20 @@ def test_a_golden_file_of_file_bytes_still_names_its_model(zoo_dir, tmp_path):
     metadata["weights_hash"] = golden.bytes_hash(Path(source))
     mx.save_safetensors(str(tmp_path / "old.safetensors"), arrays, metadata)
     assert golden.check(source, tmp_path / "old.safetensors").ok
+
+
+def test_the_json_report_names_its_record_in_fields(zoo_dir, tmp_path):
+    model = shutil.copytree(zoo_dir("llama"), tmp_path / "model")
+    args = ["apply", "--passes", "fuse_glu", "--verify", "cached", model]
+    fresh = json.loads(run(*args, "--json").stdout)
+    used = fresh["record_used"]
+    assert fresh["schema"] == SCHEMA == 2
+    assert used == {"path": used["path"], "date": used["date"], "trusted": False}
+    assert fresh["record"] == f"verified now, record {used['path']}"
+    trusted = json.loads(run(*args, "--json").stdout)
+    assert trusted["record_used"] == {**used, "trusted": True}
+    assert datetime.date.fromisoformat(used["date"]) == datetime.date.today()
+    said = f"verified on {used['date']}, record {used['path']}"
+    assert trusted["record"] == said and said in run(*args).output
+    never = json.loads(run(*args[:-3], "--verify", "never", model, "--json").stdout)
+    assert never["record"] is None and never["record_used"] is None
