@@ -1,0 +1,191 @@
+"""shard: tensor parallelism over the process's world group, by structure.
+
+Rewrite:       attention: q, k, v (or a fused qkv, by its q/k/v segments)
+               -> mlx's all-to-sharded layers holding this rank's heads, and
+               its output projection -> sharded-to-all (one all_sum, its bias
+               added once); the head counts the block's __call__ reads become
+               this rank's, per-head arrays (sinks) and per-head gates are
+               sliced. kv heads fewer than ranks are replicated (each rank
+               keeps the one its q heads read) where N is a multiple of them.
+               GLU and plain MLPs: up projections all-to-sharded, down
+               sharded-to-all. MoE: the routed experts (SwitchGLU) split in
+               place on their hidden dim, shared experts likewise, the router
+               whole, and the block sums its output once (routed + shared).
+               Embeddings, norms and the LM head stay whole on every rank.
+               ``shard:moe_only`` shards the MoE blocks alone (exo #1996).
+Preconditions: a group of more than one rank; head counts held in attributes
+               named as counts and agreeing with the projections' shapes;
+               every split size divisible by N; no quantization group cut by
+               a split; no norm over the split axis (MiniMax's q/k norm over
+               every head); no per-block array the pass cannot place; a
+               block whose output is one array; no pipeline on the group.
+Equivalence:   each block's output after its all_sum equals the unsharded
+               block's on the inputs the model fed it, on every rank, within
+               the dtype tolerance of ``compare.TOLERANCE``: the all_sum
+               reorders the additions of a dot product (N partial sums,
+               each rounded, then summed), which float32's 1e-5 relative
+               bound holds by orders of magnitude; half types round each
+               partial once more, within their bound at N = 2 on the zoo.
+               Then the model's logits, on every rank.
+"""
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from graphpatch.contract import (
+    Context,
+    Options,
+    Pass,
+    Probe,
+    Proof,
+    Saving,
+    Settings,
+    Site,
+    Tap,
+    mark,
+    marked,
+    module_at,
+    replace_at,
+    unmark_at,
+    walk,
+)
+from graphpatch.passes.shard import probes
+from graphpatch.passes.shard.blocks import Plan, find_blocks, local, plan
+from graphpatch.passes.shard.split import gathered
+
+ALREADY_APPLIED = "already applied"
+GROUP_OF_ONE = "one rank in the group: nothing to shard"
+PIPELINED = "the model is pipelined over the group (elide_head's case): not sharded"
+NOT_ONE_ARRAY = (
+    "the block returns {what}, not one array: its rank-local parts cannot be checked"
+)
+SAVE_REFUSED = (
+    "a sharded model holds one rank's part of each block: save the unsharded "
+    "model and apply shard when each rank loads it"
+)
+
+
+class Sharded:
+    """The marker of a block shard rewrote: its plan and its counts before."""
+
+    shard_plan: Plan
+    shard_group = None
+
+
+class SummedSharded(Sharded):
+    """A block whose parts are split in place (MoE): it sums its output."""
+
+    def __call__(self, *args, **kwargs):
+        y = super().__call__(*args, **kwargs)  # type: ignore[misc]
+        return mx.distributed.all_sum(y, group=self.shard_group)
+
+
+def _group():
+    return mx.distributed.init()
+
+
+def find(model: nn.Module, options: Options, context: Context) -> list[Site]:
+    n = _group().size()
+    pipelined = any(getattr(m, "pipeline_size", 1) > 1 for _, m in walk(model))
+    sites = []
+    for path, kind in find_blocks(model, options["moe_only"]):
+        module = module_at(model, path)
+        site = Site(path, kind, collective=True)
+        if isinstance(module, Sharded):
+            site.skip = ALREADY_APPLIED
+        elif n == 1:
+            site.skip = GROUP_OF_ONE
+        elif pipelined:
+            site.skip = PIPELINED
+        elif isinstance(p := plan(module, kind, n), str):
+            site.skip = p
+        sites.append(site)
+    return sites
+
+
+def why_not(
+    model: nn.Module, site: Site, options: Options, context: Context
+) -> str | None:
+    return None  # every reason is known when the site is found
+
+
+def rewrite(model: nn.Module, site: Site, options: Options, context: Context) -> str:
+    group = _group()
+    module = module_at(model, site.path)
+    p = plan(module, site.kind, group.size())
+    assert not isinstance(p, str)  # find gave this site no skip
+    before = {name: vars(module)[name] for name in p.counts}
+    new = local(module, p, group.rank(), group)
+    marker = SummedSharded if p.summed else Sharded
+    p.before = before
+    replace_at(model, site.path, mark(new, marker, shard_plan=p, shard_group=group))
+    return _note(p, before)
+
+
+def _note(p: Plan, before: dict) -> str:
+    counts = ", ".join(f"{k} {v} -> {p.counts[k]}" for k, v in before.items())
+    parts = f"{len(p.parts)} layers split over {p.n} ranks"
+    return f"{parts}; {counts}" if counts else parts
+
+
+def undo(model: nn.Module, path: str) -> None:
+    """Every rank's parts gathered back (an all_gather: exact), then the
+    counts and the block's class as they were."""
+    module = module_at(model, path)
+    p, group = module.shard_plan, module.shard_group
+    for part, (axis, every, _) in p.parts.items():
+        replace_at(module, part, gathered(module_at(module, part), axis, every, group))
+    for name, every in p.arrays.items():
+        parts = mx.distributed.all_gather(module[name][None], group=group)
+        module[name] = _rows_back(parts, every)
+    vars(module).update(p.before)
+    unmark_at(model, path)
+
+
+def _rows_back(parts: mx.array, every: list) -> mx.array:
+    found: dict[int, mx.array] = {}
+    for rank, ranges in enumerate(every):
+        offset = 0
+        for a, b in ranges:
+            found.setdefault(a, parts[rank][offset : offset + b - a])
+            offset += b - a
+    return mx.concatenate([found[a] for a in sorted(found)])
+
+
+def applied(model: nn.Module) -> list[str]:
+    return marked(model, Sharded)
+
+
+def taps(model: nn.Module, options: Options, context: Context) -> list[Tap]:
+    return probes.taps(find_blocks(model, options["moe_only"]))
+
+
+def probe(model: nn.Module, site: Site, options: Options, context: Context) -> Probe:
+    module = module_at(model, site.path)
+    inputs = probes.block_inputs(
+        module, site.path, site.kind, context.recorded, context.dtype
+    )
+
+    def run() -> list[mx.array]:
+        block = module_at(model, site.path)
+        outputs = [block(*args, **kwargs) for args, kwargs in inputs]
+        for out in outputs:
+            if not isinstance(out, mx.array):
+                raise TypeError(NOT_ONE_ARRAY.format(what=type(out).__name__))
+        return outputs
+
+    return run
+
+
+PASS = Pass(
+    name="shard",
+    summary="tensor parallelism over the world group (attention by heads, MLPs, MoE)",
+    find=find,
+    why_not=why_not,
+    rewrite=rewrite,
+    undo=undo,
+    applied=applied,
+    proof=Proof(probe=probe, taps=taps),
+    saving=Saving(refused=SAVE_REFUSED),
+    settings=Settings(defaults={"moe_only": False}),
+)

@@ -1,0 +1,59 @@
+"""Shard checked in one process: every rank's block built here, run on the
+same inputs, and their outputs summed, which is the maths of the all_sum the
+ranks would do (a sharded-to-all bias counted once, on rank 0). No collective
+runs and nothing in mlx is replaced; it is how the coverage table checks
+every architecture over ``n`` ranks without starting them.
+"""
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from graphpatch.compare import compare
+from graphpatch.contract import module_at
+from graphpatch.passes.shard.blocks import find_blocks, local, plan
+from graphpatch.passes.shard.probes import block_inputs
+
+
+@dataclass
+class Checked:
+    path: str
+    kind: str
+    reason: str | None = None  # None: sharded and within tolerance
+    max_error: float | None = None
+    tolerance: float | None = None
+
+
+def check_alone(
+    model: nn.Module, n: int, recorded: dict, dtype, moe_only: bool = False
+) -> list[Checked]:
+    """Every block of ``model`` sharded over ``n`` simulated ranks, checked
+    against the unsharded block on the inputs ``recorded`` for it."""
+    group = mx.distributed.init()
+    results = []
+    for path, kind in find_blocks(model, moe_only):
+        result = Checked(path, kind)
+        results.append(result)
+        module = module_at(model, path)
+        p = plan(module, kind, n)
+        if isinstance(p, str):
+            result.reason = p
+            continue
+        inputs = block_inputs(module, path, kind, recorded, dtype)
+        try:
+            whole = [module(*args, **kwargs) for args, kwargs in inputs]
+            ranks = [local(module, p, r, group, alone=True) for r in range(n)]
+            summed = [
+                sum(rank(*args, **kwargs) for rank in ranks) for args, kwargs in inputs
+            ]
+            cmp = compare(whole, summed)
+        except Exception as e:
+            result.reason = f"the sharded block fails on the probe: {e}"
+            continue
+        result.max_error, result.tolerance = cmp.max_error, cmp.tolerance
+        if not cmp.ok:
+            result.reason = (
+                f"sharded off by {cmp.max_error:.3g} (tolerance {cmp.tolerance:.3g})"
+            )
+    return results
