@@ -103,7 +103,7 @@ def list_passes(
             {
                 "name": name,
                 "env": p.env,
-                "options": p.options,
+                "options": p.settings.defaults,
                 "requires": list(p.requires),
                 "summary": p.summary,
             }
@@ -117,7 +117,7 @@ def list_passes(
     table.add_column("options", overflow="fold")
     table.add_column("summary")
     for name, p in graphpatch.PASSES.items():
-        options = ", ".join(f"{k}={v}" for k, v in p.options.items())
+        options = ", ".join(f"{k}={v}" for k, v in p.settings.defaults.items())
         needs = f" (needs {', '.join(p.requires)})" if p.requires else ""
         table.add_row(name, p.env, options, p.summary + needs)
     out.print(table)
@@ -281,7 +281,7 @@ def serve_cmd(
     os.environ["GRAPHPATCH_VERIFY"] = _verify_mode(verify)  # read by the hook
     try:
         plan, _ = graphpatch.resolve(None, env)
-        _refuse_elide_without_logits(plan)
+        _refuse_what_needs_the_caller(plan)
         if any(f == "--model" or f.startswith("--model=") for f in ctx.args):
             fail(
                 "--model is graphpatch serve's own argument (MODEL): a second one "
@@ -298,13 +298,11 @@ def serve_cmd(
         fail(str(e))
 
 
-def _refuse_elide_without_logits(plan) -> None:
-    if any(p.name == "elide_head" and not o["logits"] for p, o in plan):
-        fail(
-            "elide_head needs elide_head.sampler(...) where the program samples, "
-            "which graphpatch run cannot add: use elide_head:logits (rank 0's "
-            "logits reach every rank), or apply it from your runtime"
-        )
+def _refuse_what_needs_the_caller(plan) -> None:
+    """A program run unchanged cannot do what some options ask of it."""
+    for p, options in plan:
+        if p.settings.needs_caller and (why := p.settings.needs_caller(options)):
+            fail(why)
 
 
 def _run(command: list[str], passes: str, verify: str) -> None:
@@ -321,7 +319,7 @@ def _run(command: list[str], passes: str, verify: str) -> None:
     # anyone's text.
     for warning in unknown_variables(env):
         err.print(f"warning: {printable(warning, 400)}", highlight=False, markup=False)
-    _refuse_elide_without_logits(plan)
+    _refuse_what_needs_the_caller(plan)
     if not plan:
         err.print(
             "warning: no passes chosen (--passes or GRAPHPATCH_PASSES): only a "

@@ -1,14 +1,17 @@
-"""The Pass contract: what every pass in ``passes/`` provides to the manager.
+"""The Pass contract: what a pass gives the manager, and the one way a pass
+swaps a module into the tree and back (``replace_at``, ``mark_at``,
+``unmark_at``).
 
 A pass finds its sites by structure, says why it will not rewrite a site, and
 rewrites and undoes one site at a time. The manager owns verification: it runs
-the pass's probe on the site before and after the rewrite and compares.
+the pass's probe on the site before and after the rewrite and compares. The
+pass may be one of graphpatch's (``graphpatch.passes``) or a user's own.
 """
 
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -36,6 +39,13 @@ class VerificationError(GraphpatchError):
         self.report = report
 
 
+Options = dict[str, Any]
+Weights = dict[str, mx.array]
+Tap = tuple[str, str]  # (path, method): whose calls the reference forward records
+Recorded = dict[Tap, list[tuple[tuple, dict]]]  # each tap's (args, kwargs)
+Probe = Callable[[], list[mx.array]]
+
+
 @dataclass
 class Site:
     """One place in the module tree a pass could rewrite.
@@ -43,27 +53,31 @@ class Site:
     Attributes:
         path: the dotted module path (``model.layers.3.mlp``).
         kind: a short word for the report (``dense``, ``moe``, ``head``).
+        skip: why the site stays as it is, when finding it already tells
+            (a module that ships fused, an MLP with nothing to fuse): one of
+            the pass's reason constants. The manager reports it without
+            asking ``why_not``.
         note: what finding the site learned, for the report (which head).
         collective: the site exists on every rank of the distributed group
             and its probe runs collectives: the ranks agree on whether to
             rewrite it and on its check, so that none waits for another.
         changes_logits: the rewrite changes the model's logits by design
             (an untied head); the model check moves its reference on.
-        detail: the pass's own numbers and names, never modules or arrays.
+        detail: the pass's own words for later hooks, never modules or arrays.
     """
 
     path: str
     kind: str
+    skip: str | None = None
     note: str | None = None
     collective: bool = False
     changes_logits: bool = False
-    detail: dict[str, Any] = field(default_factory=dict)
+    detail: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class Context:
-    """What a pass may know besides the user's options, passed to every hook
-    that takes options.
+    """What a pass may know besides the user's options.
 
     Attributes:
         model_dir: the directory the model was loaded from, for passes that
@@ -73,98 +87,126 @@ class Context:
         unverified: nothing will evaluate what a rewrite builds (an
             unverified apply): it stays a graph until the model's first call,
             which may come on another thread.
+        dtype: the dtype the model computes its logits in (None unverified).
+        recorded: what the taps saw in the reference forward (see ``Proof``).
     """
 
     model_dir: str | None = None
     unverified: bool = False
+    dtype: mx.Dtype | None = None
+    recorded: Recorded = field(default_factory=dict)
 
 
-Probe = Callable[[], list[mx.array]]
+R = TypeVar("R")
+# Every hook takes the model first; a site's hooks then the site.
+ModelHook = Callable[[nn.Module, Options, Context], R]
+SiteHook = Callable[[nn.Module, Site, Options, Context], R]
+
+
+@dataclass(frozen=True)
+class Proof:
+    """How the manager proves a site (``sites.apply_site``).
+
+    Attributes:
+        probe: runs the site on the inputs the model really fed it
+            (``context.recorded``), or on synthetic ones of ``context.dtype``
+            where those cannot reach a path the rewrite touches; the manager
+            calls it once before the rewrite and once after, and compares.
+        taps: whose calls the reference forward records for the probes.
+        confirm: after a passed check, the reason the site is restored
+            after all (the rewrite did not take effect), or None.
+        tune: with the ``tune`` option, times the rewritten site against the
+            original, undoes it when slower, and returns (ratios, reason).
+    """
+
+    probe: SiteHook[Probe]
+    taps: ModelHook[list[Tap]] | None = None
+    confirm: SiteHook[str | None] | None = None
+    tune: SiteHook[tuple[dict[str, float], str | None]] | None = None
+
+
+@dataclass(frozen=True)
+class Saving:
+    """What a save needs from a pass that adds, renames or fuses parameters.
+
+    Attributes:
+        plain: the patched model's ``{name: array}`` mapped back to the names
+            the unpatched architecture loads (a fused array split back into
+            its parts, a tied head's names dropped).
+        fuses: the fused child a rewrite adds and the children it stands for
+            (``{"gate_up_proj": ("gate_proj", "up_proj")}``): a fused save
+            quantizes those children as the fused arrays say.
+        options_in: the options the model's rewritten sites carry, which the
+            save records, so that it reopens as it was patched.
+        refused: why a model this pass rewrote cannot be saved (one rank's
+            view of a pipeline), or None.
+    """
+
+    plain: Callable[[nn.Module, Weights], Weights] | None = None
+    fuses: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    options_in: Callable[[nn.Module], Options] | None = None
+    refused: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The pass's options: their defaults (types come from them) and checks.
+
+    Attributes:
+        defaults: option name -> default value.
+        validate: what is wrong with the options, raised before anything is
+            touched; with a model (else None), for that model (a size beyond
+            its context).
+        warnings: lines for the report about the options chosen.
+        needs_caller: what a program must do for these options that one run
+            unchanged (``graphpatch run``, ``serve``) does not, or None.
+    """
+
+    defaults: Options = field(default_factory=dict)
+    validate: Callable[[nn.Module | None, Options], str | None] | None = None
+    warnings: ModelHook[list[str]] | None = None
+    needs_caller: Callable[[Options], str | None] | None = None
 
 
 @dataclass(frozen=True)
 class Pass:
-    """A rewrite pass. Each field is a plain function of the pass's module.
+    """A rewrite pass: a few plain functions of its module, the optional ones
+    grouped by purpose.
 
     Attributes:
         name: the user's flag (``fuse_glu``); env switch ``GRAPHPATCH_FUSE_GLU``.
         summary: one line for ``graphpatch list``.
-        find: ``find(model, options, context) -> list[Site]``, every
-            candidate site. ``options`` are the user's (with defaults);
-            ``context`` is the rest a pass may know (``Context``).
-        why_not: ``why_not(model, site, options, context) -> str | None``, the reason a
-            site is left untouched, or None when it can be rewritten.
-        rewrite: ``rewrite(model, site, options, context) -> str | None``, rewrites in
-            place; returns a note for the report (what it did), or None.
-        undo: ``undo(model, path) -> None``, restores one rewritten site
-            exactly (bit for bit) from the rewritten state alone.
-        applied: ``applied(model) -> list[str]``, paths this pass has rewritten.
-        probe: ``probe(model, site, dtype, options, recorded, context) -> Probe``, a
-            function that runs the site on the inputs the model really fed it
-            (``recorded``, from the reference forward: see ``taps``), or on
-            synthetic inputs of ``dtype`` where those cannot reach a path the
-            rewrite touches; called once before and once after the rewrite.
-        taps: optional ``taps(model, options, context) -> list[(path, method)]``: whose
-            inputs to record during the reference forward, for the probes.
-        options: the pass's options and their defaults (types come from them).
+        find: every candidate site, found by structure.
+        why_not: the reason a site is left untouched now, or None.
+        rewrite: rewrites one site in place; returns a note for the report.
+        undo: restores one rewritten site (by path) exactly, bit for bit,
+            from the rewritten state alone.
+        applied: the paths this pass has rewritten, in reading order.
+        proof: how each site is proven (``Proof``).
+        saving: what a save needs (``Saving``).
+        settings: options and their checks (``Settings``).
         requires: passes this one needs applied first (pulled in by the manager).
-        tune: optional ``tune(model, site, dtype) -> (ratios, reason)``:
-            times the rewritten site against the original, undoes it when
-            slower and returns the reason (only with the ``tune`` option).
-        warnings: optional ``warnings(model, options, context) -> list[str]``
-            for the report.
-        validate: optional ``validate(options, model=None) -> str | None``:
-            what is wrong with the options (with a model: for that model, e.g.
-            a size beyond its context), raised before anything is touched.
-        confirm: optional ``confirm(model, site, options, context) -> str | None``:
-            after a passed check, proof that the rewrite took effect, or the
-            reason the site is restored.
-        options_in: optional ``options_in(model) -> dict``: the options the
-            model's rewritten sites carry, which save records (so a saved
-            model reopens as it was patched, whatever defaults say).
-        plain: optional ``plain(model, weights) -> weights``, what saving
-            requires of a pass that adds, renames or fuses parameters: the
-            patched model's ``{name: array}`` mapped back to the names the
-            unpatched architecture loads from a checkpoint (a fused array
-            split back into its halves, a tied head's names dropped).
-        replaced: optional ``replaced(model, path) -> list[str]``: the parts
-            of a rewritten site that the user has replaced since (``up_proj``
-            after ``mlp.up_proj = ...``). ``undo`` and ``plain`` keep such a
-            part as the user left it; a fused save cannot, and refuses.
-        fuses: the fused child a rewrite adds and the children it stands for
-            (``{"gate_up_proj": ("gate_proj", "up_proj")}``): a fused save
-            quantizes those children as the fused arrays say.
+        replaced: the parts of a rewritten site the user has replaced since
+            (``up_proj`` after ``mlp.up_proj = ...``). ``undo`` and ``plain``
+            keep such a part as the user left it; a save refuses.
     """
 
     name: str
     summary: str
-    find: Callable[[nn.Module, dict, Context], list[Site]]
-    why_not: Callable[[nn.Module, Site, dict, Context], str | None]
-    rewrite: Callable[[nn.Module, Site, dict, Context], str | None]
+    find: ModelHook[list[Site]]
+    why_not: SiteHook[str | None]
+    rewrite: SiteHook[str | None]
     undo: Callable[[nn.Module, str], None]
     applied: Callable[[nn.Module], list[str]]
-    probe: Callable[[nn.Module, Site, mx.Dtype, dict, dict, Context], Probe]
-    options: dict[str, Any] = field(default_factory=dict)
+    proof: Proof
+    saving: Saving = Saving()
+    settings: Settings = Settings()
     requires: tuple[str, ...] = ()
-    tune: Callable[[nn.Module, Site, mx.Dtype], tuple] | None = None
-    warnings: Callable[[nn.Module, dict, Context], list[str]] | None = None
-    validate: Callable[..., str | None] | None = None
-    confirm: Callable[[nn.Module, Site, dict, Context], str | None] | None = None
-    options_in: Callable[[nn.Module], dict] | None = None
-    taps: Callable[[nn.Module, dict, Context], list[tuple[str, str]]] | None = None
-    plain: Callable[[nn.Module, dict], dict] | None = None
     replaced: Callable[[nn.Module, str], list[str]] | None = None
-    fuses: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     @property
     def env(self) -> str:
         return f"GRAPHPATCH_{self.name.upper()}"
-
-
-class TakenOver:
-    """Marks a head one pass has taken over (elide_head's stand-in, and rank
-    0's head it keeps): passes that wrap heads leave such a head alone, so
-    that every rank of a group decides alike."""
 
 
 def rebuilt(module: nn.Module, cls: type[nn.Module] | None = None) -> nn.Module:
@@ -184,7 +226,7 @@ def _marked_class(cls: type, marker: type) -> type:
 
 
 def mark(module: nn.Module, marker: type, **settings) -> nn.Module:
-    """The one way a pass changes what a module does: a copy of ``module``
+    """A copy of ``module``
     (same arrays, children and settings) whose class puts ``marker`` in front
     of its own, so the marker's methods run first and reach the module's own
     through ``super()``; ``settings`` become the copy's attributes (the
@@ -233,3 +275,30 @@ def parent_and_key(model: nn.Module, path: str) -> tuple[Any, str | int]:
     head, _, last = path.rpartition(".")
     parent = module_at(model, head)
     return parent, int(last) if isinstance(parent, list) else last
+
+
+def replace_at(root: nn.Module, path: str, new: nn.Module | None) -> nn.Module | None:
+    """The one way a pass swaps a module: put ``new`` at ``path`` (a child
+    added when there is none; with None, the child removed) and return what
+    stood there. Undo puts the returned module back the same way."""
+    parent, key = parent_and_key(root, path)
+    old = parent[key] if isinstance(key, int) or key in parent else None
+    if new is None:
+        del parent[key]
+    else:
+        parent[key] = new
+    return old
+
+
+def mark_at(root: nn.Module, path: str, marker: type, **settings) -> nn.Module:
+    """Change what the module at ``path`` does: ``mark`` it in place."""
+    new = mark(module_at(root, path), marker, **settings)
+    replace_at(root, path, new)
+    return new
+
+
+def unmark_at(root: nn.Module, path: str) -> nn.Module:
+    """Undo ``mark_at``: the module at ``path`` as it was before."""
+    original = unmark(module_at(root, path))
+    replace_at(root, path, original)
+    return original

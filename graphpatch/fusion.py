@@ -11,11 +11,26 @@ under the unpatched names, and leaves the joined layer alone, so a patched
 model trains the adapter the unpatched one would.
 """
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_unflatten
 
-from graphpatch.contract import mark, module_at, rebuilt, unmark, walk
+from graphpatch.contract import (
+    Context,
+    Options,
+    Saving,
+    Site,
+    SiteHook,
+    Weights,
+    mark,
+    module_at,
+    rebuilt,
+    replace_at,
+    unmark,
+    walk,
+)
 from graphpatch.parts import ADAPTERS, FusedCall, FusedPart, Joined, any_thread
 from graphpatch.timing import interleaved_ratio
 
@@ -151,10 +166,9 @@ def fuse(module: nn.Module, names: tuple[str, ...], fused: str, layer) -> None:
     where each of ``names`` stood; the old layers are released."""
     sizes = [layer_of(module, name).weight.shape[-2] for name in names]
     call = FusedCall(module, fused, sizes)
-    module[fused] = mark(layer, Joined)
+    replace_at(module, fused, mark(layer, Joined))
     for index, name in enumerate(names):
-        container, key = holder(module, name)
-        container[key] = FusedPart(call, index)
+        replace_at(module, _place(module, name), FusedPart(call, index))
 
 
 def parts_in(module: nn.Module, names: tuple[str, ...]) -> list[str]:
@@ -173,13 +187,12 @@ def unfuse(module: nn.Module, names: tuple[str, ...], fused: str) -> None:
     replaced since stays as the user left it, so the module computes what it
     computed before."""
     for name in parts_in(module, names):
-        container, key = holder(module, name)
-        fused_part = container[key]
-        bounds = fused_part.call.bounds(fused_part.index)
-        container[key] = part(module[fused], *bounds)
+        fused_part = layer_of(module, name)
+        layer = part(module[fused], *fused_part.call.bounds(fused_part.index))
+        replace_at(module, _place(module, name), layer)
         if fused_part.call.settled:  # as evaluated as before: any thread runs it
-            mx.eval(container[key].parameters())
-    del module[fused]
+            mx.eval(layer.parameters())
+    replace_at(module, fused, None)
 
 
 def fused_paths(model: nn.Module, names: tuple[str, ...]) -> list[str]:
@@ -211,9 +224,13 @@ def timed(module: nn.Module, names: tuple, fused: str, calls: dict) -> dict:
     unfused = {n: part(module[fused], *call.bounds(i)) for i, n in enumerate(parts)}
     mx.eval([m.parameters() for m in unfused.values()])
 
+    def put(children: dict) -> None:
+        for place, layer in children.items():
+            replace_at(module, place, layer)
+
     def run_with(children: dict, args: tuple):
         def run():
-            module.update_modules(tree_unflatten(list(children.items())))
+            put(children)
             mx.eval(module(*args))
 
         return run
@@ -222,7 +239,7 @@ def timed(module: nn.Module, names: tuple, fused: str, calls: dict) -> dict:
         name: interleaved_ratio(run_with(unfused, args), run_with(parts, args))
         for name, args in calls.items()
     }
-    module.update_modules(parts)
+    put(parts)
     return ratios
 
 
@@ -234,12 +251,25 @@ def names_in(module: nn.Module, fusions: dict[str, tuple[str, ...]]) -> tuple:
     raise KeyError(f"none of {list(fusions.values())} in {type(module).__name__}")
 
 
-def hooks(fusions: dict[str, tuple[str, ...]]) -> dict:
-    """What every fusing pass does alike, as ``Pass`` fields: rewrite (join
-    the names of the entry of ``fusions`` the site has under its fused
-    name), undo, applied, replaced, plain and fuses."""
+@dataclass(frozen=True)
+class Hooks:
+    """What every fusing pass does alike, as its ``Pass`` fields."""
 
-    def rewrite(model: nn.Module, site, options: dict, context) -> None:
+    rewrite: SiteHook[str | None]
+    undo: Callable[[nn.Module, str], None]
+    applied: Callable[[nn.Module], list[str]]
+    replaced: Callable[[nn.Module, str], list[str]]
+    saving: Saving
+
+
+def hooks(fusions: dict[str, tuple[str, ...]]) -> Hooks:
+    """A fusing pass's hooks: rewrite joins the names of the entry of
+    ``fusions`` the site has under its fused name; undo, applied, replaced
+    and the save's plain names and fused children follow from it."""
+
+    def rewrite(
+        model: nn.Module, site: Site, options: Options, context: Context
+    ) -> None:
         module = module_at(model, site.path)
         names, fused = names_in(module, fusions)
         layers = [layer_of(module, n) for n in names]
@@ -261,16 +291,10 @@ def hooks(fusions: dict[str, tuple[str, ...]]) -> dict:
         ours = parts_in(module, names)
         return [name for name in names if name not in ours]
 
-    def plain_weights(model: nn.Module, weights: dict) -> dict:
+    def plain_weights(model: nn.Module, weights: Weights) -> Weights:
         for fused, names in fusions.items():
             weights = plain(model, weights, names, fused)
         return weights
 
-    return {
-        "rewrite": rewrite,
-        "undo": undo,
-        "applied": applied,
-        "plain": plain_weights,
-        "replaced": replaced,
-        "fuses": dict(fusions),
-    }
+    saving = Saving(plain=plain_weights, fuses=dict(fusions))
+    return Hooks(rewrite, undo, applied, replaced, saving)

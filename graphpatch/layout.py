@@ -14,7 +14,7 @@ from mlx.utils import tree_flatten
 
 from graphpatch.loading import read_arrays
 from graphpatch.manifest import MANIFEST, MARKER
-from graphpatch.passes import PASSES
+from graphpatch.plan import known
 
 
 def plain_weights(model: nn.Module, config: dict) -> tuple[dict, dict, dict, bool]:
@@ -22,9 +22,9 @@ def plain_weights(model: nn.Module, config: dict) -> tuple[dict, dict, dict, boo
     does not load (kept apart), the config that loads the rest, and whether
     any were kept apart."""
     weights = dict(tree_flatten(model.parameters()))
-    for p in PASSES.values():
-        if p.plain is not None and p.applied(model):
-            weights = p.plain(model, weights)
+    for p in known():
+        if p.saving.plain is not None and p.applied(model):
+            weights = p.saving.plain(model, weights)
     stray = _not_loaded(model, weights)
     untied = _untied_config(model, config, stray)
     if untied is not None:

@@ -4,7 +4,7 @@
 import mlx.nn as nn
 
 from graphpatch.contract import GraphpatchError
-from graphpatch.heads import find_embedding, logits_width
+from graphpatch.embedding import find_embedding, logits_width
 
 
 class TokenError(GraphpatchError, ValueError):

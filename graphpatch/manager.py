@@ -7,6 +7,7 @@ after each pass, and rolls every rewrite of the call back on a failed check.
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import mlx.core as mx
@@ -23,14 +24,14 @@ from graphpatch.contract import (
     Context,
     GraphpatchError,
     NotAModelError,
+    Options,
     Pass,
     PassSpecError,
     Site,
     VerificationError,
 )
 from graphpatch.limits import check_tokens
-from graphpatch.passes import PASSES
-from graphpatch.plan import resolve
+from graphpatch.plan import Specs, known, named, resolve
 from graphpatch.ranks import agree, anywhere, everywhere
 from graphpatch.report import REWRITTEN, ModelCheck, Report
 from graphpatch.sites import apply_site
@@ -39,7 +40,7 @@ from graphpatch.tapped import recording
 
 def apply(
     model: nn.Module,
-    passes: str | list[str] | None = None,
+    passes: Specs | None = None,
     verify: bool = True,
     probe: mx.array | list | None = None,
     progress: Callable[[str], None] | None = None,
@@ -49,8 +50,10 @@ def apply(
 
     Args:
         model: a loaded mlx-lm model (any ``mlx.nn.Module`` returning logits).
-        passes: pass specs, or None to read ``GRAPHPATCH_PASSES`` and
-            ``GRAPHPATCH_<NAME>`` from the environment. Nothing runs by default.
+        passes: pass specs (names with options, or ``Pass`` objects: a
+            user's own pass runs like graphpatch's), or None to read
+            ``GRAPHPATCH_PASSES`` and ``GRAPHPATCH_<NAME>`` from the
+            environment. Nothing runs by default.
         verify: check every site and the model's last-position logits; with
             False nothing is evaluated (a lazily loaded model stays lazy).
         probe: token ids (B, S) for the model-level check.
@@ -76,22 +79,24 @@ def apply(
     start = time.perf_counter()
     plan, warnings = resolve(passes)
     for p, options in plan:
-        if p.validate and (problem := p.validate(options, model)):
+        validate = p.settings.validate
+        if validate and (problem := validate(model, options)):
             raise PassSpecError(problem)
     agree(plan)
     context = Context(None if model_dir is None else str(model_dir), not verify)
     tokens = probe_tokens(probe)
-    reference, recorded, dtype = None, None, None  # None: nothing is verified
+    reference = None  # unverified, the model is not run, not even to build a graph
     if verify:
         check_tokens(model, tokens.tolist(), "probe")
-        taps = [t for p, o in plan if p.taps for t in p.taps(model, o, context)]
+        taps = [
+            t for p, o in plan if p.proof.taps for t in p.proof.taps(model, o, context)
+        ]
         reference, recorded = _reference(model, tokens, taps)
-        # The dtype the model computes its logits in (sites report their own);
-        # unverified, the model is not run at all, not even to build a graph.
-        dtype = reference.dtype
+        # The dtype the model computes its logits in (sites report their own).
+        context = replace(context, dtype=reference.dtype, recorded=recorded)
     report = Report(
         [p.name for p, _ in plan],
-        dtype_name(dtype) if verify else "not computed",
+        dtype_name(context.dtype) if verify else "not computed",
         verify,
         warnings=warnings,
         model=None if model_dir is None else str(model_dir),
@@ -100,12 +105,12 @@ def apply(
     progress = progress or (lambda line: None)
     try:
         for p, options in plan:
-            if p.warnings:
-                report.warnings += p.warnings(model, options, context)
+            if p.settings.warnings:
+                report.warnings += p.settings.warnings(model, options, context)
             sites = p.find(model, options, context)
             for number, site in enumerate(sites, 1):
                 progress(f"{p.name}: site {number} of {len(sites)} ({site.path})")
-                result = apply_site(model, p, site, options, context, dtype, recorded)
+                result = apply_site(model, p, site, options, context)
                 report.sites.append(result)
                 if result.status == REWRITTEN:
                     done.append((p, site.path))
@@ -120,6 +125,10 @@ def apply(
     finally:
         report.seconds = time.perf_counter() - start
     return report
+
+
+def _taps(p: Pass, model: nn.Module, options: Options, context: Context) -> list:
+    return p.proof.taps(model, options, context) if p.proof.taps else []
 
 
 def _reference(model: nn.Module, tokens: mx.array, taps: list) -> tuple:
@@ -186,14 +195,17 @@ def replaced(model: nn.Module) -> list[str]:
     such a part as the user left it, and a save must not write graphpatch's
     arrays over it."""
     found = []
-    for p in PASSES.values():
-        for path in p.applied(model) if p.replaced else []:
-            found += [f"{p.name}:{path}.{part}" for part in p.replaced(model, path)]
+    for p in known():
+        if (parts_replaced := p.replaced) is None:
+            continue
+        for path in p.applied(model):
+            found += [f"{p.name}:{path}.{n}" for n in parts_replaced(model, path)]
     return found
 
 
-def revert(model: nn.Module) -> list[str]:
-    """Undo every rewrite graphpatch made to ``model``, last pass first.
+def revert(model: nn.Module, passes: Specs | None = None) -> list[str]:
+    """Undo every rewrite graphpatch made to ``model``, last pass first; with
+    ``passes`` (names or ``Pass`` objects), only theirs.
 
     A part the user replaced after ``apply`` stays as the user left it (see
     ``replaced``); its site's entry says so.
@@ -202,7 +214,7 @@ def revert(model: nn.Module) -> list[str]:
         ``pass:path`` for each site restored.
     """
     restored = []
-    for p in reversed(PASSES.values()):
+    for p in reversed(known() if passes is None else named(passes)):
         for path in p.applied(model):
             kept = p.replaced(model, path) if p.replaced else []
             p.undo(model, path)

@@ -31,8 +31,7 @@ from graphpatch.loading import (
 )
 from graphpatch.manifest import MANIFEST, read_manifest, section_hash
 from graphpatch.outdir import MODEL_TYPE, format_of
-from graphpatch.passes import PASSES
-from graphpatch.plan import check_options
+from graphpatch.plan import by_name, check_options, known
 from graphpatch.report import printable
 from graphpatch.saving import FORMATS
 
@@ -222,8 +221,8 @@ def _saved_problem(saved, marked: bool) -> str | None:
         return "passes is not a list of pass entries"
     for entry in entries:
         name, sites = entry.get("name"), entry.get("sites")
-        if name not in PASSES:
-            return f"unknown pass {name!r}"
+        if name not in by_name():
+            return f"unknown pass {name!r} (a pass of your own: name it first)"
         if not isinstance(sites, list) or not all(isinstance(x, str) for x in sites):
             return f"{name}: sites is not a list of paths"
         problem = check_options(name, entry.get("options"))
@@ -247,7 +246,7 @@ def _quantize(model: nn.Module, config: dict, weights: dict) -> None:
             raise GraphpatchError("graphpatch.load needs config['quantization']")
         return
     names = dict(weights)
-    for fused, parts in (f for p in PASSES.values() for f in p.fuses.items()):
+    for fused, parts in (f for p in known() for f in p.saving.fuses.items()):
         for key, value in weights.items():
             for part in parts if f".{fused}." in key else ():
                 names[key.replace(f".{fused}.", f".{part}.")] = value
@@ -275,7 +274,7 @@ def _rewrite(model: nn.Module, passes: list[dict]) -> None:
     """Re-make the recorded sites' structure on unevaluated arrays: the saved
     weights replace them, so nothing is fused or checked twice."""
     for entry in passes:
-        p = PASSES[entry["name"]]
+        p = by_name()[entry["name"]]
         options, context = entry["options"], Context(model_dir=None)
         sites = {s.path: s for s in p.find(model, options, context)}
         for path in entry["sites"]:

@@ -1,21 +1,26 @@
 """Which passes run, with which options, in what order: from arguments or env.
 
 Specs are ``name`` or ``name:option=value:flag``, spaces around each part
-ignored; ``passes`` is one comma-separated string of them or a list (or
-tuple) of strings, nothing else. A control character in a spec is an error
-that names where it came from (a newline in ``GRAPHPATCH_PASSES`` must not
-read as one odd pass name). The env gives
+ignored; ``passes`` is one comma-separated string of them, a ``Pass`` object
+(a user's own pass, from their repository), or a list (or tuple) of those,
+nothing else. A user's pass is known by its name from then on (``known``), so
+that ``revert``, ``save`` and ``load`` find it as they find graphpatch's. A
+control character in a spec is an error that names where it came from (a
+newline in ``GRAPHPATCH_PASSES`` must not read as one odd pass name). The env
+gives
 ``GRAPHPATCH_PASSES`` and per-pass ``GRAPHPATCH_<NAME>=0/1`` switches (0 is a
 kill switch even for a named pass). Passes that another needs are pulled in;
-the plan is always in the one canonical order of ``PASSES``.
+the plan is always in the one canonical order of ``PASSES``, users' passes
+after them in the order they were first named.
 """
 
 import difflib
 import os
+import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
-from graphpatch.contract import Pass, PassSpecError
+from graphpatch.contract import Options, Pass, PassSpecError
 from graphpatch.passes import PASSES
 from graphpatch.report import printable
 
@@ -27,28 +32,63 @@ OTHER_ENV = {
     "GRAPHPATCH_VERIFY",
 }
 
-Plan = list[tuple[Pass, dict]]
+Plan = list[tuple[Pass, Options]]
+Spec = str | Pass
+Specs = str | Pass | Sequence[str | Pass]  # one, or a list or tuple of them
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 NOT_SPECS = "passes must be a string of pass specs or a list of them"
 CONTROL = "holds a control character"
+NAME = re.compile(r"[a-z][a-z0-9_]*")  # a flag, and GRAPHPATCH_<NAME> in the env
+BAD_NAME = "a pass name is lowercase letters, digits and _ (a flag and an env switch)"
+TAKEN = "{name} is already the name of another pass"
+
+_users: dict[str, Pass] = {}  # users' own passes, by name, first named first
 
 
-def parse_spec(spec: str) -> tuple[Pass, dict]:
-    """``name`` or ``name:option=value:flag`` -> (pass, options with defaults)."""
+def known() -> list[Pass]:
+    """Every pass graphpatch can undo, save and reopen: its own in canonical
+    order, then each user's pass that has been named."""
+    return [*PASSES.values(), *_users.values()]
+
+
+def by_name() -> dict[str, Pass]:
+    return {p.name: p for p in known()}
+
+
+def adopt(p: Pass) -> Pass:
+    """Know a user's pass by its name from now on. Another object under the
+    same name replaces an earlier user's pass (a module reloaded), never one
+    of graphpatch's."""
+    if not isinstance(p.name, str) or not NAME.fullmatch(p.name):
+        raise PassSpecError(f"{BAD_NAME}: {printable(repr(p.name), 60)}")
+    if PASSES.get(p.name, p) is not p:
+        raise PassSpecError(TAKEN.format(name=p.name))
+    if p.name not in PASSES:
+        _users[p.name] = p
+    return p
+
+
+def parse_spec(spec: Spec) -> tuple[Pass, Options]:
+    """``name``, ``name:option=value:flag`` or a Pass -> (pass, options with
+    defaults)."""
+    if isinstance(spec, Pass):
+        return adopt(spec), dict(spec.settings.defaults)
     name, *items = (part.strip() for part in spec.split(":"))
-    if name not in PASSES:
-        known = ", ".join(PASSES)
-        raise PassSpecError(f"unknown pass '{printable(name)}' (known: {known})")
-    p = PASSES[name]
-    options = dict(p.options)
+    passes = by_name()
+    if name not in passes:
+        names = ", ".join(passes)
+        raise PassSpecError(f"unknown pass '{printable(name)}' (known: {names})")
+    p = passes[name]
+    defaults = p.settings.defaults
+    options = dict(defaults)
     for item in items:
         key, has_value, text = (part.strip() for part in item.partition("="))
-        if key not in p.options:
-            known = ", ".join(p.options) or "none"
+        if key not in defaults:
+            names = ", ".join(defaults) or "none"
             raise PassSpecError(
-                f"unknown option '{printable(key)}' for {name} (known: {known})"
+                f"unknown option '{printable(key)}' for {name} (known: {names})"
             )
-        options[key] = _parse_value(name, key, p.options[key], text, has_value)
+        options[key] = _parse_value(name, key, defaults[key], text, has_value)
     return p, options
 
 
@@ -71,15 +111,16 @@ def _parse_value(name: str, key: str, default, text: str, has_value: str):
 def check_options(name: str, options) -> str | None:
     """What is wrong with a mapping of options for pass ``name`` (a saved
     one), or None. Types must be the defaults' exactly (a bool is no int)."""
-    p = PASSES[name]
+    p = by_name()[name]
+    defaults, validate = p.settings.defaults, p.settings.validate
     if not isinstance(options, dict):
         return f"{name}: options are not a mapping"
     for key, value in options.items():
-        if key not in p.options:
+        if key not in defaults:
             return f"unknown option '{key}' for {name}"
-        if type(value) is not type(p.options[key]):
-            return f"option {name}:{key} wants {_kind(p.options[key])}, got {value!r}"
-    return p.validate({**p.options, **options}) if p.validate else None
+        if type(value) is not type(defaults[key]):
+            return f"option {name}:{key} wants {_kind(defaults[key])}, got {value!r}"
+    return validate(None, {**defaults, **options}) if validate else None
 
 
 def _kind(default) -> str:
@@ -94,26 +135,30 @@ def _boolean(text: str) -> bool | None:
     return True if word in TRUE else False if word in FALSE else None
 
 
-def _specs(passes: object, source: str) -> list[str]:
+def _specs(passes: object, source: str) -> list[Spec]:
     """The non-empty specs of ``passes`` (from ``source``, named in errors)."""
     if isinstance(passes, str):
         items: list = passes.split(",")
+    elif isinstance(passes, Pass):
+        items = [passes]
     elif isinstance(passes, (list, tuple)):
         items = list(passes)
     else:
         raise PassSpecError(f"{NOT_SPECS}, got {type(passes).__name__}")
     for item in items:
+        if isinstance(item, Pass):
+            continue
         if not isinstance(item, str):
             got = printable(repr(item), 60)
             raise PassSpecError(f"{NOT_SPECS}: {got} is not a pass spec")
         if any(unicodedata.category(c).startswith("C") for c in item):
             shown = printable(passes if isinstance(passes, str) else item)
             raise PassSpecError(f"{source} {CONTROL}: '{shown}'")
-    return [s for s in items if s.strip()]
+    return [s for s in items if isinstance(s, Pass) or s.strip()]
 
 
 def _by_env() -> dict[str, str]:
-    return {p.env: name for name, p in PASSES.items()}
+    return {p.env: p.name for p in known()}
 
 
 def unknown_variables(env: Mapping[str, str]) -> list[str]:
@@ -150,13 +195,15 @@ def _switches(env: Mapping[str, str]) -> dict[str, bool]:
 
 
 def resolve(
-    passes: str | list[str] | None = None, env: Mapping[str, str] | None = None
+    passes: Specs | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> tuple[Plan, list[str]]:
     """The passes to run, in canonical order, with their options.
 
     Args:
-        passes: pass specs (``"fuse_glu"``, ``"last_token:keep=4"``), a
-            comma-separated string of them, or None to let the env decide.
+        passes: pass specs (``"fuse_glu"``, ``"last_token:keep=4"``, a
+            ``Pass``), a comma-separated string of them, or None to let the
+            env decide.
         env: the environment to read (``os.environ`` by default).
 
     Returns:
@@ -173,28 +220,46 @@ def resolve(
         specs += [name for name, on in switches.items() if on]
     else:
         specs = _specs(passes, "passes")
-    chosen: dict[str, dict] = {}
+    chosen: dict[str, Options] = {}
     for spec in specs:
         p, options = parse_spec(spec)
-        if p.validate and (problem := p.validate(options)):
+        validate = p.settings.validate
+        if validate and (problem := validate(None, options)):
             raise PassSpecError(problem)
-        if p.name in chosen and chosen[p.name] != options and ":" in spec:
+        with_options = isinstance(spec, str) and ":" in spec
+        if p.name in chosen and chosen[p.name] != options and with_options:
             raise PassSpecError(f"{p.name} named twice with different options")
-        if p.name not in chosen or ":" in spec:
+        if p.name not in chosen or with_options:
             chosen[p.name] = options
-    for name in list(chosen):
-        for needed in PASSES[name].requires:
-            if needed not in chosen:
-                chosen[needed] = dict(PASSES[needed].options)
-                warnings.append(f"{name} needs {needed}: pulled it in")
+    _pull_in(chosen, warnings)
+    passes_by_name = by_name()
     for name, on in switches.items():
         if not on and name in chosen:
             del chosen[name]
-            warnings.append(f"{PASSES[name].env}=0 switched {name} off")
+            warnings.append(f"{passes_by_name[name].env}=0 switched {name} off")
     for name in list(chosen):
-        missing = [n for n in PASSES[name].requires if n not in chosen]
+        missing = [n for n in passes_by_name[name].requires if n not in chosen]
         if missing:
             del chosen[name]
             warnings.append(f"{name} switched off: it needs {', '.join(missing)}")
-    plan = [(p, chosen[n]) for n, p in PASSES.items() if n in chosen]
+    plan = [(p, chosen[p.name]) for p in known() if p.name in chosen]
     return plan, warnings
+
+
+def named(passes: Specs) -> list[Pass]:
+    """The passes ``passes`` names (options ignored), in canonical order,
+    none pulled in."""
+    chosen = {parse_spec(spec)[0].name for spec in _specs(passes, "passes")}
+    return [p for p in known() if p.name in chosen]
+
+
+def _pull_in(chosen: dict[str, Options], warnings: list[str]) -> None:
+    """Add the passes the chosen ones need, with their defaults."""
+    passes = by_name()
+    for name in list(chosen):
+        for needed in passes[name].requires:
+            if needed not in passes:
+                raise PassSpecError(f"{name} needs {needed}, which is no known pass")
+            if needed not in chosen:
+                chosen[needed] = dict(passes[needed].settings.defaults)
+                warnings.append(f"{name} needs {needed}: pulled it in")

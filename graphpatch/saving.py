@@ -52,7 +52,7 @@ from graphpatch.outdir import (
     saved_format,
     write_atomically,
 )
-from graphpatch.passes import PASSES
+from graphpatch.plan import known
 from graphpatch.report import printable
 
 FORMATS = ("plain", "fused")
@@ -112,11 +112,14 @@ def _shards(weights: dict[str, mx.array], max_bytes: int) -> list[dict]:
 def _record(model: nn.Module) -> list[dict]:
     """Each applied pass with the options its sites really carry."""
     record = []
-    for name, p in PASSES.items():
-        sites = p.applied(model)
-        if sites:
-            options = {**p.options, **(p.options_in(model) if p.options_in else {})}
-            record.append({"name": name, "options": options, "sites": sites})
+    for p in known():
+        if sites := p.applied(model):
+            options_in = p.saving.options_in
+            options = {
+                **p.settings.defaults,
+                **(options_in(model) if options_in else {}),
+            }
+            record.append({"name": p.name, "options": options, "sites": sites})
     return record
 
 
@@ -223,8 +226,9 @@ def save(
 
 
 def _check_model(model: nn.Module) -> None:
-    if PASSES["elide_head"].applied(model):
-        raise SaveError("an elided model is one rank's view: save it before elide_head")
+    for p in known():
+        if p.saving.refused and p.applied(model):
+            raise SaveError(p.saving.refused)
     sites = replaced(model)
     if sites:
         raise SaveError(REPLACED.format(sites=", ".join(printable(s) for s in sites)))

@@ -9,7 +9,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 
 from graphpatch.compare import compare
-from graphpatch.contract import Context, Pass, Site, module_at, parent_and_key
+from graphpatch.contract import Context, Options, Pass, Site, module_at, replace_at
 from graphpatch.ranks import everywhere
 from graphpatch.report import REWRITTEN, SKIPPED, SiteResult
 
@@ -23,33 +23,26 @@ def nbytes(module: nn.Module) -> int:
 
 
 def apply_site(
-    model: nn.Module,
-    p: Pass,
-    site: Site,
-    options: dict,
-    context: Context,
-    dtype,
-    recorded: dict | None,
+    model: nn.Module, p: Pass, site: Site, options: Options, context: Context
 ) -> SiteResult:
-    """Rewrite one site; with ``recorded`` (None: unverified) check it first."""
+    """Rewrite one site, checked first unless ``context.unverified``."""
     start = time.perf_counter()
     result = SiteResult(p.name, site.path, site.kind, SKIPPED)
-    result.reason = p.why_not(model, site, options, context)
+    result.reason = site.skip or p.why_not(model, site, options, context)
     if site.collective and not everywhere(result.reason is None):
         result.reason = result.reason or ANOTHER_RANK
     if result.reason:
         return result
     result.bytes_before = nbytes(module_at(model, site.path))
-    if recorded is not None:
-        result.reason = _rewrite_verified(
-            model, p, site, options, context, dtype, recorded, result
-        )
+    if not context.unverified:
+        result.reason = _rewrite_verified(model, p, site, options, context, result)
     else:
         result.note = p.rewrite(model, site, options, context)
     if result.reason:
         return result
-    if recorded is not None and options.get("tune") and p.tune:
-        result.speedup, result.reason = p.tune(model, site, dtype)
+    tune = p.proof.tune
+    if not context.unverified and options.get("tune") and tune:
+        result.speedup, result.reason = tune(model, site, options, context)
         if result.reason:
             return result
     result.status = REWRITTEN
@@ -63,16 +56,14 @@ def _rewrite_verified(
     model: nn.Module,
     p: Pass,
     site: Site,
-    options: dict,
+    options: Options,
     context: Context,
-    dtype,
-    recorded: dict,
     result: SiteResult,
 ) -> str | None:
     """Probe, rewrite, probe again and compare; on a failure restore the held
     originals and return the reason the site stays as it was."""
     try:
-        run = p.probe(model, site, dtype, options, recorded, context)
+        run = p.proof.probe(model, site, options, context)
         reference = run()
         mx.eval(reference)
     except Exception as e:
@@ -100,7 +91,8 @@ def _rewrite_verified(
             f"rewrite off by {cmp.max_error:.3g} (tolerance {cmp.tolerance:.3g}), "
             "restored"
         )
-    reason = p.confirm(model, site, options, context) if p.confirm else None
+    confirm = p.proof.confirm
+    reason = confirm(model, site, options, context) if confirm else None
     if reason:
         _restore(held)
         return reason
@@ -112,15 +104,14 @@ def _hold(model: nn.Module, path: str) -> tuple:
     """What a failed site check restores: the site module's own object, its
     children and attributes. A wrong rewrite cannot be trusted to undo itself,
     so the originals are held (one site's worth) until the check has passed."""
-    parent, key = parent_and_key(model, path)
-    module = parent[key]
-    return parent, key, module, dict(module), dict(vars(module))
+    module = module_at(model, path)
+    return model, path, module, dict(module), dict(vars(module))
 
 
 def _restore(held: tuple) -> None:
-    parent, key, module, children, attributes = held
+    model, path, module, children, attributes = held
     dict.clear(module)
     dict.update(module, children)  # nn.Module.update means parameters
     vars(module).clear()
     vars(module).update(attributes)
-    parent[key] = module
+    replace_at(model, path, module)

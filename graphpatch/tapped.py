@@ -16,10 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from graphpatch.contract import mark, parent_and_key
-
-Tap = tuple[str, str]
-Recorded = dict[Tap, list[tuple[tuple, dict]]]
+from graphpatch.contract import Recorded, Tap, mark_at, module_at, replace_at
 
 
 class RecordsCall:
@@ -52,14 +49,13 @@ def recording(model: nn.Module, taps: list[Tap], run: Callable[[], mx.array]):
     recorded: Recorded = {}
     try:
         for path, method in dict.fromkeys(taps):
-            parent, key = parent_and_key(model, path)
             calls = recorded.setdefault((path, method), [])
-            held.append((parent, key, parent[key]))
-            parent[key] = mark(parent[key], MARKERS[method], record=calls.append)
+            held.append((path, module_at(model, path)))
+            mark_at(model, path, MARKERS[method], record=calls.append)
         result = run()
     finally:
-        for parent, key, original in reversed(held):
-            parent[key] = original
+        for path, original in reversed(held):
+            replace_at(model, path, original)
     leaves = tree_flatten(list(recorded.values()))
     mx.eval(result, [v for _, v in leaves if isinstance(v, mx.array)])
     return result, recorded

@@ -63,7 +63,7 @@ def test_the_plain_weights_hold_the_users_part(load_zoo, zoo_dir):
     # computes what the edited model computes, the user's layer included.
     model, _, _, logits = _edited(load_zoo, "fuse_glu", "mlp", "up_proj")
     weights = dict(tree_flatten(model.parameters()))
-    weights = graphpatch.PASSES["fuse_glu"].plain(model, weights)
+    weights = graphpatch.PASSES["fuse_glu"].saving.plain(model, weights)
     fresh, _ = mlx_lm.load(str(zoo_dir("llama")))
     fresh.load_weights(list(weights.items()), strict=True)
     assert mx.array_equal(fresh(TOKENS), logits)

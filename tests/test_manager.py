@@ -7,7 +7,7 @@ from conftest import TOKENS, assert_same_bits, snapshot
 
 import graphpatch
 from graphpatch import GraphpatchError, PassSpecError, VerificationError, fusion
-from graphpatch.contract import NotAModelError, Pass, Site, module_at
+from graphpatch.contract import NotAModelError, Pass, Proof, Site, module_at
 from graphpatch.passes import PASSES, fuse_glu
 
 
@@ -105,8 +105,8 @@ def _double_down_proj(name: str, blind: bool, requires=()) -> Pass:
     def undo(model, p):
         module_at(model, path).weight = module_at(model, path).weight / 2
 
-    def probe(model, site, dtype, options, recorded, context):
-        x = mx.ones((1, 2, module_at(model, path).weight.shape[-1]), dtype)
+    def probe(model, site, options, context):
+        x = mx.ones((1, 2, module_at(model, path).weight.shape[-1]), context.dtype)
         return (lambda: []) if blind else (lambda: [module_at(model, path)(x)])
 
     return Pass(
@@ -117,7 +117,7 @@ def _double_down_proj(name: str, blind: bool, requires=()) -> Pass:
         rewrite=rewrite,
         undo=undo,
         applied=lambda model: [],
-        probe=probe,
+        proof=Proof(probe),
         requires=requires,
     )
 

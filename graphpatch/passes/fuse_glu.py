@@ -20,7 +20,18 @@ from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedL
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from graphpatch import fusion, tapped
-from graphpatch.contract import Context, Pass, Site, module_at, walk
+from graphpatch.contract import (
+    Context,
+    Options,
+    Pass,
+    Probe,
+    Proof,
+    Settings,
+    Site,
+    Tap,
+    module_at,
+    walk,
+)
 from graphpatch.parts import FusedPart
 
 LAYERS = (
@@ -66,16 +77,16 @@ def glu_names(module: nn.Module) -> tuple[str, ...] | None:
     return None
 
 
-def find(model: nn.Module, options: dict, context: Context) -> list[Site]:
+def find(model: nn.Module, options: Options, context: Context) -> list[Site]:
     sites = []
     for path, module in walk(model):
         if names := glu_names(module):
             kind = "moe" if _is_experts(module, *names) else "dense"
             sites.append(Site(path, kind))
         elif "gate_up_proj" in module and "down_proj" in module:
-            sites.append(Site(path, "fused"))
+            sites.append(Site(path, "fused", skip=ALREADY_FUSED))
         elif other := _other_mlp(module):
-            sites.append(Site(path, other))
+            sites.append(Site(path, other, skip=NOT_GLU.format(kind=other)))
     return sites
 
 
@@ -94,13 +105,11 @@ def _is_experts(module: nn.Module, *names: str) -> bool:
 
 
 def why_not(
-    model: nn.Module, site: Site, options: dict, context: Context
+    model: nn.Module, site: Site, options: Options, context: Context
 ) -> str | None:
-    if "/" in site.kind:
-        return NOT_GLU.format(kind=site.kind)
     module = module_at(model, site.path)
     names = glu_names(module)
-    if names is None:  # a site of kind "fused"
+    if names is None:
         return ALREADY_FUSED
     if fusion.parts_in(module, names):
         return ALREADY_APPLIED
@@ -127,22 +136,20 @@ def _inputs(model: nn.Module, site: Site, dtype, shapes, k: int = 2) -> list[tup
     return inputs
 
 
-def taps(model: nn.Module, options: dict, context: Context) -> list[tuple[str, str]]:
+def taps(model: nn.Module, options: Options, context: Context) -> list[Tap]:
     return [
         (s.path, "__call__") for s in find(model, options, context) if s.kind in KINDS
     ]
 
 
-def probe(
-    model: nn.Module, site: Site, dtype, options: dict, recorded: dict, context: Context
-):
+def probe(model: nn.Module, site: Site, options: Options, context: Context) -> Probe:
     # The inputs the model fed the site in the reference forward, in their
     # real dtype; synthetic ones only where none were recorded, and for
     # SwitchGLU's sorted path (indices.size >= 64), which a short probe's
     # real indices do not reach: (2, 16) tokens, as many experts each.
-    inputs = tapped.inputs(recorded, (site.path, "__call__"))
+    inputs = tapped.inputs(context.recorded, (site.path, "__call__"))
     if not inputs:
-        inputs = _inputs(model, site, dtype, [(1, 1), (2, 16)])
+        inputs = _inputs(model, site, context.dtype, [(1, 1), (2, 16)])
     elif site.kind == "moe" and max(args[1].size for args in inputs) < SORTED:
         x, idx = inputs[0][:2]
         inputs += _inputs(model, site, x.dtype, [(2, 16)], k=idx.shape[-1])
@@ -154,12 +161,15 @@ def probe(
     return run
 
 
-def tune(model: nn.Module, site: Site, dtype) -> tuple[dict, str | None]:
+def tune(
+    model: nn.Module, site: Site, options: Options, context: Context
+) -> tuple[dict[str, float], str | None]:
     """Time the fused site against the unfused one on decode (B=1, L=1) and
     prefill (B=1, L=128) shapes; undo the fusion where either is slower."""
     shapes = {"decode": (1, 1), "prefill": (1, 128)}
     calls = {
-        name: _inputs(model, site, dtype, [shape])[0] for name, shape in shapes.items()
+        name: _inputs(model, site, context.dtype, [shape])[0]
+        for name, shape in shapes.items()
     }
     module = module_at(model, site.path)
     names, fused = fusion.names_in(module, FUSIONS)
@@ -170,14 +180,17 @@ def tune(model: nn.Module, site: Site, dtype) -> tuple[dict, str | None]:
     return ratios, None
 
 
+HOOKS = fusion.hooks(FUSIONS)
 PASS = Pass(
     name="fuse_glu",
     summary="gate_proj + up_proj as one matmul (dense and MoE, any activation)",
     find=find,
     why_not=why_not,
-    probe=probe,
-    options={"tune": False},
-    tune=tune,
-    taps=taps,
-    **fusion.hooks(FUSIONS),
+    rewrite=HOOKS.rewrite,
+    undo=HOOKS.undo,
+    applied=HOOKS.applied,
+    replaced=HOOKS.replaced,
+    proof=Proof(probe, taps=taps, tune=tune),
+    saving=HOOKS.saving,
+    settings=Settings(defaults={"tune": False}),
 )

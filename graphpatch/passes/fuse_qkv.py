@@ -17,7 +17,17 @@ import mlx.nn as nn
 from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedLinear
 
 from graphpatch import fusion, tapped
-from graphpatch.contract import Context, Pass, Site, module_at, walk
+from graphpatch.contract import (
+    Context,
+    Options,
+    Pass,
+    Probe,
+    Proof,
+    Site,
+    Tap,
+    module_at,
+    walk,
+)
 
 LAYERS = (
     nn.Linear,
@@ -34,13 +44,13 @@ ALREADY_APPLIED = "already applied"
 ALREADY_FUSED = "already fused ({name}) in the model itself"
 
 
-def find(model: nn.Module, options: dict, context: Context) -> list[Site]:
+def find(model: nn.Module, options: Options, context: Context) -> list[Site]:
     sites = []
     for path, module in walk(model):
         if all(isinstance(module.get(name), nn.Module) for name in NAMES):
             sites.append(Site(path, "attention"))
         elif shipped := _shipped(module):
-            sites.append(Site(path, "fused", detail={"name": shipped}))
+            sites.append(Site(path, "fused", skip=ALREADY_FUSED.format(name=shipped)))
     return sites
 
 
@@ -51,10 +61,8 @@ def _shipped(module: nn.Module) -> str | None:
 
 
 def why_not(
-    model: nn.Module, site: Site, options: dict, context: Context
+    model: nn.Module, site: Site, options: Options, context: Context
 ) -> str | None:
-    if site.kind == "fused":
-        return ALREADY_FUSED.format(name=site.detail["name"])
     module = module_at(model, site.path)
     if fusion.parts_in(module, NAMES):
         return ALREADY_APPLIED
@@ -62,23 +70,22 @@ def why_not(
     return fusion.why_not_joined(layers, LAYERS)
 
 
-def taps(model: nn.Module, options: dict, context: Context) -> list[tuple[str, str]]:
+def taps(model: nn.Module, options: Options, context: Context) -> list[Tap]:
     sites = [s for s in find(model, options, context) if s.kind == "attention"]
     return [(f"{s.path}.q_proj", "__call__") for s in sites]
 
 
-def probe(
-    model: nn.Module, site: Site, dtype, options: dict, recorded: dict, context: Context
-):
+def probe(model: nn.Module, site: Site, options: Options, context: Context) -> Probe:
     # What the attention really fed q_proj in the reference forward; a
     # synthetic input of the site's dtype where the forward did not reach it.
-    inputs = tapped.inputs(recorded, (f"{site.path}.q_proj", "__call__"))
+    inputs = tapped.inputs(context.recorded, (f"{site.path}.q_proj", "__call__"))
     if not inputs:
         q = fusion.layer_of(module_at(model, site.path), "q_proj")
         dims = (
             q.scales.shape[-1] * q.group_size if "scales" in q else q.weight.shape[-1]
         )
-        inputs = [(mx.random.normal((2, 8, dims), key=mx.random.key(0)).astype(dtype),)]
+        x = mx.random.normal((2, 8, dims), key=mx.random.key(0))
+        inputs = [(x.astype(context.dtype),)]
 
     def run():
         module = module_at(model, site.path)
@@ -88,12 +95,16 @@ def probe(
     return run
 
 
+HOOKS = fusion.hooks({FUSED: NAMES})
 PASS = Pass(
     name="fuse_qkv",
     summary="q_proj + k_proj + v_proj as one matmul (any head counts, GQA, biases)",
     find=find,
     why_not=why_not,
-    probe=probe,
-    taps=taps,
-    **fusion.hooks({FUSED: NAMES}),
+    rewrite=HOOKS.rewrite,
+    undo=HOOKS.undo,
+    applied=HOOKS.applied,
+    replaced=HOOKS.replaced,
+    proof=Proof(probe, taps=taps),
+    saving=HOOKS.saving,
 )

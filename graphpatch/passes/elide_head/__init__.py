@@ -29,17 +29,20 @@ import mlx.nn as nn
 from graphpatch.compare import PROBE_TOKENS
 from graphpatch.contract import (
     Context,
+    Options,
     Pass,
+    Probe,
+    Proof,
+    Saving,
+    Settings,
     Site,
-    mark,
+    mark_at,
     module_at,
-    parent_and_key,
-    unmark,
+    unmark_at,
     walk,
 )
-from graphpatch.heads import head_path
 from graphpatch.passes.elide_head.pipeline import (
-    ElidedHead,
+    Elided,
     Kept,
     Shared,
     Ungathered,
@@ -48,10 +51,12 @@ from graphpatch.passes.elide_head.pipeline import (
     gather_taken,
     is_elided,
     pipelined,
+    restore,
     stand_in,
 )
 from graphpatch.passes.elide_head.pipeline import ElideError as ElideError  # find's
 from graphpatch.passes.elide_head.pipeline import sampler as sampler  # documented
+from graphpatch.passes.heads import head_path
 
 ALREADY_APPLIED = "already applied"
 NOT_PIPELINED = "not a pipelined model (no PipelineMixin)"
@@ -62,6 +67,12 @@ HEAD_NOT_ELIDED = "the head is not elided, so the logits still need the gathered
 STILL_GATHERS = (
     "the body still all-gathers h without its `pipeline_size > 1` test; restored"
 )
+UNSAVABLE = "an elided model is one rank's view: save it before elide_head"
+NEEDS_SAMPLER = (
+    "elide_head needs elide_head.sampler(...) where the program samples, "
+    "which graphpatch run cannot add: use elide_head:logits (rank 0's "
+    "logits reach every rank), or apply it from your runtime"
+)
 SAMPLER = (
     "elide_head: ranks other than 0 return zero logits; sample with "
     "graphpatch.passes.elide_head.sampler(...) (mlx-lm's sampler=) so every "
@@ -69,17 +80,17 @@ SAMPLER = (
 )
 
 
-def find(model: nn.Module, options: dict, context: Context) -> list[Site]:
+def find(model: nn.Module, options: Options, context: Context) -> list[Site]:
     found = pipelined(model)
     if found is None:
-        return [Site("", "none", detail={"why": NOT_PIPELINED})]
+        return [Site("", "none", skip=NOT_PIPELINED)]
     body_path, body = found
     if body.pipeline_size == 1:
-        return [Site("", "none", detail={"why": ONE_RANK})]
+        return [Site("", "none", skip=ONE_RANK)]
     check_group(body)
     path = head_path(model)
     if path is None:
-        return [Site("", "none", detail={"why": NO_HEAD})]
+        return [Site("", "none", skip=NO_HEAD)]
     # Every rank has these two sites: their checks are collectives.
     if body.pipeline_rank == 0:
         head = Site(path, "final", collective=True)
@@ -90,10 +101,8 @@ def find(model: nn.Module, options: dict, context: Context) -> list[Site]:
 
 
 def why_not(
-    model: nn.Module, site: Site, options: dict, context: Context
+    model: nn.Module, site: Site, options: Options, context: Context
 ) -> str | None:
-    if site.kind == "none":
-        return site.detail["why"]
     module = module_at(model, site.path)
     if is_elided(module) or isinstance(module, Ungathered):
         return ALREADY_APPLIED
@@ -107,39 +116,29 @@ def why_not(
 
 
 def rewrite(
-    model: nn.Module, site: Site, options: dict, context: Context
+    model: nn.Module, site: Site, options: Options, context: Context
 ) -> str | None:
-    parent, key = parent_and_key(model, site.path)
-    module = parent[key]
+    if site.kind == "elided":
+        return stand_in(model, site.path, context.model_dir, options["logits"])
     if site.kind == "gather":
-        parent[key] = mark(module, Ungathered)
-    elif site.kind == "final":
-        marker = Shared if options["logits"] else Kept
-        parent[key] = mark(module, marker)
+        mark_at(model, site.path, Ungathered)
     else:
-        parent[key], note = stand_in(
-            model, module, context.model_dir, options["logits"]
-        )
-        return note
+        mark_at(model, site.path, Shared if options["logits"] else Kept)
     return None
 
 
 def undo(model: nn.Module, path: str) -> None:
-    parent, key = parent_and_key(model, path)
-    module = parent[key]
-    if isinstance(module, ElidedHead):
-        parent[key] = module.restored()
+    if isinstance(module_at(model, path), Elided):
+        restore(model, path)
     else:
-        parent[key] = unmark(module)
+        unmark_at(model, path)
 
 
 def applied(model: nn.Module) -> list[str]:
     return [p for p, m in walk(model) if is_elided(m) or isinstance(m, Ungathered)]
 
 
-def probe(
-    model: nn.Module, site: Site, dtype, options: dict, recorded: dict, context: Context
-):
+def probe(model: nn.Module, site: Site, options: Options, context: Context) -> Probe:
     tokens = mx.array(PROBE_TOKENS)
 
     def run():
@@ -156,7 +155,7 @@ def probe(
 
 
 def confirm(
-    model: nn.Module, site: Site, options: dict, context: Context
+    model: nn.Module, site: Site, options: Options, context: Context
 ) -> str | None:
     if site.kind != "gather":
         return None
@@ -164,11 +163,15 @@ def confirm(
     return STILL_GATHERS if gather_taken(module_at(model, site.path), tokens) else None
 
 
-def warnings(model: nn.Module, options: dict, context: Context) -> list[str]:
+def warnings(model: nn.Module, options: Options, context: Context) -> list[str]:
     found = pipelined(model)
     if options["logits"] or not found or found[1].pipeline_size == 1:
         return []
     return [SAMPLER]
+
+
+def needs_caller(options: Options) -> str | None:
+    return None if options["logits"] else NEEDS_SAMPLER
 
 
 PASS = Pass(
@@ -180,9 +183,12 @@ PASS = Pass(
     rewrite=rewrite,
     undo=undo,
     applied=applied,
-    probe=probe,
-    options={"keep_gather": False, "logits": False},
+    proof=Proof(probe, confirm=confirm),
+    saving=Saving(refused=UNSAVABLE),
+    settings=Settings(
+        defaults={"keep_gather": False, "logits": False},
+        warnings=warnings,
+        needs_caller=needs_caller,
+    ),
     requires=("untied_head",),
-    confirm=confirm,
-    warnings=warnings,
 )

@@ -17,9 +17,10 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.models.pipeline import PipelineMixin
 
-from graphpatch.contract import GraphpatchError, TakenOver, walk
-from graphpatch.heads import EMBEDDINGS, StandIn
+from graphpatch.contract import GraphpatchError, mark_at, module_at, unmark_at, walk
+from graphpatch.embedding import EMBEDDINGS
 from graphpatch.loading import read_arrays
+from graphpatch.passes.heads import StandIn, TakenOver
 
 RELEASED = "head skipped; its {mib:.1f} MiB released (re-read from the checkpoint)"
 TIED = "head skipped; its arrays stay: they are the embedding's"
@@ -89,18 +90,16 @@ def broadcast_logits(logits: mx.array) -> mx.array:
     return from_rank_0(logits.astype(mx.float32))
 
 
-class ElidedHead(StandIn, TakenOver, nn.Module):
-    """Stands where the head was on ranks that do not produce the output.
+class Elided(StandIn, TakenOver):
+    """The marker on the head of a rank that does not produce the output: it
+    returns zeros of the logits' shape, or rank 0's logits with ``share``.
 
-    The head stays its child. A released head holds no arrays while it
-    stands here: ``restored`` reads them back from ``model_dir``."""
+    A released head holds no arrays while marked: undo reads them back from
+    ``model_dir`` (set only when they were released)."""
 
-    def __init__(self, held: nn.Module, vocab: int, share: bool, model_dir=None):
-        super().__init__()
-        self.held = held
-        self.vocab = vocab
-        self.share = share
-        self.model_dir = model_dir  # set only when the arrays were released
+    vocab: int = 0
+    share: bool = False
+    model_dir: str | None = None
 
     def __call__(self, h: mx.array) -> mx.array:
         # last_token cuts h itself, before the head: its positions are the logits'
@@ -108,13 +107,6 @@ class ElidedHead(StandIn, TakenOver, nn.Module):
         zeros = mx.broadcast_to(mx.zeros((1,) * len(shape), h.dtype), shape)
         zeros = mx.depends(zeros, h)
         return broadcast_logits(zeros).astype(h.dtype) if self.share else zeros
-
-    def restored(self) -> nn.Module:
-        """The head, its released arrays read back (lazily) from the checkpoint."""
-        if self.model_dir:
-            for key, value in head_arrays(self.model_dir).items():
-                self.held[key] = value
-        return self.held
 
 
 class Kept(TakenOver):
@@ -131,13 +123,20 @@ class Shared(Kept):
 
 def is_elided(head: nn.Module) -> bool:
     """Whether elide_head stands in for this head, or marks it as rank 0's."""
-    return isinstance(head, (ElidedHead, Kept))
+    return isinstance(head, (Elided, Kept))
 
 
 class NoGather(int):
     """The pipeline size, except that ``size > 1`` (mlx-lm's test for the
     gather) is False. Arithmetic gives plain ints, so recv and send still
-    address the real neighbours."""
+    address the real neighbours.
+
+    Why a value and not a module swap: the gather is a line inside the body's
+    own ``__call__`` (``mx.distributed.all_gather``, a process-wide function
+    whose replacement would reach every model and thread), and the only
+    per-instance state that line reads is ``pipeline_size``, which the same
+    forward also uses to address recv and send. A size that differs only in
+    ``> 1`` is the one per-body switch; ``gather_taken`` proves it worked."""
 
     def __gt__(self, other):
         return False if other == 1 else int(self) > other
@@ -206,15 +205,26 @@ def release_to_checkpoint(head: nn.Module, model_dir: str | None) -> bool:
     return True
 
 
-def stand_in(
-    model: nn.Module, head: nn.Module, model_dir: str | None, share: bool
-) -> tuple:
-    """The stand-in for ``head`` on a rank that skips it, and the note that
-    says what became of the head's arrays."""
+def stand_in(model: nn.Module, path: str, model_dir: str | None, share: bool) -> str:
+    """Mark the head at ``path`` as elided; returns the note that says what
+    became of its arrays."""
+    head = module_at(model, path)
     mib = sum(v.nbytes for _, v in tree_flatten(head.parameters())) / 2**20
-    vocab = head.weight.shape[0]
-    if is_tied(model, head):
-        return ElidedHead(head, vocab, share), TIED
-    if release_to_checkpoint(head, model_dir):
-        return ElidedHead(head, vocab, share, model_dir), RELEASED.format(mib=mib)
-    return ElidedHead(head, vocab, share), KEPT
+    tied = is_tied(model, head)
+    elided = mark_at(model, path, Elided, vocab=head.weight.shape[0], share=share)
+    if tied:
+        return TIED
+    if release_to_checkpoint(elided, model_dir):
+        elided.model_dir = model_dir
+        return RELEASED.format(mib=mib)
+    return KEPT
+
+
+def restore(model: nn.Module, path: str) -> None:
+    """Undo ``stand_in``: the head, its released arrays read back (lazily)
+    from the checkpoint."""
+    model_dir = module_at(model, path).model_dir
+    head = unmark_at(model, path)
+    if model_dir:
+        for key, value in head_arrays(model_dir).items():
+            head[key] = value

@@ -21,17 +21,20 @@ import mlx.nn as nn
 
 from graphpatch.contract import (
     Context,
+    Options,
     Pass,
+    Probe,
+    Proof,
+    Saving,
+    Settings,
     Site,
-    TakenOver,
-    mark,
+    mark_at,
     marked,
     module_at,
-    parent_and_key,
-    unmark,
+    unmark_at,
 )
-from graphpatch.heads import head_path
 from graphpatch.limits import context_length
+from graphpatch.passes.heads import TakenOver, head_path
 from graphpatch.passes.last_token.body import (
     INLINE,
     body_path,
@@ -66,20 +69,18 @@ UNDECLARED = (
 )
 
 
-def find(model: nn.Module, options: dict, context: Context) -> list[Site]:
+def find(model: nn.Module, options: Options, context: Context) -> list[Site]:
     # Every rank of a sharded or pipelined model has its body, and the
     # probe runs the whole model: its collectives.
     if (path := body_path(model)) is None:
-        return [Site("", "none")]
+        return [Site("", "none", skip=NO_BODY)]
     note = None if head_path(model) is not None else INLINE
     return [Site(path, "body", note=note, collective=True)]
 
 
 def why_not(
-    model: nn.Module, site: Site, options: dict, context: Context
+    model: nn.Module, site: Site, options: Options, context: Context
 ) -> str | None:
-    if site.kind == "none":
-        return NO_BODY
     if (head := head_path(model)) is not None and isinstance(
         module_at(model, head), TakenOver
     ):
@@ -90,40 +91,36 @@ def why_not(
     return None if takes_cache(type(body)) else NO_CACHE.format(path=site.path)
 
 
-def rewrite(model: nn.Module, site: Site, options: dict, context: Context) -> None:
-    parent, key = parent_and_key(model, site.path)
+def rewrite(model: nn.Module, site: Site, options: Options, context: Context) -> None:
     settings = {k: options[k] for k in ("keep", "short", "prefill")}
-    parent[key] = mark(parent[key], LastPositions, **settings)
+    mark_at(model, site.path, LastPositions, **settings)
 
 
 def undo(model: nn.Module, path: str) -> None:
-    parent, key = parent_and_key(model, path)
-    parent[key] = unmark(parent[key])
+    unmark_at(model, path)
 
 
 def applied(model: nn.Module) -> list[str]:
     return marked(model, LastPositions)
 
 
-def options_in(model: nn.Module) -> dict:
+def options_in(model: nn.Module) -> Options:
     bodies = [module_at(model, path) for path in applied(model)]
     if not bodies:
         return {}
     return {k: getattr(bodies[0], k) for k in ("keep", "short", "prefill")}
 
 
-def _long(options: dict) -> int:
+def _long(options: Options) -> int:
     return max(options["keep"], options["short"]) + 1
 
 
-def probe(
-    model: nn.Module, site: Site, dtype, options: dict, recorded: dict, context: Context
-):
+def probe(model: nn.Module, site: Site, options: Options, context: Context) -> Probe:
     return body_probe(model, site.path, _long(options), options["keep"])
 
 
 def confirm(
-    model: nn.Module, site: Site, options: dict, context: Context
+    model: nn.Module, site: Site, options: Options, context: Context
 ) -> str | None:
     """A prefill really returns ``keep`` positions, and a call without a cache
     or continuing one every position."""
@@ -134,7 +131,7 @@ def confirm(
     return NOT_CONSULTED.format(path=site.path, length=length, got=got, want=want)
 
 
-def validate(options: dict, model: nn.Module | None = None) -> str | None:
+def validate(model: nn.Module | None, options: Options) -> str | None:
     for key in ("keep", "short"):
         low = 1 if key == "keep" else 0
         if not low <= (value := options[key]) <= MAX_KEEP:
@@ -147,7 +144,7 @@ def validate(options: dict, model: nn.Module | None = None) -> str | None:
     return None
 
 
-def warnings(model: nn.Module, options: dict, context: Context) -> list[str]:
+def warnings(model: nn.Module, options: Options, context: Context) -> list[str]:
     n = max(options["keep"], options["short"])
     return [UNDECLARED.format(n=n)] if options["prefill"] else []
 
@@ -160,11 +157,12 @@ PASS = Pass(
     rewrite=rewrite,
     undo=undo,
     applied=applied,
-    probe=probe,
-    options={"keep": 1, "short": 32, "prefill": False},
+    proof=Proof(probe, confirm=confirm),
+    saving=Saving(options_in=options_in),
+    settings=Settings(
+        defaults={"keep": 1, "short": 32, "prefill": False},
+        validate=validate,
+        warnings=warnings,
+    ),
     requires=("untied_head",),
-    validate=validate,
-    warnings=warnings,
-    options_in=options_in,
-    confirm=confirm,
 )

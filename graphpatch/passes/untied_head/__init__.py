@@ -23,15 +23,22 @@ import mlx.nn as nn
 
 from graphpatch.contract import (
     Context,
+    Options,
     Pass,
+    Probe,
+    Proof,
+    Saving,
     Site,
-    mark,
+    Tap,
+    Weights,
+    mark_at,
     marked,
     module_at,
-    parent_and_key,
-    unmark,
+    replace_at,
+    unmark_at,
 )
-from graphpatch.heads import (
+from graphpatch.loading import read_arrays
+from graphpatch.passes.heads import (
     Headed,
     bare_head,
     find_embedding,
@@ -39,7 +46,6 @@ from graphpatch.heads import (
     head_path,
     head_tap,
 )
-from graphpatch.loading import read_arrays
 from graphpatch.passes.untied_head.checkpoint import (
     NO_HEAD,
     checkpoint_head,
@@ -70,16 +76,17 @@ UNTIED = (
 )
 
 
-def find(model: nn.Module, options: dict, context: Context) -> list[Site]:
+def find(model: nn.Module, options: Options, context: Context) -> list[Site]:
     embedding = find_embedding(model)
     if embedding is None:
-        return [Site("", "none")]
+        return [Site("", "none", skip=NO_HEAD)]
     path, module = embedding
     explicit = head_path(model, embedding)
     if explicit is not None and not isinstance(module, Headed):
-        return [Site(explicit, "linear")]
+        cls = type(module_at(model, explicit)).__name__
+        return [Site(explicit, "linear", skip=ALREADY_EXPLICIT.format(cls=cls))]
     if (bare := bare_head(model, module)) is not None:
-        return [Site(bare, "none", detail={"why": BARE_ARRAY.format(path=bare)})]
+        return [Site(bare, "none", skip=BARE_ARRAY.format(path=bare))]
     if isinstance(module, Headed) or not context.model_dir:
         return [Site(path, "tied", note=NOT_READ)]
     arrays = read_arrays(context.model_dir, "lm_head.")
@@ -87,7 +94,7 @@ def find(model: nn.Module, options: dict, context: Context) -> list[Site]:
         return [Site(path, "tied", note=NO_CHECKPOINT_HEAD)]
     head = checkpoint_head(arrays, module)
     if (foreign := not_this_model(model, context.model_dir)) is not None:
-        return [Site(path, "foreign", note=foreign)]
+        return [Site(path, "foreign", skip=foreign)]
     diff = max_difference(head, tied_head(module))
     if diff == 0:
         return [Site(path, "tied", note=SAME_AS_EMBEDDING)]
@@ -97,15 +104,8 @@ def find(model: nn.Module, options: dict, context: Context) -> list[Site]:
 
 
 def why_not(
-    model: nn.Module, site: Site, options: dict, context: Context
+    model: nn.Module, site: Site, options: Options, context: Context
 ) -> str | None:
-    if site.kind == "none":
-        return site.detail.get("why", NO_HEAD)
-    if site.kind == "foreign":
-        return site.note
-    if site.kind == "linear":
-        head = module_at(model, site.path)
-        return ALREADY_EXPLICIT.format(cls=type(head).__name__)
     if isinstance(module_at(model, site.path), Headed):
         return ALREADY_APPLIED
     return None
@@ -117,30 +117,24 @@ def _lm_head(context: Context) -> dict:
     return read_arrays(context.model_dir, "lm_head.")
 
 
-def rewrite(model: nn.Module, site: Site, options: dict, context: Context) -> None:
-    parent, key = parent_and_key(model, site.path)
-    embedding = parent[key]
+def rewrite(model: nn.Module, site: Site, options: Options, context: Context) -> None:
+    embedding = module_at(model, site.path)
     if site.kind == "untied":
         head = checkpoint_head(_lm_head(context), embedding)
     else:
         head = tied_head(embedding)
-    new = mark(embedding, Headed)
-    new.lm_head = head
-    parent[key] = new
+    replace_at(mark_at(model, site.path, Headed), "lm_head", head)
 
 
 def undo(model: nn.Module, path: str) -> None:
-    parent, key = parent_and_key(model, path)
-    embedding = unmark(parent[key])
-    del embedding["lm_head"]
-    parent[key] = embedding
+    replace_at(unmark_at(model, path), "lm_head", None)
 
 
 def applied(model: nn.Module) -> list[str]:
     return marked(model, Headed)
 
 
-def plain(model: nn.Module, weights: dict) -> dict:
+def plain(model: nn.Module, weights: Weights) -> Weights:
     """A tied head's names dropped (the embedding's own arrays); an untied
     head's arrays under the checkpoint's names, ``lm_head.*``."""
     for path in applied(model):
@@ -154,15 +148,13 @@ def plain(model: nn.Module, weights: dict) -> dict:
     return weights
 
 
-def taps(model: nn.Module, options: dict, context: Context) -> list[tuple[str, str]]:
+def taps(model: nn.Module, options: Options, context: Context) -> list[Tap]:
     tap = head_tap(model)
     return [tap] if tap else []
 
 
-def probe(
-    model: nn.Module, site: Site, dtype, options: dict, recorded: dict, context: Context
-):
-    h = head_input(model, dtype, recorded, positions=1)
+def probe(model: nn.Module, site: Site, options: Options, context: Context) -> Probe:
+    h = head_input(model, context.dtype, context.recorded, positions=1)
     expected = None
     if site.kind == "untied":
         checkpoint = checkpoint_head(_lm_head(context), module_at(model, site.path))
@@ -188,7 +180,6 @@ PASS = Pass(
     rewrite=rewrite,
     undo=undo,
     applied=applied,
-    probe=probe,
-    taps=taps,
-    plain=plain,
+    proof=Proof(probe, taps=taps),
+    saving=Saving(plain=plain),
 )

@@ -11,8 +11,8 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
 from graphpatch.compare import PROBE_TOKENS, dtype_name
-from graphpatch.contract import GraphpatchError
-from graphpatch.heads import dims_of, find_embedding
+from graphpatch.contract import GraphpatchError, replace_at
+from graphpatch.embedding import dims_of, find_embedding
 from graphpatch.loading import read_arrays
 
 NO_HEAD = "no LM head found: no vocabulary-sized top-level linear and no embedding"
@@ -169,12 +169,11 @@ def max_difference(a: nn.Module, b: nn.Module, chunk: int = 8192) -> float:
 def consults(model: nn.Module, parent: nn.Module, key: str) -> bool:
     """Whether the model's forward reaches ``parent[key]``: it is swapped for
     a sentinel that raises while the lazy graph is built (nothing evaluated)."""
-    held = parent[key]
-    parent[key] = _Sentinel()
+    held = replace_at(parent, key, _Sentinel())
     try:
         model(mx.array(PROBE_TOKENS)[:1, :4])
     except _Reached:
         return True
     finally:
-        parent[key] = held
+        replace_at(parent, key, held)
     return False

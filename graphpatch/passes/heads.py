@@ -1,30 +1,33 @@
-"""The LM head: where it is, how to build one from arrays, and whether the
-model's forward really reaches it. Shared by untied_head, last_token and
-elide_head.
+"""The LM head: where it is, where its input can be recorded, and the markers
+the head passes put on it. Shared by untied_head, last_token and elide_head.
 """
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from graphpatch.compare import PROBE_TOKENS
-from graphpatch.contract import walk
+from graphpatch.embedding import dims_of, find_embedding
 from graphpatch.tapped import inputs
 
 HEADS = (nn.Linear, nn.QuantizedLinear)
-EMBEDDINGS = (nn.Embedding, nn.QuantizedEmbedding)
+
+
+class TakenOver:
+    """Marks a head one pass has taken over (elide_head's stand-in, and rank
+    0's head it keeps): passes that wrap heads leave such a head alone, so
+    that every rank of a group decides alike."""
 
 
 class StandIn:
-    """Marks a module another pass put where a top-level head was (it holds
-    no vocabulary weight, only ``vocab``)."""
+    """Marks a head another pass stands in for: it may hold no vocabulary
+    weight, only ``vocab``."""
 
     vocab: int
 
 
 def _vocab_size(module: nn.Module) -> int | None:
-    if isinstance(module, HEADS):
-        return module.weight.shape[0]
-    return module.vocab if isinstance(module, StandIn) else None
+    if isinstance(module, StandIn):  # a head's arrays may be released
+        return module.vocab
+    return module.weight.shape[0] if isinstance(module, HEADS) else None
 
 
 class Headed:
@@ -33,26 +36,6 @@ class Headed:
 
     def as_linear(self, x):
         return self.lm_head(x)
-
-
-def logits_width(model: nn.Module) -> int | None:
-    """The last dimension of the model's output, from the shapes of a forward
-    that is built but never evaluated; None when the model cannot run."""
-    try:
-        return model(mx.array(PROBE_TOKENS)[:1, :2]).shape[-1]
-    except Exception:
-        return None
-
-
-def find_embedding(model: nn.Module) -> tuple[str, nn.Module] | None:
-    """The token embedding: the first embedding with one row per logit (a
-    position embedding, like gpt2's wpe, has other rows)."""
-    embeddings = [(p, m) for p, m in walk(model) if isinstance(m, EMBEDDINGS)]
-    width = logits_width(model) if len(embeddings) > 1 else None
-    for path, module in embeddings:
-        if width in (None, module.weight.shape[0]):
-            return path, module
-    return embeddings[0] if embeddings else None
 
 
 def _near_top(model: nn.Module):
@@ -121,9 +104,3 @@ def head_input(
     dims = dims_of(embedding[1])
     shape = (2, positions, dims)
     return mx.random.normal(shape, key=mx.random.key(7)).astype(dtype)
-
-
-def dims_of(embedding: nn.Module) -> int:
-    if isinstance(embedding, nn.QuantizedEmbedding):
-        return embedding.dims
-    return embedding.weight.shape[1]
