@@ -1,10 +1,11 @@
 """One rank of the shard tests: load, shard, compare with the unsharded model.
 
-argv: MODEL_DIR [SPEC] [--mlx-lm] [--lazy]. SPEC is the pass spec (default
-``shard``). ``--mlx-lm`` also shards a second copy with mlx-lm's own
-``model.shard(group)`` and reports its logits and bytes; ``--lazy`` loads
-lazily and applies unverified, as mlx-lm's sharded_load does. Prints one
-JSON line.
+argv: CASE..., each ``MODEL_DIR,SPEC[,flag...]``; flags: ``mlx-lm`` also
+shards a copy with mlx-lm's own ``model.shard(group)``; ``lazy`` loads lazily
+and applies unverified (mlx-lm's sharded_load pattern), measuring the peak;
+``revert`` reverts after and compares bit for bit; ``fuse`` applies fuse_glu
+and fuse_qkv after shard and compares with the sharded-unfused logits. Prints
+one JSON line per case.
 """
 
 import json
@@ -26,37 +27,67 @@ def nbytes(model) -> int:
     return sum(v.nbytes for _, v in tree_flatten(model.parameters()))
 
 
-group = mx.distributed.init(backend="ring", strict=True)
-args = sys.argv[1:]
-path, spec = args[0], next((a for a in args[1:] if not a.startswith("--")), "shard")
-reference, _ = mlx_lm.load(path)
-expected = reference(TOKENS)
-mx.eval(expected)
-whole = nbytes(reference)
-model, _ = mlx_lm.load(path, lazy="--lazy" in args)
-report = graphpatch.apply(model, [spec], verify="--lazy" not in args)
-logits = model(TOKENS)
-mx.eval(logits)
-cmp = compare([expected], [logits])
-result = {
-    "rank": group.rank(),
-    "size": group.size(),
-    "rewritten": [f"{s.path} ({s.kind})" for s in report.rewritten()],
-    "skipped": sorted({s.reason for s in report.skipped()}),
-    "max_error": cmp.max_error,
-    "ok": cmp.ok,
-    "top1": cmp.top1,
-    "bytes": [whole, nbytes(model)],
-    "sites": [[s.bytes_before, s.bytes_after] for s in report.rewritten()],
-}
-if "--mlx-lm" in args:
-    theirs, _ = mlx_lm.load(path)
-    theirs.shard(group)
-    out = theirs(TOKENS)
+def logits(model) -> mx.array:
+    out = model(TOKENS)
     mx.eval(out)
-    result["mlx_lm"] = {
-        "max_error": compare([expected], [out]).max_error,
-        "bytes": nbytes(theirs),
-        "vs_ours": mx.abs(out - logits).max().item(),
+    return out
+
+
+def case(path: str, spec: str, flags: list[str], group) -> dict:
+    lazy = "lazy" in flags
+    if lazy:  # a process's first sharded load peaks higher (the allocator's)
+        warm, _ = mlx_lm.load(path, lazy=True)
+        graphpatch.apply(warm, [spec], verify=False)
+        mx.eval(warm.parameters())
+        del warm
+    base = mx.get_active_memory()
+    mx.reset_peak_memory()
+    model, _ = mlx_lm.load(path, lazy=lazy)
+    report = graphpatch.apply(model, [spec], verify=not lazy)
+    mx.eval(model.parameters())
+    peak = mx.get_peak_memory() - base
+    reference, _ = mlx_lm.load(path)
+    expected = logits(reference)
+    got = logits(model)
+    cmp = compare([expected], [got])
+    result = {
+        "rank": group.rank(),
+        "size": group.size(),
+        "rewritten": [f"{s.path} ({s.kind})" for s in report.rewritten()],
+        "skipped": sorted({s.reason for s in report.skipped()}),
+        "verified": all(s.verified for s in report.rewritten()),
+        "max_error": cmp.max_error,
+        "ok": cmp.ok,
+        "bytes": [nbytes(reference), nbytes(model)],
+        "sites": [[s.bytes_before, s.bytes_after] for s in report.rewritten()],
+        "peak": peak,
     }
-print(json.dumps(result))
+    if "fuse" in flags:
+        fused = graphpatch.apply(model, ["fuse_glu", "fuse_qkv"])
+        result["fused"] = len(fused.rewritten())
+        result["fused_error"] = mx.abs(logits(model) - got).max().item()
+    if "revert" in flags:
+        result["reverted"] = len(graphpatch.revert(model))
+        result["revert_exact"] = mx.array_equal(logits(model), expected).item()
+        result["revert_bytes"] = nbytes(model)
+    if "mlx-lm" in flags:
+        base = mx.get_active_memory()
+        mx.reset_peak_memory()
+        theirs, _ = mlx_lm.load(path, lazy=lazy)
+        theirs.shard(group)
+        mx.eval(theirs.parameters())
+        their_peak = mx.get_peak_memory() - base
+        out = logits(theirs)
+        result["mlx_lm"] = {
+            "peak": their_peak,
+            "max_error": compare([expected], [out]).max_error,
+            "bytes": nbytes(theirs),
+            "vs_ours": mx.abs(out - got).max().item(),
+        }
+    return result
+
+
+group = mx.distributed.init(backend="ring", strict=True)
+for arg in sys.argv[1:]:
+    path, spec, *flags = arg.split(",")
+    print(json.dumps(case(path, spec, flags, group)), flush=True)

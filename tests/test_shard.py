@@ -1,0 +1,183 @@
+"""shard: tensor parallelism by structure, on 2- and 3-rank ring groups of
+real zoo models, against the unsharded model and mlx-lm's own shard(); and
+in one process, every rank's block summed (the all_sum's maths)."""
+
+import json
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from mlx_lm.models.switch_layers import SwitchLinear
+
+import graphpatch
+from graphpatch.passes import shard
+from graphpatch.passes.shard import blocks, heads, split
+from graphpatch.passes.shard.alone import check_alone
+from graphpatch.passes.shard.probes import taps
+from graphpatch.tapped import recording
+from graphpatch.testing import ring
+from graphpatch.testing.small_configs import build
+
+RANKS = Path(__file__).parent / "ranks"
+TOKENS = mx.array([[1, 7, 42, 5, 60, 3, 11, 2]])
+
+
+def launch(*cases: str, n: int = 2) -> list[list[dict]]:
+    """Each rank's JSON line per case, ranks in order."""
+    command = [sys.executable, str(RANKS / "shard_logits.py"), *cases]
+    results = ring.launch(command, n, timeout=120)
+    for r in results:
+        assert r.returncode == 0, f"rank {r.rank} ({r.returncode}):\n{r.stderr}"
+    return [[json.loads(line) for line in r.stdout.splitlines()] for r in results]
+
+
+@pytest.fixture(scope="module")
+def two_ranks(zoo_dir):
+    cases = {
+        "lazy": (zoo_dir("llama"), "shard", "lazy", "mlx-lm"),
+        "float": (zoo_dir("llama"), "shard", "mlx-lm", "revert"),
+        "quantized": (zoo_dir("llama", quant="affine4"), "shard", "mlx-lm"),
+        "kv1": (zoo_dir("llama", num_key_value_heads=1), "shard", "fuse"),
+        "bf16": (zoo_dir("qwen3", dtype="bfloat16"), "shard"),
+        "moe": (zoo_dir("qwen3_moe"), "shard", "revert"),
+        "moe_only": (zoo_dir("qwen3_moe"), "shard:moe_only"),
+        "biases": (zoo_dir("starcoder2"), "shard"),
+    }
+    ranks = launch(*(",".join(map(str, case)) for case in cases.values()))
+    return {name: [rank[i] for rank in ranks] for i, name in enumerate(cases)}
+
+
+def test_every_rank_matches_the_unsharded_model(two_ranks):
+    for name, ranks in two_ranks.items():
+        assert [r["rank"] for r in ranks] == [0, 1], name
+        for r in ranks:
+            assert r["ok"] and r["skipped"] == [], (name, r)
+            assert r["rewritten"] == ranks[0]["rewritten"], name
+            assert r["verified"] == (name != "lazy"), name
+        assert ranks[0]["rewritten"], name
+
+
+def test_sharded_blocks_hold_half_the_bytes(two_ranks):
+    for name in ("float", "quantized", "biases"):
+        for r in two_ranks[name]:
+            for before, after in r["sites"]:
+                # a sharded-to-all bias (256 float32s) stays whole on each rank
+                whole_bias = 512 if name == "biases" else 0
+                assert after == before // 2 + whole_bias, (name, r["sites"])
+            assert r["bytes"][1] < r["bytes"][0]
+    # kv1's attention keeps its one kv head (32 x 128 float32s) on both ranks
+    for before, after in two_ranks["kv1"][0]["sites"]:
+        assert after in (before // 2, (before - 2 * 16384) // 2 + 2 * 16384)
+    # the routers stay whole
+    for before, after in two_ranks["moe"][0]["sites"]:
+        assert before // 2 <= after < before * 0.51
+
+
+def test_same_logits_and_bytes_as_mlx_lm_shard(two_ranks):
+    for name in ("float", "quantized", "lazy"):
+        for r in two_ranks[name]:
+            assert r["mlx_lm"]["vs_ours"] == 0.0
+            assert r["bytes"][1] <= r["mlx_lm"]["bytes"]
+    # loaded lazily, sharded, then evaluated: mlx-lm's peak, give or take
+    # the allocator's reuse of one array (the 256 KB embedding)
+    for r in two_ranks["lazy"]:
+        assert r["peak"] <= r["mlx_lm"]["peak"] + 512 * 128 * 4
+
+
+def test_moe_only_leaves_attention_whole(two_ranks):
+    for r in two_ranks["moe_only"]:
+        assert r["rewritten"] == [
+            "model.layers.0.mlp (moe)",
+            "model.layers.1.mlp (moe)",
+        ]
+        assert r["bytes"][1] > two_ranks["moe"][0]["bytes"][1]
+
+
+def test_revert_and_fusion_on_sharded_models(two_ranks):
+    for name in ("float", "moe"):
+        for r in two_ranks[name]:
+            assert r["revert_exact"] and r["revert_bytes"] == r["bytes"][0]
+            assert r["reverted"] == len(r["rewritten"])
+    for r in two_ranks["kv1"]:  # fusion joins this rank's shards, bit for bit
+        assert r["fused"] == 4 and r["fused_error"] == 0.0
+
+
+def test_three_ranks_skip_what_does_not_divide(zoo_dir):
+    ranks = launch(f"{zoo_dir('llama')},shard", n=3)
+    for (r,) in ranks:
+        assert r["rewritten"] == [] and r["ok"] and r["max_error"] == 0.0
+        assert r["skipped"] == [heads.HEADS_NOT_DIVISIBLE.format(heads=4, n=3)] + [
+            split.NOT_DIVISIBLE.format(name="gate_proj", what="outputs", size=256, n=3)
+        ]
+
+
+def test_one_rank_shards_nothing(load_zoo):
+    model, _ = load_zoo("llama")
+    report = graphpatch.apply(model, ["shard"])
+    assert {s.reason for s in report.sites} == {shard.GROUP_OF_ONE}
+    assert len(report.sites) == 4 and not report.rewritten()
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt_oss", "mixtral", "deepseek_v3"])
+def test_every_rank_summed_in_one_process(name):
+    model = build(name)
+    found = blocks.find_blocks(model, False)
+    _, recorded = recording(model, taps(found), lambda: model(TOKENS))
+    for n in (2, 4):
+        checked = check_alone(model, n, recorded, mx.float32)
+        assert [c.reason for c in checked] == [None] * len(checked), name
+
+
+def test_reasons_for_what_cannot_be_split(load_zoo):
+    model, _ = load_zoo("llama", quant="affine4")
+    attention = model.model.layers[0].self_attn
+    mlp = model.model.layers[0].mlp
+    assert blocks.plan(attention, "attention", 3) == heads.HEADS_NOT_DIVISIBLE.format(
+        heads=4, n=3
+    )
+    cut = blocks.plan(mlp, "mlp", 8)  # 256 inputs of down_proj: 32 a rank
+    assert cut == split.GROUP_CUT.format(name="down_proj", dims=256, n=8, group=64)
+    assert blocks.plan(attention, "attention", 4) == split.GROUP_CUT.format(
+        name="o_proj", dims=128, n=4, group=64
+    )
+    attention = load_zoo("llama")[0].model.layers[0].self_attn
+    four = blocks.plan(attention, "attention", 4)  # 2 kv heads over 4 ranks
+    assert four.parts["k_proj"][1] == [[(0, 32)], [(0, 32)], [(32, 64)], [(32, 64)]]
+    assert four.counts == {"n_heads": 1, "n_kv_heads": 1}
+    minimax = build("minimax").model.layers[0].self_attn
+    assert blocks.plan(minimax, "attention", 2) == blocks.NORM_OVER_HEADS.format(
+        name="q_norm", width=256, what="q"
+    )
+
+
+def _layer(kind: str, rows: int, cols: int) -> nn.Module:
+    if kind == "switch":
+        return SwitchLinear(cols, rows, 4, bias=True)
+    linear = nn.Linear(cols, rows, bias=True)
+    if kind == "linear":
+        return linear
+    return nn.QuantizedLinear.from_linear(linear, group_size=32, bits=4, mode=kind)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    kind=st.sampled_from(["linear", "affine", "mxfp4", "switch"]),
+    n=st.sampled_from([1, 2, 4]),
+    axis=st.sampled_from(["rows", "cols"]),
+)
+def test_every_rank_part_together_is_the_layer(kind, n, axis):
+    layer = _layer(kind, 64, 256)
+    size = split.out_dims(layer) if axis == "rows" else split.in_dims(layer)
+    assert split.why_not_split("x", layer, axis, n) is None
+    parts = [split.take(layer, axis, r) for r in split.even(size, n)]
+    for key, array in layer.items():
+        cut = split._axis(key, array, axis)
+        if cut is None:
+            assert all(p[key] is array for p in parts)
+        else:
+            whole = mx.concatenate([p[key] for p in parts], axis=cut)
+            assert mx.array_equal(whole, array).item(), key
