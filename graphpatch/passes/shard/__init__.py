@@ -29,6 +29,8 @@ Equivalence:   each block's output after its all_sum equals the unsharded
                Then the model's logits, on every rank.
 """
 
+from typing import Any
+
 import mlx.core as mx
 import mlx.nn as nn
 
@@ -51,7 +53,7 @@ from graphpatch.contract import (
 )
 from graphpatch.passes.shard import probes
 from graphpatch.passes.shard.blocks import Plan, find_blocks, local, plan
-from graphpatch.passes.shard.split import gathered
+from graphpatch.passes.shard.split import Group, Ranges, gathered
 
 ALREADY_APPLIED = "already applied"
 GROUP_OF_ONE = "one rank in the group: nothing to shard"
@@ -75,12 +77,12 @@ class Sharded:
 class SummedSharded(Sharded):
     """A block whose parts are split in place (MoE): it sums its output."""
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> mx.array:
         y = super().__call__(*args, **kwargs)  # type: ignore[misc]
         return mx.distributed.all_sum(y, group=self.shard_group)
 
 
-def _group():
+def _group() -> Group:
     return mx.distributed.init()
 
 
@@ -122,7 +124,7 @@ def rewrite(model: nn.Module, site: Site, options: Options, context: Context) ->
     return _note(p, before)
 
 
-def _note(p: Plan, before: dict) -> str:
+def _note(p: Plan, before: dict[str, int]) -> str:
     counts = ", ".join(f"{k} {v} -> {p.counts[k]}" for k, v in before.items())
     parts = f"{len(p.parts)} layers split over {p.n} ranks"
     return f"{parts}; {counts}" if counts else parts
@@ -142,7 +144,7 @@ def undo(model: nn.Module, path: str) -> None:
     unmark_at(model, path)
 
 
-def _rows_back(parts: mx.array, every: list) -> mx.array:
+def _rows_back(parts: mx.array, every: list[Ranges]) -> mx.array:
     found: dict[int, mx.array] = {}
     for rank, ranges in enumerate(every):
         offset = 0

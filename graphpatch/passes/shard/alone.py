@@ -11,7 +11,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from graphpatch.compare import compare
-from graphpatch.contract import module_at
+from graphpatch.contract import Recorded, module_at
 from graphpatch.passes.shard.blocks import find_blocks, local, plan
 from graphpatch.passes.shard.probes import block_inputs
 
@@ -26,7 +26,11 @@ class Checked:
 
 
 def check_alone(
-    model: nn.Module, n: int, recorded: dict, dtype, moe_only: bool = False
+    model: nn.Module,
+    n: int,
+    recorded: Recorded,
+    dtype: mx.Dtype,
+    moe_only: bool = False,
 ) -> list[Checked]:
     """Every block of ``model`` sharded over ``n`` simulated ranks, checked
     against the unsharded block on the inputs ``recorded`` for it."""

@@ -8,6 +8,7 @@ builds one rank's block from it.
 """
 
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -15,7 +16,9 @@ from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from graphpatch.contract import rebuilt, walk
 from graphpatch.passes.shard import heads as counts
+from graphpatch.passes.shard.heads import Heads
 from graphpatch.passes.shard.split import (
+    Group,
     Ranges,
     bias_once,
     even,
@@ -89,7 +92,8 @@ def kind_of(module: nn.Module) -> str | None:
 def find_blocks(model: nn.Module, moe_only: bool) -> list[tuple[str, str]]:
     """(path, kind) of every block, in reading order; an MoE block's shared
     experts belong to it (one sum for routed and shared)."""
-    found, inside = [], []
+    found: list[tuple[str, str]] = []
+    inside: list[str] = []
     for path, module in walk(model):
         if any(path.startswith(p + ".") for p in inside):
             continue
@@ -101,6 +105,16 @@ def find_blocks(model: nn.Module, moe_only: bool) -> list[tuple[str, str]]:
     return found
 
 
+T = TypeVar("T")
+
+
+def found(value: T | None) -> T:
+    """A part ``find_blocks`` saw in the block (the block is one it found)."""
+    if value is None:
+        raise ValueError("not a block shard finds")
+    return value
+
+
 def out_name(module: nn.Module) -> str | None:
     return next((k for k in OUTPUTS if isinstance(module.get(k), nn.Module)), None)
 
@@ -109,7 +123,9 @@ def fused_name(module: nn.Module) -> str | None:
     return next((k for k in FUSED_QKV if isinstance(module.get(k), nn.Module)), None)
 
 
-def mlp_names(module: nn.Module, kinds: tuple) -> tuple[tuple, str] | None:
+def mlp_names(
+    module: nn.Module, kinds: tuple[type, ...]
+) -> tuple[tuple[str, ...], str] | None:
     """The (up projections, down projection) of an MLP of layers ``kinds``."""
     for ups, down in MLPS:
         if all(isinstance(module.get(k), kinds) for k in (*ups, down)):
@@ -145,7 +161,9 @@ def _attention(module: nn.Module, n: int) -> Plan | str:
     return why or _per_head(module, p, heads, q, kv) or p
 
 
-def _qkv(module, p: Plan, heads, q: list[Ranges], kv: list[Ranges]) -> str | None:
+def _qkv(
+    module: nn.Module, p: Plan, heads: Heads, q: list[Ranges], kv: list[Ranges]
+) -> str | None:
     if fused := fused_name(module):
         layer = module[fused]
         if why := why_not_split(fused, layer, "rows", 1):
@@ -168,7 +186,7 @@ def _qkv(module, p: Plan, heads, q: list[Ranges], kv: list[Ranges]) -> str | Non
                 return why
             width = out_dims(layer) // size
             p.parts[name] = ("rows", counts.scaled(split, width), True)
-    out = out_name(module)
+    out = found(out_name(module))
     if why := why_not_split(out, module[out], "cols", p.n):
         return why
     width = in_dims(module[out]) // heads.q
@@ -176,7 +194,9 @@ def _qkv(module, p: Plan, heads, q: list[Ranges], kv: list[Ranges]) -> str | Non
     return None
 
 
-def _extras(module, p: Plan, heads, q, kv) -> str | None:
+def _extras(
+    module: nn.Module, p: Plan, heads: Heads, q: list[Ranges], kv: list[Ranges]
+) -> str | None:
     """Other children: per-head gates are split with q; norms over one head
     stay whole; a norm over every head, or anything else, is a reason."""
     widths = {"q": (_rows(module, "q"), heads.q), "kv": (_rows(module, "kv"), heads.kv)}
@@ -203,7 +223,9 @@ def _rows(module: nn.Module, which: str) -> int:
     return out_dims(module["q_proj" if which == "q" else "k_proj"])
 
 
-def _per_head(module, p: Plan, heads, q, kv) -> str | None:
+def _per_head(
+    module: nn.Module, p: Plan, heads: Heads, q: list[Ranges], kv: list[Ranges]
+) -> str | None:
     for name, array in module.items():
         if isinstance(array, nn.Module) or not hasattr(array, "shape"):
             continue
@@ -219,7 +241,7 @@ def _per_head(module, p: Plan, heads, q, kv) -> str | None:
 
 
 def _mlp(module: nn.Module, n: int, own: bool = True, prefix: str = "") -> Plan | str:
-    ups, down = mlp_names(module, (*DENSE, *EXPERTS))
+    ups, down = found(mlp_names(module, (*DENSE, *EXPERTS)))
     p = Plan(n)
     rows = {name: out_dims(module[name]) for name in ups}
     for name in ups:
@@ -241,7 +263,7 @@ def _mlp(module: nn.Module, n: int, own: bool = True, prefix: str = "") -> Plan 
 
 
 def _moe(module: nn.Module, n: int) -> Plan | str:
-    experts = experts_in(module)
+    experts = found(experts_in(module))
     p = _mlp(module[experts], n, own=False, prefix=experts + ".")
     if isinstance(p, str):
         return f"{experts}: {p}"
@@ -256,7 +278,9 @@ def _moe(module: nn.Module, n: int) -> Plan | str:
     return p
 
 
-def local(module: nn.Module, p: Plan, rank: int, group, alone: bool = False):
+def local(
+    module: nn.Module, p: Plan, rank: int, group: Group, alone: bool = False
+) -> nn.Module:
     """Rank ``rank``'s copy of the block (the original is left as it was).
     ``alone``: a rank simulated in one process, whose sharded-to-all layers
     add their bias on rank 0 only, so that summing the ranks' outputs is the
@@ -286,7 +310,7 @@ def _copied(copies: dict[str, nn.Module], path: str) -> nn.Module:
     return copies[path]
 
 
-def take_rows(array, ranges: Ranges):
+def take_rows(array: mx.array, ranges: Ranges) -> mx.array:
     """An array's rows in ``ranges`` (a per-head array: sinks, gates)."""
     rows = [array[a:b] for a, b in ranges]
     return mx.contiguous(rows[0] if len(rows) == 1 else mx.concatenate(rows))

@@ -49,7 +49,8 @@ def count_kind(name: str) -> str | None:
 
 def find_heads(module: nn.Module) -> Heads | str:
     """The block's head counts, or the reason they cannot be told."""
-    names, values = {}, {"q": set(), "kv": set(), "ratio": set()}
+    names: dict[str, str] = {}
+    values: dict[str, set[int]] = {"q": set(), "kv": set(), "ratio": set()}
     for name, value in vars(module).items():
         if type(value) is not int or not (kind := count_kind(name)):
             continue

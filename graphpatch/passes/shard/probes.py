@@ -2,19 +2,24 @@
 the reference forward (arguments and keywords: masks, position ids), and for
 MoE one more input long enough to reach SwitchGLU's sorted path."""
 
+from typing import Any
+
 import mlx.core as mx
 import mlx.nn as nn
 
+from graphpatch.contract import Recorded, Tap
 from graphpatch.passes.shard.blocks import (
     DENSE,
     EXPERTS,
     QKV,
     experts_in,
+    found,
     fused_name,
     mlp_names,
 )
 from graphpatch.passes.shard.split import in_dims
 
+Call = tuple[tuple[Any, ...], dict[str, Any]]  # a call's args and kwargs
 SORTED = 64  # SwitchGLU sorts tokens by expert from this many indices on
 
 
@@ -23,19 +28,21 @@ def width(module: nn.Module, kind: str) -> int:
     if kind == "attention":
         return in_dims(module[fused_name(module) or QKV[0]])
     if kind == "moe":
-        module = module[experts_in(module)]
-        return in_dims(module[mlp_names(module, EXPERTS)[0][0]])
-    return in_dims(module[mlp_names(module, DENSE)[0][0]])
+        module = module[found(experts_in(module))]
+        return in_dims(module[found(mlp_names(module, EXPERTS))[0][0]])
+    return in_dims(module[found(mlp_names(module, DENSE))[0][0]])
 
 
-def synthetic(module: nn.Module, kind: str, dtype, shape: tuple, seed: int) -> tuple:
+def synthetic(
+    module: nn.Module, kind: str, dtype: mx.Dtype, shape: tuple[int, ...], seed: int
+) -> Call:
     x = mx.random.normal((*shape, width(module, kind)), key=mx.random.key(seed))
     return (x.astype(dtype),), {}
 
 
 def block_inputs(
-    module: nn.Module, path: str, kind: str, recorded: dict, dtype
-) -> list[tuple[tuple, dict]]:
+    module: nn.Module, path: str, kind: str, recorded: Recorded, dtype: mx.Dtype | None
+) -> list[Call]:
     """The recorded calls of the block at ``path``, else a synthetic one."""
     calls = list(recorded.get((path, "__call__"), []))
     if calls:
@@ -47,5 +54,5 @@ def block_inputs(
     return calls
 
 
-def taps(blocks: list[tuple[str, str]]) -> list[tuple[str, str]]:
+def taps(blocks: list[tuple[str, str]]) -> list[Tap]:
     return [(path, "__call__") for path, _ in blocks]

@@ -7,6 +7,8 @@ same ranges map quantized arrays (packed weights, per-group scales) and say
 how ``gathered`` puts the whole layer back together.
 """
 
+from typing import TypeAlias
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.nn.layers.distributed import (
@@ -18,6 +20,8 @@ from mlx.nn.layers.distributed import (
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 Ranges = list[tuple[int, int]]  # one rank's [start, stop) on the split axis
+Arrays = dict[str, mx.array]
+Group: TypeAlias = mx.distributed.Group
 
 LAYERS = (nn.Linear, nn.QuantizedLinear, SwitchLinear, QuantizedSwitchLinear)
 # The class a layer becomes when its sharded form communicates itself.
@@ -86,7 +90,7 @@ def _scaled(ranges: Ranges, array: mx.array, logical: int, axis: int) -> Ranges:
     return [(int(a * factor), int(b * factor)) for a, b in ranges]
 
 
-def take(layer: nn.Module, axis: str, ranges: Ranges) -> dict[str, mx.array]:
+def take(layer: nn.Module, axis: str, ranges: Ranges) -> Arrays:
     """The layer's arrays restricted to ``ranges`` on ``axis``: lazy slices,
     evaluated by whoever evaluates the model (a lazy load stays lazy)."""
     logical = out_dims(layer) if axis == "rows" else in_dims(layer)
@@ -112,7 +116,9 @@ def _slice(array: mx.array, axis: int, start: int, stop: int) -> mx.array:
     return array[tuple(index)]
 
 
-def with_arrays(layer: nn.Module, arrays: dict, cls: type | None = None, **settings):
+def with_arrays(
+    layer: nn.Module, arrays: Arrays, cls: type | None = None, **settings: object
+) -> nn.Module:
     """A new layer of ``cls`` (default: the layer's own) with the layer's
     settings and ``arrays``; nothing of the original layer is changed."""
     new = nn.Module.__new__(cls or type(layer))
@@ -127,7 +133,9 @@ def with_arrays(layer: nn.Module, arrays: dict, cls: type | None = None, **setti
     return new
 
 
-def sharded(layer: nn.Module, axis: str, ranges: Ranges, group, own: bool = True):
+def sharded(
+    layer: nn.Module, axis: str, ranges: Ranges, group: Group, own: bool = True
+) -> nn.Module:
     """Rank's part of ``layer``: with ``own``, mlx's all-to-sharded or
     sharded-to-all layer (which sums over ``group`` itself); otherwise the
     layer's own class holding its slice (its block sums)."""
@@ -148,7 +156,9 @@ def bias_once(layer: nn.Module, rank: int) -> nn.Module:
     )
 
 
-def gathered(layer: nn.Module, axis: str, every: list[Ranges], group):
+def gathered(
+    layer: nn.Module, axis: str, every: list[Ranges], group: Group
+) -> nn.Module:
     """The whole layer back, exactly, from every rank's part (``every``: each
     rank's ranges of the logical rows or columns): an all_gather,
     each range taken from the first rank holding it. A bias only rank 0 kept
