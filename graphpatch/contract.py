@@ -42,7 +42,9 @@ class VerificationError(GraphpatchError):
 Options = dict[str, Any]
 Weights = dict[str, mx.array]
 Tap = tuple[str, str]  # (path, method): whose calls the reference forward records
-Recorded = dict[Tap, list[tuple[tuple, dict]]]  # each tap's (args, kwargs)
+Recorded = dict[
+    Tap, list[tuple[tuple[Any, ...], dict[str, Any]]]
+]  # each tap's (args, kwargs)
 Probe = Callable[[], list[mx.array]]
 
 
@@ -225,7 +227,7 @@ def _marked_class(cls: type, marker: type) -> type:
     return type(f"{marker.__name__}{cls.__name__}", (marker, cls), {"original": cls})
 
 
-def mark(module: nn.Module, marker: type, **settings) -> nn.Module:
+def mark(module: nn.Module, marker: type, **settings: Any) -> nn.Module:
     """A copy of ``module``
     (same arrays, children and settings) whose class puts ``marker`` in front
     of its own, so the marker's methods run first and reach the module's own
@@ -240,7 +242,7 @@ def mark(module: nn.Module, marker: type, **settings) -> nn.Module:
 def unmark(module: nn.Module) -> nn.Module:
     """The module as it was before ``mark``, its marker's settings dropped."""
     cls = type(module)
-    original = rebuilt(module, cls.original)  # type: ignore[attr-defined]
+    original = rebuilt(module, cls.original)
     marker = cls.__bases__[0]
     for base in marker.__mro__[:-1]:  # a marker's own bases declare settings too
         for name in vars(base):
@@ -256,7 +258,7 @@ def marked(model: nn.Module, marker: type) -> list[str]:
 def walk(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """``named_modules()`` in reading order (layer 2 before layer 10)."""
 
-    def natural(item):
+    def natural(item: tuple[str, nn.Module]) -> list[int | str]:
         return [int(k) if k.isdigit() else k for k in item[0].split(".")]
 
     return sorted(model.named_modules(), key=natural)
@@ -290,7 +292,7 @@ def replace_at(root: nn.Module, path: str, new: nn.Module | None) -> nn.Module |
     return old
 
 
-def mark_at(root: nn.Module, path: str, marker: type, **settings) -> nn.Module:
+def mark_at(root: nn.Module, path: str, marker: type, **settings: Any) -> nn.Module:
     """Change what the module at ``path`` does: ``mark`` it in place."""
     new = mark(module_at(root, path), marker, **settings)
     replace_at(root, path, new)

@@ -13,6 +13,7 @@ model trains the adapter the unpatched one would.
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -62,11 +63,13 @@ def why_not_joined(layers: dict[str, nn.Module], kinds: tuple[type, ...]) -> str
     return None
 
 
-def _settings(layer: nn.Module) -> dict:
+def _settings(layer: nn.Module) -> dict[str, Any]:
     return {k: v for k, v in vars(layer).items() if k not in ("_no_grad", "_training")}
 
 
-def _settings_differ(first: nn.Module, other: nn.Module, words: dict) -> str | None:
+def _settings_differ(
+    first: nn.Module, other: nn.Module, words: dict[str, str]
+) -> str | None:
     ours, theirs = _settings(first), _settings(other)
     for key in sorted(ours.keys() | theirs.keys()):
         x, y = ours.get(key), theirs.get(key)
@@ -76,7 +79,7 @@ def _settings_differ(first: nn.Module, other: nn.Module, words: dict) -> str | N
 
 
 def _arrays_differ(
-    first: nn.Module, other: nn.Module, words: dict, names: list[str]
+    first: nn.Module, other: nn.Module, words: dict[str, str], names: list[str]
 ) -> str | None:
     if ("bias" in first) != ("bias" in other):
         return BIAS_DIFFERS.format(names=" and ".join(names))
@@ -103,7 +106,7 @@ def output_axis(key: str, array: mx.array) -> int:
     return array.ndim - 1 if key == "bias" else array.ndim - 2
 
 
-def without(shape: tuple, axis: int) -> tuple:
+def without(shape: tuple[int, ...], axis: int) -> tuple[int, ...]:
     return shape[:axis] + shape[axis + 1 :]
 
 
@@ -161,7 +164,9 @@ def part(fused: nn.Module, start: int, stop: int | None) -> nn.Module:
     return part
 
 
-def fuse(module: nn.Module, names: tuple[str, ...], fused: str, layer) -> None:
+def fuse(
+    module: nn.Module, names: tuple[str, ...], fused: str, layer: nn.Module
+) -> None:
     """Put ``layer`` (the joined ``names``) under ``fused`` and a part of it
     where each of ``names`` stood; the old layers are released."""
     sizes = [layer_of(module, name).weight.shape[-2] for name in names]
@@ -200,7 +205,9 @@ def fused_paths(model: nn.Module, names: tuple[str, ...]) -> list[str]:
     return [p for p, m in walk(model) if parts_in(m, names)]
 
 
-def plain(model: nn.Module, weights: dict, names: tuple, fused: str) -> dict:
+def plain(
+    model: nn.Module, weights: Weights, names: tuple[str, ...], fused: str
+) -> Weights:
     """Each fused array of the ``fused_paths`` back under the names of the
     parts still fused (a part the user replaced has arrays of its own)."""
     for path in fused_paths(model, names):
@@ -216,7 +223,12 @@ def plain(model: nn.Module, weights: dict, names: tuple, fused: str) -> dict:
     return weights
 
 
-def timed(module: nn.Module, names: tuple, fused: str, calls: dict) -> dict:
+def timed(
+    module: nn.Module,
+    names: tuple[str, ...],
+    fused: str,
+    calls: dict[str, tuple[mx.array, ...]],
+) -> dict[str, float]:
     """Unfused/fused time of ``module`` on each of ``calls`` (name -> args),
     interleaved (``tune``): above 1 means fused is faster."""
     parts = {_place(module, name): layer_of(module, name) for name in names}
@@ -224,12 +236,14 @@ def timed(module: nn.Module, names: tuple, fused: str, calls: dict) -> dict:
     unfused = {n: part(module[fused], *call.bounds(i)) for i, n in enumerate(parts)}
     mx.eval([m.parameters() for m in unfused.values()])
 
-    def put(children: dict) -> None:
+    def put(children: dict[str, nn.Module]) -> None:
         for place, layer in children.items():
             replace_at(module, place, layer)
 
-    def run_with(children: dict, args: tuple):
-        def run():
+    def run_with(
+        children: dict[str, nn.Module], args: tuple[mx.array, ...]
+    ) -> Callable[[], None]:
+        def run() -> None:
             put(children)
             mx.eval(module(*args))
 
@@ -243,7 +257,9 @@ def timed(module: nn.Module, names: tuple, fused: str, calls: dict) -> dict:
     return ratios
 
 
-def names_in(module: nn.Module, fusions: dict[str, tuple[str, ...]]) -> tuple:
+def names_in(
+    module: nn.Module, fusions: dict[str, tuple[str, ...]]
+) -> tuple[tuple[str, ...], str]:
     """(names, fused): the entry of ``fusions`` whose parts ``module`` has."""
     for fused, names in fusions.items():
         if all(isinstance(module.get(name), nn.Module) for name in names):

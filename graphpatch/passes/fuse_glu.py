@@ -119,7 +119,13 @@ def why_not(
     return fusion.why_not_joined(layers, LAYERS)
 
 
-def _inputs(model: nn.Module, site: Site, dtype, shapes, k: int = 2) -> list[tuple]:
+def _inputs(
+    model: nn.Module,
+    site: Site,
+    dtype: mx.Dtype | None,
+    shapes: list[tuple[int, int]],
+    k: int = 2,
+) -> list[tuple[mx.array, ...]]:
     """Synthetic inputs of ``dtype``: (x,) or, for experts, (x, indices)."""
     module = module_at(model, site.path)
     names, fused = fusion.names_in(module, FUSIONS)
@@ -154,7 +160,7 @@ def probe(model: nn.Module, site: Site, options: Options, context: Context) -> P
         x, idx = inputs[0][:2]
         inputs += _inputs(model, site, x.dtype, [(2, 16)], k=idx.shape[-1])
 
-    def run():
+    def run() -> list[mx.array]:
         module = module_at(model, site.path)
         return [module(*args) for args in inputs]
 

@@ -87,7 +87,7 @@ def probe(model: nn.Module, site: Site, options: Options, context: Context) -> P
         x = mx.random.normal((2, 8, dims), key=mx.random.key(0))
         inputs = [(x.astype(context.dtype),)]
 
-    def run():
+    def run() -> list[mx.array]:
         module = module_at(model, site.path)
         # the order attention code calls them in, each on the same input
         return [module[name](*args) for args in inputs for name in NAMES]

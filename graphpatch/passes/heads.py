@@ -2,9 +2,13 @@
 the head passes put on it. Shared by untied_head, last_token and elide_head.
 """
 
+from collections.abc import Iterator
+from typing import Any
+
 import mlx.core as mx
 import mlx.nn as nn
 
+from graphpatch.contract import Recorded
 from graphpatch.embedding import dims_of, find_embedding
 from graphpatch.tapped import inputs
 
@@ -34,11 +38,13 @@ class Headed:
     """The marker untied_head puts on an embedding: its ``as_linear`` runs
     its explicit ``lm_head`` child."""
 
-    def as_linear(self, x):
+    lm_head: nn.Module  # set by untied_head
+
+    def as_linear(self, x: mx.array) -> mx.array:
         return self.lm_head(x)
 
 
-def _near_top(model: nn.Module):
+def _near_top(model: nn.Module) -> Iterator[tuple[str, Any]]:
     """Children of the model and of its direct sub-modules (``lm_head``,
     ``model.embed_out``), never inside layer lists."""
     for key, child in model.items():
@@ -88,7 +94,7 @@ def head_tap(model: nn.Module) -> tuple[str, str] | None:
 
 
 def head_input(
-    model: nn.Module, dtype: mx.Dtype, recorded: dict, positions: int
+    model: nn.Module, dtype: mx.Dtype | None, recorded: Recorded, positions: int
 ) -> mx.array:
     """The last ``positions`` of what the model fed its head in the reference
     forward (the head treats each position alike, and with a large vocabulary

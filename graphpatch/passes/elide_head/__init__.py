@@ -141,7 +141,7 @@ def applied(model: nn.Module) -> list[str]:
 def probe(model: nn.Module, site: Site, options: Options, context: Context) -> Probe:
     tokens = mx.array(PROBE_TOKENS)
 
-    def run():
+    def run() -> list[mx.array]:
         logits = model(tokens)[:, -1, :]
         token = broadcast_token(mx.argmax(logits, axis=-1)).astype(mx.float32)
         # Every rank's logits must stay when the gather goes, and when the

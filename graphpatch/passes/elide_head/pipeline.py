@@ -12,6 +12,9 @@ cache edges that keep the ranks in step are untouched. ``gather_taken``
 proves it worked: a rank that still gathers sees rank 0's h exactly.
 """
 
+from collections.abc import Callable
+from typing import Any
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
@@ -60,7 +63,7 @@ def pipelined(model: nn.Module) -> tuple[str, PipelineMixin] | None:
     return None
 
 
-def from_rank_0(x: mx.array, group: mx.distributed.Group | None = None):
+def from_rank_0(x: mx.array, group: mx.distributed.Group | None = None) -> mx.array:
     """Rank 0's ``x`` on every rank: an all_sum in which the others add x * 0."""
     group = group or mx.distributed.init()
     # Times 0, not zeros_like: the sum must wait for this rank's own x (its
@@ -68,12 +71,17 @@ def from_rank_0(x: mx.array, group: mx.distributed.Group | None = None):
     return mx.distributed.all_sum(x * (1 if group.rank() == 0 else 0), group=group)
 
 
-def broadcast_token(token: mx.array, group: mx.distributed.Group | None = None):
+def broadcast_token(
+    token: mx.array, group: mx.distributed.Group | None = None
+) -> mx.array:
     """Rank 0's token on every rank (a few bytes)."""
     return from_rank_0(token.astype(mx.uint32), group)
 
 
-def sampler(sample=None, group: mx.distributed.Group | None = None):
+def sampler(
+    sample: Callable[[mx.array], mx.array] | None = None,
+    group: mx.distributed.Group | None = None,
+) -> Callable[[mx.array], mx.array]:
     """An mlx-lm ``sampler=`` for elided models: ``sample`` (default greedy)
     runs on every rank, rank 0's result is the one every rank returns."""
     sample = sample or (lambda logprobs: mx.argmax(logprobs, axis=-1))
@@ -138,21 +146,23 @@ class NoGather(int):
     forward also uses to address recv and send. A size that differs only in
     ``> 1`` is the one per-body switch; ``gather_taken`` proves it worked."""
 
-    def __gt__(self, other):
+    def __gt__(self, other: int) -> bool:
         return False if other == 1 else int(self) > other
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"NoGather({int(self)})"
 
 
 class Ungathered:
     """The marker on a pipelined body whose forward skips the final gather."""
 
-    def __call__(self, *args, **kwargs):
+    pipeline_size: int  # the body's own
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         size = self.pipeline_size
         self.pipeline_size = NoGather(size)
         try:
-            return super().__call__(*args, **kwargs)
+            return super().__call__(*args, **kwargs)  # type: ignore[misc]  # the body's class
         finally:
             self.pipeline_size = size
 

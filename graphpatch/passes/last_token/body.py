@@ -9,7 +9,7 @@ import mlx.nn as nn
 from mlx_lm.models.cache import make_prompt_cache
 
 from graphpatch.compare import PROBE_TOKENS
-from graphpatch.contract import module_at, walk
+from graphpatch.contract import Probe, module_at, walk
 from graphpatch.passes.last_token.rule import LastPositions, prefill, takes_cache
 
 INLINE = "the head is computed inline: the body's output keeps the last positions"
@@ -48,12 +48,12 @@ def long_tokens(length: int) -> mx.array:
     return mx.array([row[:length]])
 
 
-def body_probe(model: nn.Module, site_path: str, length: int, keep: int):
+def body_probe(model: nn.Module, site_path: str, length: int, keep: int) -> Probe:
     """The model's logits on a declared prefill into an empty cache (its
     last ``keep``) and on a short call without a cache."""
     long, short = long_tokens(length), long_tokens(2)
 
-    def run():
+    def run() -> list[mx.array]:
         with prefill():
             logits = model(long, cache=make_prompt_cache(model))
         if not isinstance(module_at(model, site_path), LastPositions):

@@ -43,6 +43,7 @@ import inspect
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import mlx.core as mx
 
@@ -67,7 +68,7 @@ def declared() -> bool:
     return getattr(_declared, "depth", 0) > 0
 
 
-def is_empty(cache) -> bool:
+def is_empty(cache: Any) -> bool:
     """Whether ``cache`` is a prompt cache (one entry per layer, as
     ``make_prompt_cache`` makes) with nothing in any layer."""
     if not isinstance(cache, (list, tuple)) or not cache:
@@ -79,7 +80,7 @@ def is_empty(cache) -> bool:
 
 
 @functools.cache
-def _signature(function: Callable) -> inspect.Signature:
+def _signature(function: Callable[..., Any]) -> inspect.Signature:
     return inspect.signature(function)
 
 
@@ -91,7 +92,9 @@ def takes_cache(cls: type) -> bool:
     return "cache" in _signature(cls.__call__).parameters
 
 
-def cache_argument(function: Callable, args: tuple, kwargs: dict):
+def cache_argument(
+    function: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
     """The ``cache`` a call of ``function`` (a ``__call__``, self first) was
     given, or None."""
     try:
@@ -109,7 +112,7 @@ class LastPositions:
     short: int = 32
     prefill: bool = False
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         own = super().__call__  # type: ignore[misc]  # the body's own
         cache = cache_argument(own.__func__, args, kwargs)
         # Before the call: the call itself fills the cache.

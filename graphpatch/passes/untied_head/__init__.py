@@ -111,7 +111,7 @@ def why_not(
     return None
 
 
-def _lm_head(context: Context) -> dict:
+def _lm_head(context: Context) -> Weights:
     if context.model_dir is None:  # find makes an untied site only with one
         raise ValueError("an untied head needs the model directory")
     return read_arrays(context.model_dir, "lm_head.")
@@ -161,7 +161,7 @@ def probe(model: nn.Module, site: Site, options: Options, context: Context) -> P
         # Independent of the module: dequantized weights and a plain matmul.
         expected = dense_matmul(h, checkpoint).astype(h.dtype)
 
-    def run():
+    def run() -> list[mx.array]:
         embedding = module_at(model, site.path)
         if isinstance(embedding, Headed):
             if not consults(model, embedding, "lm_head"):
