@@ -2,7 +2,8 @@
 
 argv: CASE..., each ``MODEL_DIR,SPEC[,flag...]``; flags: ``mlx-lm`` also
 shards a copy with mlx-lm's own ``model.shard(group)``; ``lazy`` loads lazily
-and applies unverified (mlx-lm's sharded_load pattern), measuring the peak;
+and applies unverified, then evaluates one array at a time, measuring the
+peak against mlx-lm's sharded_load (shard, then one eval of everything);
 ``revert`` reverts after and compares bit for bit; ``fuse`` applies fuse_glu
 and fuse_qkv after shard and compares with the sharded-unfused logits. Prints
 one JSON line per case.
@@ -17,6 +18,7 @@ from mlx.utils import tree_flatten
 
 import graphpatch
 from graphpatch.compare import compare
+from graphpatch.passes.shard import materialize
 
 TOKENS = mx.array(
     [[5, 9, 33, 2, 17, 41, 8, 3, 12, 60], [7, 1, 4, 4, 30, 2, 9, 10, 11, 3]]
@@ -35,16 +37,11 @@ def logits(model) -> mx.array:
 
 def case(path: str, spec: str, flags: list[str], group) -> dict:
     lazy = "lazy" in flags
-    if lazy:  # a process's first sharded load peaks higher (the allocator's)
-        warm, _ = mlx_lm.load(path, lazy=True)
-        graphpatch.apply(warm, [spec], verify=False)
-        mx.eval(warm.parameters())
-        del warm
     base = mx.get_active_memory()
     mx.reset_peak_memory()
     model, _ = mlx_lm.load(path, lazy=lazy)
     report = graphpatch.apply(model, [spec], verify=not lazy)
-    mx.eval(model.parameters())
+    materialize(model)
     peak = mx.get_peak_memory() - base
     reference, _ = mlx_lm.load(path)
     expected = logits(reference)

@@ -33,6 +33,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
 from graphpatch.contract import (
     Context,
@@ -80,6 +81,15 @@ class SummedSharded(Sharded):
     def __call__(self, *args: Any, **kwargs: Any) -> mx.array:
         y = super().__call__(*args, **kwargs)  # type: ignore[misc]
         return mx.distributed.all_sum(y, group=self.shard_group)
+
+
+def materialize(model: nn.Module) -> None:
+    """Evaluate a lazily loaded model sharded unverified, one array at a
+    time: each full checkpoint array is read, sliced and freed before the
+    next, so a rank's peak is its part plus one array, never the whole model
+    (one ``mx.eval`` of every array may read them all first)."""
+    for _, array in tree_flatten(model.parameters()):
+        mx.eval(array)
 
 
 def _group() -> Group:
