@@ -10,7 +10,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx_lm
 import pytest
-from conftest import TOKENS, assert_same_bits, snapshot
+from helpers import TOKENS, assert_same_bits, snapshot
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.lora import LoRALinear
 from mlx_lm.tuner.utils import linear_to_lora_layers

@@ -6,41 +6,29 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import mlx.core as mx
 import pytest
+from helpers import (
+    GRAPHPATCH,
+    PROPERTY,
+    PYTHON,
+    command,
+    digest,
+    edit_config,
+    linked_copy,
+    one_error_line,
+    one_line,
+    run,
+    write_golden,
+)
 from hypothesis import given
 from hypothesis import strategies as st
-from test_attack_inputs import PROPERTY
-from test_attack_save import digest, one_error_line
-from test_cli import run
 
 from graphpatch import golden
 from graphpatch.testing import ring
-
-GRAPHPATCH = Path(sys.executable).parent / "graphpatch"
-PYTHON = sys.executable
-
-
-def command(*args, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [GRAPHPATCH, *map(str, args)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        **kwargs,
-    )
-
-
-def one_line(done: subprocess.CompletedProcess, code: int = 2) -> str:
-    assert done.returncode == code, done.stderr
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:"), done.stderr
-    return lines[0]
-
 
 # golden
 
@@ -100,11 +88,6 @@ def recorded(zoo_dir, tmp_path_factory) -> tuple[Path, dict, dict]:
     golden.record(zoo_dir("llama"), file)
     arrays, metadata = mx.load(str(file), return_metadata=True)
     return file, arrays, metadata
-
-
-def write_golden(path: Path, arrays: dict, metadata: dict) -> Path:
-    mx.save_safetensors(str(path), arrays, metadata)
-    return path
 
 
 @pytest.mark.parametrize(
@@ -234,8 +217,6 @@ def test_serve_taken_after_the_check_is_one_line_and_an_exit(zoo_dir):
 
 
 def broken_model(zoo_dir, tmp_path, **changes) -> Path:
-    from test_attack_inputs import edit_config, linked_copy
-
     model = linked_copy(zoo_dir("llama"), tmp_path / "model")
     edit_config(model, **changes)
     return model

@@ -6,7 +6,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
 import pytest
-from conftest import TOKENS
+from helpers import TOKENS
 from mlx.utils import tree_flatten
 
 import graphpatch

@@ -6,29 +6,34 @@ import io
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
 import mlx_lm
 import numpy as np
 import pytest
+from helpers import (
+    GRAPHPATCH,
+    PROPERTY,
+    PYTHON,
+    command,
+    digest,
+    linked_copy,
+    one_error_line,
+    one_line,
+    run,
+    write_golden,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 from rich.console import Console
 from safetensors.numpy import load_file, save_file
-from test_attack_commands import GRAPHPATCH, command, one_line, write_golden
-from test_attack_inputs import PROPERTY, linked_copy
-from test_attack_save import digest, one_error_line
-from test_cli import run
 
 import graphpatch
 from graphpatch import golden, golden_file
 from graphpatch.contract import PassSpecError
 from graphpatch.report import Report
 from graphpatch.testing import coverage
-
-PYTHON = sys.executable
 
 
 @pytest.fixture(scope="module")

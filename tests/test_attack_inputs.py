@@ -8,56 +8,30 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from helpers import (
+    DELETE,
+    GRAPHPATCH,
+    PROPERTY,
+    digest,
+    edit_config,
+    linked_copy,
+    one_error_line,
+    run,
+)
+from hypothesis import given
 from hypothesis import strategies as st
 from mlx_lm.models.cache import make_prompt_cache
 from safetensors.numpy import load_file, save_file
-from test_attack_save import digest, one_error_line
-from test_cli import run
 
 import graphpatch
 from graphpatch.limits import TokenError
 from graphpatch.passes import last_token
 from graphpatch.passes.untied_head import checkpoint
-
-GRAPHPATCH = Path(sys.executable).parent / "graphpatch"
-PROPERTY = settings(
-    max_examples=40,
-    deadline=None,
-    derandomize=True,  # the same examples on every CI run
-    suppress_health_check=[HealthCheck.function_scoped_fixture],
-)
-
-
-def linked_copy(source: Path, into: Path) -> Path:
-    """A model directory whose config.json is its own and whose other files
-    are links to ``source``'s (so a test may rewrite config.json cheaply)."""
-    into.mkdir(parents=True)
-    for file in source.iterdir():
-        if file.name == "config.json":
-            shutil.copy(file, into / file.name)
-        else:
-            (into / file.name).symlink_to(file)
-    return into
-
-
-def edit_config(model: Path, **changes) -> None:
-    config = json.loads((model / "config.json").read_text())
-    for key, value in changes.items():
-        if value is DELETE:
-            config.pop(key, None)
-        else:
-            config[key] = value
-    (model / "config.json").write_text(json.dumps(config))
-
-
-DELETE = object()
 
 
 def header_file(file: Path, header, data: bytes = b"\0" * 16) -> None:

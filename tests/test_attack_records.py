@@ -16,20 +16,16 @@ from pathlib import Path
 import mlx.core as mx
 import mlx_lm
 import pytest
-from conftest import TOKENS
+from helpers import GRAPHPATCH, PROPERTY, PYTHON, TOKENS, graphpatch_serve
 from hypothesis import given
 from hypothesis import strategies as st
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
-from test_attack_inputs import PROPERTY
-from test_run import graphpatch_serve
 
 import graphpatch
 from graphpatch import run_hook, trust
 from graphpatch.passes import PASSES
 
-GRAPHPATCH = str(Path(sys.executable).parent / "graphpatch")
-PYTHON = sys.executable
 STARTUP = str(Path(graphpatch.__file__).parent / "_startup")
 
 

@@ -13,8 +13,7 @@ from pathlib import Path
 
 import mlx_lm
 import pytest
-from test_attack_commands import GRAPHPATCH, command, one_line
-from test_run import free_port, post, wait_until_up
+from helpers import GRAPHPATCH, command, free_port, one_line, post, wait_until_up
 
 import graphpatch
 from graphpatch import outdir

@@ -1,7 +1,6 @@
 """Attacks on --save: a user's files are never lost, whatever OUT is, and a
 save killed at any point leaves one complete model under OUT or its aside."""
 
-import hashlib
 import os
 import shutil
 import signal
@@ -10,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_cli import run
+from helpers import digest, one_error_line, run
 
 import graphpatch
 from graphpatch import saving
@@ -18,28 +17,6 @@ from graphpatch.manifest import MARKER
 from graphpatch.outdir import is_save
 
 SCRIPT = Path(__file__).parent / "scripts" / "killed_save.py"
-
-
-def digest(root: Path) -> dict[str, str]:
-    """Every file under ``root`` (links as their target's text) and its hash."""
-    found = {}
-    for path in sorted(root.rglob("*")):
-        name = str(path.relative_to(root))
-        if path.is_symlink():
-            found[name] = f"-> {os.readlink(path)}"
-        elif path.is_file():
-            found[name] = hashlib.sha256(path.read_bytes()).hexdigest()
-        else:
-            found[name] = "dir"
-    return found
-
-
-def one_error_line(result, code: int = 2, after_report: bool = False) -> str:
-    assert result.exit_code == code, result.output
-    lines = result.output.strip().splitlines()[-1 if after_report else 0 :]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
-    assert "Traceback" not in result.output
-    return lines[0]
 
 
 @pytest.fixture
@@ -133,25 +110,6 @@ def test_an_unwritable_place_is_one_line(place):
     before = digest(place.parent)
     assert "cannot write" in one_error_line(save_to(place, "/sys/graphpatch-out"))
     assert digest(place.parent) == before
-
-
-@pytest.fixture
-def small_fs(tmp_path):
-    """``small_fs(options) -> Path``: a tmpfs of its own (needs root)."""
-    mounted = []
-
-    def mount(options: str) -> Path:
-        point = tmp_path / f"fs{len(mounted)}"
-        point.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", point])
-        if done.returncode != 0:
-            pytest.skip("cannot mount a tmpfs here (needs root)")
-        mounted.append(point)
-        return point
-
-    yield mount
-    for point in mounted:
-        subprocess.run(["umount", point], check=True)
 
 
 @pytest.mark.parametrize(

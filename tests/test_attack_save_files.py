@@ -14,11 +14,9 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
 import pytest
-from conftest import TOKENS
+from helpers import TOKENS, digest, one_error_line, run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_attack_save import digest, one_error_line, small_fs  # noqa: F401
-from test_cli import run
 
 import graphpatch
 from graphpatch import LoadError, SaveError, manifest, outdir, saving

@@ -1,22 +1,8 @@
 """Passes under MLX's own distributed engine: 2 ranks of a ring group on
 localhost, started with the hostfile and environment mlx.launch writes."""
 
-import json
-import sys
-from pathlib import Path
-
 import pytest
-
-from graphpatch.testing import ring
-
-RANKS = Path(__file__).parent / "ranks"
-
-
-def launch(script: str, *args: str, n: int = 2) -> list[dict]:
-    results = ring.launch([sys.executable, str(RANKS / script), *args], n, timeout=120)
-    for r in results:
-        assert r.returncode == 0, f"rank {r.rank} ({r.returncode}):\n{r.stderr}"
-    return [json.loads(r.stdout.strip().splitlines()[-1]) for r in results]
+from helpers import launch
 
 
 @pytest.mark.parametrize(

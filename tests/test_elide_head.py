@@ -8,7 +8,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx_lm.models
 import pytest
-from test_distributed import launch
+from helpers import launch
 
 import graphpatch
 from graphpatch.passes import elide_head, last_token

@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import GRAPHPATCH
 
 from graphpatch import PASSES
 
-GRAPHPATCH = str(Path(sys.executable).parent / "graphpatch")
 KEYS = {"schema", "graphpatch", "model", "rank", "passes", "sites", "checks"}
 
 

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import mlx.core as mx
-from test_cli import run
+from helpers import run
 
 from graphpatch import golden
 from graphpatch.report import SCHEMA

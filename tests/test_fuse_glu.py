@@ -4,7 +4,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
 import pytest
-from conftest import (
+from helpers import (
     TOKENS,
     assert_exact_and_redone,
     assert_same_bits,

@@ -4,16 +4,16 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx_lm
 import pytest
-from conftest import (
+from helpers import (
     TOKENS,
     assert_exact_and_redone,
     assert_same_bits,
     calls_of,
+    launch,
     snapshot,
 )
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from test_distributed import launch
 
 import graphpatch
 from graphpatch.passes import fuse_qkv

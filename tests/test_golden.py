@@ -4,7 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_cli import run
+from helpers import run
 
 from graphpatch import golden
 from graphpatch.testing import zoo

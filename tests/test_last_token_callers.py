@@ -11,12 +11,11 @@ import types
 import mlx.core as mx
 import mlx_lm
 import pytest
-from conftest import TOKENS
+from helpers import GRAPHPATCH, TOKENS, post, server
 from mlx_lm.generate import BatchGenerator, speculative_generate_step
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.perplexity import eval_ppl
 from mlx_lm.tuner.trainer import default_loss
-from test_run import GRAPHPATCH, post, server
 
 import graphpatch
 from graphpatch.passes import last_token

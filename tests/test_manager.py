@@ -3,7 +3,7 @@
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from conftest import TOKENS, assert_same_bits, snapshot
+from helpers import TOKENS, assert_same_bits, snapshot
 
 import graphpatch
 from graphpatch import GraphpatchError, PassSpecError, VerificationError, fusion

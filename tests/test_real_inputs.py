@@ -4,7 +4,7 @@ forward: its dtype, its shapes, its values, its expert indices."""
 import mlx.core as mx
 import mlx.nn as nn
 import pytest
-from conftest import TOKENS
+from helpers import TOKENS
 
 import graphpatch
 from graphpatch import fusion, tapped

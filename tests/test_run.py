@@ -4,19 +4,14 @@ import json
 import os
 import shutil
 import subprocess
-import sys
-import time
-import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from helpers import GRAPHPATCH, PYTHON, answers, free_port, graphpatch_serve, server
 from safetensors.numpy import load_file, save_file
 
 from graphpatch.testing import ring
 
-GRAPHPATCH = str(Path(sys.executable).parent / "graphpatch")
-PYTHON = sys.executable
 GENERATE = [PYTHON, "-m", "mlx_lm", "generate", "--max-tokens", "8", "--temp", "0"]
 
 
@@ -91,58 +86,6 @@ def test_bad_input_is_one_line_and_exit_codes_pass_through(command, env, code, l
     assert "Traceback" not in result.stderr
 
 
-def free_port() -> int:
-    return ring.free_ports(1)[0]
-
-
-def post(port: int, route: str, body: dict) -> dict:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}{route}",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=60) as response:
-        return json.loads(response.read())
-
-
-def wait_until_up(port: int, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1)
-            return
-        except OSError:
-            assert process.poll() is None, process.stderr.read()
-            assert time.monotonic() < deadline, "server did not start"
-            time.sleep(0.2)
-
-
-@contextmanager
-def server(model_dir: Path, *prefix: str, flags: tuple[str, ...] = ()):
-    port = free_port()
-    command = [*prefix, PYTHON, "-m", "mlx_lm", "server", "--model", str(model_dir)]
-    process = subprocess.Popen(
-        [*command, "--host", "127.0.0.1", "--port", str(port), *flags],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_until_up(port, process)
-        yield port, process
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
-
-
-def answers(port: int) -> list[str]:
-    greedy = {"max_tokens": 8, "temperature": 0}
-    completion = post(port, "/v1/completions", {"prompt": "The quick", **greedy})
-    messages = [{"role": "user", "content": "Hello world"}]
-    chat = post(port, "/v1/chat/completions", {"messages": messages, **greedy})
-    return [completion["choices"][0]["text"], chat["choices"][0]["message"]["content"]]
-
-
 def test_mlx_lm_server_answers_the_same_patched(zoo_dir):
     model_dir = zoo_dir("qwen3_moe")
     with server(model_dir) as (port, _):
@@ -152,22 +95,6 @@ def test_mlx_lm_server_answers_the_same_patched(zoo_dir):
         assert answers(port) == expected
         p.terminate()
         assert "last_token: 1 rewritten" in p.communicate(timeout=30)[1]
-
-
-def graphpatch_serve(model_dir: Path, passes: str, *flags: str) -> tuple[list, str]:
-    """Start ``graphpatch serve``, ask it, stop it: (its answers, its stderr)."""
-    port = free_port()
-    command = [GRAPHPATCH, "serve", str(model_dir), "--passes", passes]
-    process = subprocess.Popen(
-        [*command, "--port", str(port), *flags], stderr=subprocess.PIPE, text=True
-    )
-    try:
-        wait_until_up(port, process)
-        answered = answers(port)
-    finally:
-        process.terminate()
-        stderr = process.communicate(timeout=30)[1]
-    return answered, stderr
 
 
 def test_graphpatch_serve_is_the_patched_mlx_lm_server(zoo_dir, tmp_path):

@@ -8,14 +8,11 @@ import sys
 import mlx.core as mx
 import mlx_lm
 import pytest
-from conftest import TOKENS
-from test_cli import run
+from helpers import GRAPHPATCH, TOKENS, run
 
 import graphpatch
 from graphpatch import SaveError
 from graphpatch.passes import PASSES
-
-GRAPHPATCH = os.path.join(os.path.dirname(sys.executable), "graphpatch")
 
 
 def applied(model) -> dict:

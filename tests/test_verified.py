@@ -11,12 +11,10 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from conftest import TOKENS
+from helpers import GRAPHPATCH, TOKENS
 
 import graphpatch
 from graphpatch import trust
-
-GRAPHPATCH = Path(sys.executable).parent / "graphpatch"
 
 
 @pytest.fixture
