@@ -31,13 +31,16 @@ from graphpatch.loading import (
 )
 from graphpatch.manifest import MANIFEST, read_manifest, section_hash
 from graphpatch.outdir import MODEL_TYPE, format_of
-from graphpatch.plan import by_name, check_options, known
+from graphpatch.plan import Specs, by_name, check_options, known, named
 from graphpatch.report import printable
 from graphpatch.saving import FORMATS
 
 
 def load(
-    model_dir: str | Path, lazy: bool = False, verify: str = "cached"
+    model_dir: str | Path,
+    lazy: bool = False,
+    verify: str = "cached",
+    passes: Specs | None = None,
 ) -> tuple[nn.Module, object, dict]:
     """Load a local model directory with ``mlx_lm.load``; a graphpatch save
     comes back patched as it was saved.
@@ -48,6 +51,8 @@ def load(
         verify: for a plain save, how the recorded passes it re-applies are
             verified: ``always``, ``cached`` or ``never`` (the only one that
             keeps a lazy model lazy).
+        passes: users' own ``Pass`` objects a save may have recorded, so
+            that it reopens with them (graphpatch's own are always known).
 
     Returns:
         (model, tokenizer, config).
@@ -55,6 +60,8 @@ def load(
     Raises:
         LoadError: the directory cannot be loaded; the message says why.
     """
+    if passes is not None:
+        named(passes)  # known by name before the save's record is read
     model_dir = model_path(model_dir)
     config = read_config(model_dir)
     names = check_weights(model_dir)

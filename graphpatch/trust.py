@@ -18,6 +18,7 @@ verifies nothing.
 
 import datetime
 import hashlib
+import inspect
 import json
 import os
 import stat
@@ -131,24 +132,33 @@ def _code(plan: list[Pass]) -> str:
     (a whole package, for a pass that is one), so that a pass edited in a
     development install is verified again."""
     core = Path(__file__).parent
-    files = sorted(core.glob("*.py"))
-    files.append(Path(str(sys.modules["graphpatch.passes"].__file__)))
-    for p in plan:
-        files += _pass_files(p)
+    # the core, and the passes' shared modules (heads.py) beside each pass
+    files = sorted(core.glob("*.py")) + sorted((core / "passes").glob("*.py"))
     digest = hashlib.sha256()
+    for p in plan:
+        if (found := _pass_files(p)) is None:
+            digest.update(os.urandom(16))  # source unseen: never trusted again
+        files += found or []
     for file in files:
         digest.update(f"{file.name}\0".encode())
         digest.update(file.read_bytes())
     return digest.hexdigest()
 
 
-def _pass_files(p: Pass) -> list[Path]:
+def _pass_files(p: Pass) -> list[Path] | None:
+    """The pass's module, or its whole package; a user's pass by the file its
+    ``find`` is in. None when there is no source file to read."""
     name = p.find.__module__
     if name.startswith("graphpatch.passes."):
         name = ".".join(name.split(".")[:3])  # the pass's module or package
-    module = sys.modules[name]
-    file = Path(str(module.__file__))
-    return sorted(file.parent.rglob("*.py")) if hasattr(module, "__path__") else [file]
+    module = sys.modules.get(name)
+    if module is not None and hasattr(module, "__path__"):
+        return sorted(Path(str(module.__file__)).parent.rglob("*.py"))
+    try:
+        source = inspect.getsourcefile(p.find)
+    except TypeError:
+        return None
+    return [Path(source)] if source and Path(source).is_file() else None
 
 
 def _adapter(model: nn.Module | None, adapter_path: str | Path | None) -> list:
