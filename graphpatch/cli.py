@@ -65,10 +65,34 @@ err = Console(stderr=True)
 _json_errors = False  # set by commands given --json: errors go to stdout as JSON
 
 
+# The library names the argument at fault; the CLI names its flag.
+FLAGS = {
+    "out": "--save",
+    "format": "--save-format",
+    "max_shard_mb": "--max-shard-mb",
+    "verify": "--verify",
+}
+FLAG_WORDS = {"(force replaces it)": "(--force replaces it)"}
+
+
+def in_flags(error: BaseException) -> str:
+    """A library error in the CLI's words."""
+    message, argument = str(error), getattr(error, "argument", None)
+    if argument in FLAGS and message.startswith(f"{argument} "):
+        message = FLAGS[argument] + message[len(argument) :]
+    for words, flagged in FLAG_WORDS.items():
+        message = message.replace(words, flagged)
+    return message
+
+
 def fail(
-    message: str, code: int = 2, report: graphpatch.Report | None = None
+    message: str | BaseException,
+    code: int = 2,
+    report: graphpatch.Report | None = None,
 ) -> NoReturn:
     """One line on stderr, then exit: 2 for bad input, 1 for a failed check."""
+    if isinstance(message, BaseException):
+        message = in_flags(message)
     # mlx-lm's messages list names a line each; a name read from a file may
     # hold escape sequences or rich markup: shown as text, never obeyed.
     line = printable(" ".join(message.split()), 400)
@@ -198,9 +222,9 @@ def apply_cmd(
     except VerificationError as e:
         if e.report is not None and not json:
             _print(e.report, json, verbose)
-        fail(str(e), code=1, report=e.report)
+        fail(e, code=1, report=e.report)
     except GraphpatchError as e:
-        fail(str(e))
+        fail(e)
     _print(report, json, verbose)
     if save is not None:
         try:
@@ -215,7 +239,7 @@ def apply_cmd(
                     save_format,
                 )
         except GraphpatchError as e:
-            fail(str(e))
+            fail(e)
         err.print(f"saved {save}", highlight=False, soft_wrap=True)
 
 
@@ -295,7 +319,7 @@ def serve_cmd(
         check_config(model_dir, config, check_weights(model_dir))
         serving.serve(model_dir, host, port, specs, ctx.args)
     except GraphpatchError as e:
-        fail(str(e))
+        fail(e)
 
 
 def _refuse_what_needs_the_caller(plan) -> None:
@@ -314,7 +338,7 @@ def _run(command: list[str], passes: str, verify: str) -> None:
     try:
         plan, _ = graphpatch.resolve(None, env)
     except GraphpatchError as e:
-        fail(str(e))
+        fail(e)
     # Before the child runs, which may load no model; a variable's name is
     # anyone's text.
     for warning in unknown_variables(env):
@@ -336,7 +360,7 @@ def _run(command: list[str], passes: str, verify: str) -> None:
     try:
         code = run_hook.run(command, env, startup)
     except run_hook.CannotRun as e:
-        fail(str(e), code=126)
+        fail(e, code=126)
     raise typer.Exit(code)
 
 
@@ -465,7 +489,7 @@ def golden_record(
         texts = None if prompts is None else _read_prompts(prompts)
         file = golden.record(model_path(model), out_file, _joined(passes), texts)
     except GraphpatchError as e:
-        fail(str(e))
+        fail(e)
     out.print(f"wrote {file}", highlight=False, soft_wrap=True)
 
 
@@ -501,7 +525,7 @@ def golden_check(
         specs = None if passes is None else _joined(passes)
         result = golden.check(model_path(model), file, specs)
     except GraphpatchError as e:
-        fail(str(e))
+        fail(e)
     for line in result.lines:  # golden made its values from the file printable
         out.print(line, highlight=False, soft_wrap=True, markup=False)
     raise typer.Exit(0 if result.ok else 1)

@@ -18,7 +18,15 @@ import mlx.nn as nn
 
 
 class GraphpatchError(Exception):
-    """Base class of every error graphpatch raises on purpose."""
+    """Base class of every error graphpatch raises on purpose.
+
+    ``argument`` names the argument at fault (``out``) when the message begins
+    with it, so that a front end can name it its own way (the CLI: ``--save``).
+    """
+
+    def __init__(self, message: str = "", argument: str | None = None):
+        super().__init__(message)
+        self.argument = argument
 
 
 class PassSpecError(GraphpatchError, ValueError):

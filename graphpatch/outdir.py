@@ -39,24 +39,29 @@ class SaveError(GraphpatchError):
     """A model or an OUT that cannot be saved; nothing was written."""
 
 
+def refused(message: str) -> SaveError:
+    """A refusal of ``out``, whose message names it first."""
+    return SaveError(message, argument="out")
+
+
 # A fused save's model_type: mlx-lm refuses it with this text as the reason.
 MODEL_TYPE = (
     "graphpatch-fused (saved with --save-format fused; open it with "
     "graphpatch.load or graphpatch apply, or save it again without that option)"
 )
 NOT_OURS = (
-    "--save {out} exists and was not written by graphpatch: it is never "
+    "out {out} exists and was not written by graphpatch: it is never "
     "replaced; name a new directory"
 )
 NO_MANIFEST = (
-    "--save {out} has no {manifest} (a save by an older graphpatch, or a copy "
+    "out {out} has no {manifest} (a save by an older graphpatch, or a copy "
     "made by another tool), so graphpatch cannot prove it wrote it: it is "
     "never replaced; remove it yourself or name a new directory"
 )
-IN_THE_WAY = "--save {out} holds {names}, which graphpatch did not write: refused"
-EARLIER = "--save {out} is an earlier graphpatch save (--force replaces it)"
+IN_THE_WAY = "out {out} holds {names}, which graphpatch did not write: refused"
+EARLIER = "out {out} is an earlier graphpatch save (force replaces it)"
 HOLDS_CWD = (
-    "--save {out} is the current directory or holds it: replacing it would "
+    "out {out} is the current directory or holds it: replacing it would "
     "pull it out from under this process; run from outside it"
 )
 
@@ -103,26 +108,26 @@ def check_out(source_dir: Path, out: Path, force: bool) -> None:
     """
     source, target = Path(source_dir).resolve(), Path(out).resolve()
     if _within(source, target):
-        raise SaveError(f"--save {out} is the source model or holds it: refused")
+        raise refused(f"out {out} is the source model or holds it: refused")
     if _within(target, source):
-        raise SaveError(f"--save {out} lies inside the source model {source_dir}")
+        raise refused(f"out {out} lies inside the source model {source_dir}")
     if out.is_symlink():
-        raise SaveError(f"--save {out} is a symlink: refused, name a new directory")
+        raise refused(f"out {out} is a symlink: refused, name a new directory")
     if not out.exists():
         return
     if not out.is_dir():
-        raise SaveError(f"--save {out} exists and is not a directory: refused")
+        raise refused(f"out {out} exists and is not a directory: refused")
     with contextlib.suppress(OSError):  # a removed cwd holds nothing
         if _within(Path.cwd().resolve(), target):
-            raise SaveError(HOLDS_CWD.format(out=out))
+            raise refused(HOLDS_CWD.format(out=out))
     in_the_way = unproven(out)
     if in_the_way is None:
         template = NO_MANIFEST if is_save(out) else NOT_OURS
-        raise SaveError(template.format(out=out, manifest=MANIFEST))
+        raise refused(template.format(out=out, manifest=MANIFEST))
     if in_the_way:
-        raise SaveError(IN_THE_WAY.format(out=out, names=_shown(in_the_way)))
+        raise refused(IN_THE_WAY.format(out=out, names=_shown(in_the_way)))
     if not force:
-        raise SaveError(EARLIER.format(out=out))
+        raise refused(EARLIER.format(out=out))
 
 
 def tag(out: Path) -> str:

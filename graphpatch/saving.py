@@ -308,11 +308,16 @@ def _check_reopens(model: nn.Module, tmp: Path, how: str) -> None:
 
 def check_format(format: str) -> None:
     if format not in FORMATS:
-        raise SaveError(f"--save-format is one of {', '.join(FORMATS)}, got {format}")
+        raise SaveError(
+            f"format is one of {', '.join(FORMATS)}, got {format}", argument="format"
+        )
 
 
 def max_shard_bytes(megabytes: float) -> int:
     """``--max-shard-mb`` as bytes; a finite size of at least one byte."""
     if not math.isfinite(megabytes) or megabytes * 2**20 < 1:
-        raise SaveError(f"--max-shard-mb must be a positive size, got {megabytes}")
+        raise SaveError(
+            f"max_shard_mb must be a positive size, got {megabytes}",
+            argument="max_shard_mb",
+        )
     return int(megabytes * 2**20)

@@ -201,7 +201,9 @@ def apply(
         a warning says why).
     """
     if mode not in MODES:
-        raise PassSpecError(f"--verify must be one of {', '.join(MODES)}")
+        raise PassSpecError(
+            f"verify must be one of {', '.join(MODES)}", argument="verify"
+        )
     model_dir = Path(model_dir)
 
     def apply_with(verify: bool) -> Report:

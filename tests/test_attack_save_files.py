@@ -191,7 +191,7 @@ def test_two_saves_racing_for_one_out_never_both_succeed(place, tmp_path):
     ]
     results = [(r.wait(timeout=120), r.stdout.read()) for r in racers]
     assert sorted(code for code, _ in results) == [0, 2], results
-    assert any("earlier graphpatch save (--force replaces it)" in o for _, o in results)
+    assert any("earlier graphpatch save (force replaces it)" in o for _, o in results)
     assert sorted(p.name for p in place.parent.iterdir()) == ["out", "src"]
     assert manifest.unproven(out) == []
 
