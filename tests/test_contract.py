@@ -2,6 +2,9 @@
 ``replace_at``), pinned so that an mlx upgrade that changes them fails here
 first and plainly, not as a wrong rewrite somewhere in a pass."""
 
+import os
+from pathlib import Path
+
 import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
@@ -99,3 +102,52 @@ def test_mark_at_and_unmark_at_swap_in_place_and_back():
     restored = unmark_at(model, "layers.1")
     assert model.layers[1] is restored and type(restored) is nn.Linear
     assert restored.weight is before.weight
+
+
+WRONG_HOOK = """
+import mlx.nn as nn
+from graphpatch.contract import Options, Pass, Proof, Site, Context
+
+def find(model: nn.Module, options: Options, context: Context) -> list[Site]:
+    return []
+
+def undo(model: nn.Module) -> None:  # the path is missing
+    pass
+
+PASS = Pass(
+    name="wrong",
+    summary="a hook with the wrong signature",
+    find=find,
+    why_not=lambda model, site, options, context: None,
+    rewrite=lambda model, site, options, context: None,
+    undo=undo,
+    applied=lambda model: [],
+    proof=Proof(lambda model, site, options, context: lambda: []),
+)
+"""
+
+
+def test_mypy_refuses_a_hook_with_the_wrong_signature(tmp_path):
+    """The contract is one a type checker holds (make test runs mypy)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "wrong_pass.py").write_text(WRONG_HOOK)
+    root = str(Path(__file__).parents[1])  # an editable install hides the package
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "wrong_pass.py"]
+        # the project's settings and cache (make test's own mypy run fills it)
+        + [
+            "--config-file",
+            f"{root}/pyproject.toml",
+            "--cache-dir",
+            f"{root}/.mypy_cache",
+        ],
+        cwd=tmp_path,
+        env={**os.environ, "MYPYPATH": root},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert 'Argument "undo" to "Pass" has incompatible type' in done.stdout
