@@ -201,7 +201,7 @@ def resolve(
     """The passes to run, in canonical order, with their options.
 
     Args:
-        passes: pass specs (``"fuse_glu"``, ``"last_token:keep=4"``, a
+        passes: pass specs (``name``, ``name:option=value``, a
             ``Pass``), a comma-separated string of them, or None to let the
             env decide.
         env: the environment to read (``os.environ`` by default).
