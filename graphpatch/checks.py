@@ -72,8 +72,13 @@ def _check_entries(model_dir: Path) -> None:
                 raise
 
 
+NOT_A_DIRECTORY = "is a file, not a model directory"
+
+
 def read_config(model_dir: Path) -> dict:
     if not model_dir.is_dir():
+        if model_dir.exists():
+            raise LoadError(f"{model_dir}: {NOT_A_DIRECTORY}")
         raise LoadError(f"{model_dir}: no such directory")
     config_file = model_dir / "config.json"
     if not config_file.exists() and not config_file.is_symlink():

@@ -1,28 +1,60 @@
 """graphpatch: verified rewrite passes for MLX language models."""
 
 import contextlib
-import json as _json
 import os
-import shutil
-import stat
+import signal
 import sys
-from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import NoReturn
 
-import typer
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
+INTERRUPTED = "interrupted"  # all Ctrl-C says, whenever it comes (exit 130)
 
-import graphpatch
-from graphpatch import golden, saving, trust
-from graphpatch.checks import check_config, check_weights, read_config, regular_file
-from graphpatch.contract import GraphpatchError, VerificationError
-from graphpatch.loading import model_path
-from graphpatch.outdir import saved_format
-from graphpatch.plan import unknown_variables
-from graphpatch.report import printable, stamped
-from graphpatch.run_hook import FUSED
+
+def interrupted() -> NoReturn:
+    with contextlib.suppress(OSError, ValueError):
+        print(INTERRUPTED, file=sys.stderr)
+    raise SystemExit(130)
+
+
+try:  # the imports take seconds, and Ctrl-C may come during them
+    import json as _json
+    import shutil
+    import stat
+    import time
+    from pathlib import Path
+    from typing import Annotated
+
+    import typer
+    import typer.core
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    import graphpatch
+    from graphpatch import golden, saving, trust
+    from graphpatch.checks import (
+        check_config,
+        check_weights,
+        read_config,
+        regular_file,
+    )
+    from graphpatch.contract import GraphpatchError, VerificationError
+    from graphpatch.loading import model_path
+    from graphpatch.outdir import saved_format
+    from graphpatch.plan import unknown_variables
+    from graphpatch.report import printable, stamped
+    from graphpatch.run_hook import FUSED
+except KeyboardInterrupt:
+    interrupted()
+
+_option_type = typer.core.TyperOption.display_type_rich
+
+
+def _flag_takes_no_value(self, ctx) -> str | None:
+    return None if self.is_flag else _option_type(self, ctx)
+
+
+# typer 0.29's help shows every flag as taking a value (--json <bool>).
+setattr(typer.core.TyperOption, "display_type_rich", _flag_takes_no_value)  # noqa: B010
 
 app = typer.Typer(
     add_completion=False,
@@ -211,14 +243,17 @@ def apply_cmd(
             for line in saving.prepare(model_dir, save, force):
                 err.print(printable(line, 400), highlight=False, markup=False)
         verify = _verify_mode("never" if no_verify else verify)
+        start = time.perf_counter()
         with err.status(f"loading {model_dir}"):
             model, _, _ = graphpatch.load(
                 model_dir, lazy=verify == "never", verify=verify
             )
+        loaded = time.perf_counter() - start
         with err.status("applying and verifying") as status:
             report = trust.apply(
                 model, specs or None, model_dir, verify, progress=status.update
             )
+        report.load_seconds = loaded
     except VerificationError as e:
         if e.report is not None and not json:
             _print(e.report, json, verbose)
@@ -440,8 +475,8 @@ def coverage_cmd(
             fail(f"--write {write}: cannot be written ({e.strerror})")
     if json:
         print(_json.dumps(coverage.as_dicts(results), indent=2))
-    else:
-        out.print(table, highlight=False, markup=False)
+    else:  # markdown, whole: never wrapped to the terminal's width
+        print(table, end="" if table.endswith("\n") else "\n")
 
 
 def _check_write(write: Path, force: bool) -> None:
@@ -559,12 +594,30 @@ class _Guarded:
 
 def main() -> None:
     sys.stdout = _Guarded(sys.stdout)  # type: ignore[assignment]
+    signal.signal(signal.SIGINT, _on_interrupt)
     try:
         app()
     except OutputFailed as e:  # >/dev/full: one line on stderr, not a traceback
         with contextlib.suppress(OSError, ValueError):
             print(f"error: cannot write the output: {e}", file=sys.stderr)
         os._exit(2)
+    except SystemExit:
+        if _interrupted:  # typer turns KeyboardInterrupt into a silent exit 130
+            interrupted()
+        raise
+    except KeyboardInterrupt:
+        interrupted()
+
+
+_interrupted = False
+
+
+def _on_interrupt(signum: int, frame) -> None:
+    """Ctrl-C as Python's own handler, remembered: finally blocks (a save's
+    temporary directory) still run."""
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

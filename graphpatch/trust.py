@@ -24,6 +24,7 @@ import os
 import stat
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from graphpatch.report import RecordUse, Report, printable
 MODES = ("always", "cached", "never")
 CACHE_OFF = "verification records are off"
 IGNORED = "ignored the verification record"
+TRUSTING = "applying, trusted from the record {file} (not verified again)"
 NOT_WRITTEN = "could not write the verification record"
 SAMPLES = 8  # blocks of each weight file hashed, spread over its data
 BLOCK = 4096
@@ -205,8 +207,21 @@ def apply(
             f"verify must be one of {', '.join(MODES)}", argument="verify"
         )
     model_dir = Path(model_dir)
+    start = time.perf_counter()
+    report = _applied(model, passes, model_dir, mode, progress, adapter_path)
+    report.seconds = time.perf_counter() - start  # every try, and the record
+    return report
 
-    def apply_with(verify: bool) -> Report:
+
+def _applied(
+    model: nn.Module,
+    passes: str | list[str] | None,
+    model_dir: Path,
+    mode: str,
+    progress: Callable[[str], None] | None,
+    adapter_path: str | Path | None,
+) -> Report:
+    def apply_with(verify: bool, progress=progress) -> Report:
         return apply_passes(
             model, passes, verify=verify, progress=progress, model_dir=str(model_dir)
         )
@@ -218,7 +233,9 @@ def apply(
     if mode == "cached" and file is not None:
         record, problem = _read(file)
     if record is not None:
-        report = apply_with(False)
+        if progress:
+            progress(TRUSTING.format(file=file))
+        report = apply_with(False, progress=None)
         if record["sites"] == _sites(report):
             report.record = f"verified on {printable(record['date'])}, record {file}"
             report.record_used = RecordUse(str(file), record["date"], trusted=True)

@@ -4,14 +4,23 @@ prints, and ``graphpatch.load`` in mlx-lm's shapes."""
 
 import datetime
 import json
+import re
 import shutil
+import signal
+import socket
+import subprocess
+import time
 from pathlib import Path
 
-import mlx.core as mx
-from helpers import run
+import mlx_lm
+import pytest
+from helpers import GRAPHPATCH, free_port, run, write_golden
 
-from graphpatch import golden
+from graphpatch import golden, trust
+from graphpatch.checks import NOT_A_DIRECTORY
+from graphpatch.cli import INTERRUPTED
 from graphpatch.report import SCHEMA
+from graphpatch.trust import TRUSTING
 
 
 def test_a_plain_save_checks_against_its_sources_golden_file(zoo_dir, tmp_path):
@@ -34,8 +43,8 @@ def test_a_golden_file_of_file_bytes_still_names_its_model(zoo_dir, tmp_path):
     arrays, metadata = golden.read(file)
     del metadata["weights_hash_of"], metadata["weights_stat"]
     metadata["weights_hash"] = golden.bytes_hash(Path(source))
-    mx.save_safetensors(str(tmp_path / "old.safetensors"), arrays, metadata)
-    assert golden.check(source, tmp_path / "old.safetensors").ok
+    old = write_golden(tmp_path / "old.safetensors", arrays, metadata)
+    assert golden.check(source, old).ok
 
 
 def test_the_json_report_names_its_record_in_fields(zoo_dir, tmp_path):
@@ -53,3 +62,89 @@ def test_the_json_report_names_its_record_in_fields(zoo_dir, tmp_path):
     assert trusted["record"] == said and said in run(*args).output
     never = json.loads(run(*args[:-3], "--verify", "never", model, "--json").stdout)
     assert never["record"] is None and never["record_used"] is None
+
+
+# output lines that mislead
+
+
+def test_flags_are_shown_taking_no_value():
+    shown = run("apply", "--help").output
+    assert "--json" in shown and "--no-verify" in shown and "<bool>" not in shown
+    assert "<float>" in shown  # an option that takes a value still says so
+
+
+def test_coverage_piped_is_the_table_whole(tmp_path):
+    file = tmp_path / "coverage.md"
+    result = run("coverage", "llama", "--write", file)
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.stdout.splitlines()) > 80
+    assert result.stdout == file.read_text()
+
+
+def test_the_summary_names_what_its_time_counts(zoo_dir):
+    said = " ".join(
+        run("apply", "--passes", "fuse_glu", zoo_dir("llama")).output.split()
+    )
+    took = r"dtype float32; \d+\.\d\ds to load, \d+\.\d\ds to apply and verify$"
+    assert re.search(took, said), said
+    unverified = run("apply", "--passes", "fuse_glu", "--no-verify", zoo_dir("llama"))
+    assert re.search(r"\ds to apply$", unverified.output.strip())
+
+
+def test_a_file_given_as_the_model_is_said_to_be_one(tmp_path):
+    file = tmp_path / "model.safetensors"
+    file.write_bytes(b"")
+    result = run("apply", "--passes", "fuse_glu", file)
+    assert result.exit_code == 2
+    assert f"{file}: {NOT_A_DIRECTORY}" in " ".join(result.output.split())
+
+
+def interrupted_serve(model_dir: Path, when: str) -> subprocess.CompletedProcess:
+    """``graphpatch serve`` sent SIGINT while it imports (libmlx mapped, the
+    rest of the imports to come) or once it listens."""
+    port = free_port()
+    command = [GRAPHPATCH, "serve", str(model_dir), "--port", str(port)]
+    process = subprocess.Popen(command, stderr=subprocess.PIPE, text=True)
+    maps = Path(f"/proc/{process.pid}/maps")
+    deadline = time.monotonic() + 120
+    while process.poll() is None and time.monotonic() < deadline:
+        if when == "importing" and "libmlx" in maps.read_text():
+            break
+        with socket.socket() as s:
+            if when == "listening" and s.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGINT)
+    stderr = process.communicate(timeout=60)[1]
+    return subprocess.CompletedProcess(command, process.returncode, "", stderr)
+
+
+EAGER_PACKAGE = (
+    "graphpatch/__init__.py imports mlx and mlx-lm before graphpatch.cli can "
+    "catch Ctrl-C: it needs to import them lazily"
+)
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        pytest.param("importing", marks=pytest.mark.xfail(reason=EAGER_PACKAGE)),
+        "listening",
+    ],
+)
+def test_ctrl_c_is_one_line_and_exit_130(zoo_dir, when):
+    done = interrupted_serve(zoo_dir("llama"), when)
+    assert done.returncode == 130, done.stderr
+    assert done.stderr.strip().splitlines()[-1:] == [INTERRUPTED], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_progress_says_a_record_is_trusted_not_site_by_site(zoo_dir, tmp_path):
+    model_dir = shutil.copytree(zoo_dir("llama"), tmp_path / "model")
+    said: list[str] = []
+    for _ in range(2):
+        said.clear()
+        model = mlx_lm.load(str(model_dir))[0]
+        report = trust.apply(model, "fuse_glu", model_dir, "cached", said.append)
+    assert report.record_used is not None and report.record_used.trusted
+    assert said == [TRUSTING.format(file=report.record_used.path)]
