@@ -33,6 +33,7 @@ SUBSET = [
     "phi3small",  # masks tokens with -inf in its logits
     "muse_spark",
     "internlm2",  # a GLU named w1/w2/w3
+    "starcoder2",  # a plain MLP with biases, sharded
 ]
 
 
@@ -69,6 +70,16 @@ def test_no_architecture_has_a_wrong_rewrite():
     rows = [line for line in TABLE.read_text().splitlines() if line.startswith("| ")]
     assert len(rows) > 60
     assert not [row for row in rows if "FAILED" in row]
+
+
+def test_shard_covers_at_least_100_architectures():
+    rows = [line for line in TABLE.read_text().splitlines() if line.startswith("| ")]
+    column = rows[0].split(" | ").index("shard")
+    sharded = [row for row in rows[1:] if row.split(" | ")[column] != "-"]
+    assert len(sharded) >= 100
+    assert f"{len(sharded)} of {len(rows) - 1} built architectures sharded" in (
+        TABLE.read_text()
+    )
 
 
 def test_unknown_architectures_are_one_line():

@@ -182,3 +182,10 @@ def test_every_rank_part_together_is_the_layer(kind, n, axis):
         else:
             whole = mx.concatenate([p[key] for p in parts], axis=cut)
             assert mx.array_equal(whole, array).item(), key
+
+
+def test_ranks_holding_different_models_all_stop(zoo_dir):
+    other = zoo_dir("llama", intermediate_size=384)
+    ranks = launch(f"{zoo_dir('llama')}|{other},shard")
+    for rank, (r,) in enumerate(ranks):
+        assert r["error"] == shard.OTHER_MODEL.format(n=2, rank=rank, blocks=4)

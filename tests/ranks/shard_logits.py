@@ -6,7 +6,7 @@ and applies unverified, then evaluates one array at a time, measuring the
 peak against mlx-lm's sharded_load (shard, then one eval of everything);
 ``revert`` reverts after and compares bit for bit; ``fuse`` applies fuse_glu
 and fuse_qkv after shard and compares with the sharded-unfused logits. Prints
-one JSON line per case.
+one JSON line per case. ``A|B`` as MODEL_DIR: rank 0 loads A, rank 1 B.
 """
 
 import json
@@ -40,7 +40,10 @@ def case(path: str, spec: str, flags: list[str], group) -> dict:
     base = mx.get_active_memory()
     mx.reset_peak_memory()
     model, _ = mlx_lm.load(path, lazy=lazy)
-    report = graphpatch.apply(model, [spec], verify=not lazy)
+    try:
+        report = graphpatch.apply(model, [spec], verify=not lazy)
+    except graphpatch.GraphpatchError as e:
+        return {"rank": group.rank(), "error": str(e)}
     materialize(model)
     peak = mx.get_peak_memory() - base
     reference, _ = mlx_lm.load(path)
@@ -86,5 +89,6 @@ def case(path: str, spec: str, flags: list[str], group) -> dict:
 
 group = mx.distributed.init(backend="ring", strict=True)
 for arg in sys.argv[1:]:
-    path, spec, *flags = arg.split(",")
+    paths, spec, *flags = arg.split(",")
+    path = paths.split("|")[group.rank() % len(paths.split("|"))]
     print(json.dumps(case(path, spec, flags, group)), flush=True)

@@ -29,6 +29,7 @@ Equivalence:   each block's output after its all_sum equals the unsharded
                Then the model's logits, on every rank.
 """
 
+import zlib
 from typing import Any
 
 import mlx.core as mx
@@ -37,6 +38,7 @@ from mlx.utils import tree_flatten
 
 from graphpatch.contract import (
     Context,
+    GraphpatchError,
     Options,
     Pass,
     Probe,
@@ -59,8 +61,9 @@ from graphpatch.passes.shard.split import Group, Ranges, gathered
 ALREADY_APPLIED = "already applied"
 GROUP_OF_ONE = "one rank in the group: nothing to shard"
 PIPELINED = "the model is pipelined over the group (elide_head's case): not sharded"
-NOT_ONE_ARRAY = (
-    "the block returns {what}, not one array: its rank-local parts cannot be checked"
+OTHER_MODEL = (
+    "the {n} ranks hold different models (rank {rank} found {blocks} blocks): "
+    "every rank must load the same one"
 )
 SAVE_REFUSED = (
     "a sharded model holds one rank's part of each block: save the unsharded "
@@ -92,6 +95,12 @@ def materialize(model: nn.Module) -> None:
         mx.eval(array)
 
 
+def _shapes(module: nn.Module) -> list[tuple[str, tuple[int, ...], str]]:
+    """Names, shapes and dtypes only: nothing of a lazy model is evaluated."""
+    arrays = tree_flatten(module.parameters())
+    return [(k, tuple(v.shape), str(v.dtype)) for k, v in arrays]
+
+
 def _group() -> Group:
     return mx.distributed.init()
 
@@ -112,7 +121,25 @@ def find(model: nn.Module, options: Options, context: Context) -> list[Site]:
         elif isinstance(p := plan(module, kind, n), str):
             site.skip = p
         sites.append(site)
+    _same_everywhere(model, sites, n)
     return sites
+
+
+def _same_everywhere(model: nn.Module, sites: list[Site], n: int) -> None:
+    """Every rank must shard the same blocks of the same shapes: each check
+    runs collectives, and a rank holding another model would wait forever
+    or sum the wrong parts."""
+    if n == 1:
+        return
+    shapes = [
+        (s.path, s.kind, s.skip, _shapes(module_at(model, s.path))) for s in sites
+    ]
+    mine = mx.array([zlib.crc32(repr(shapes).encode())], mx.uint32)
+    every = mx.distributed.all_gather(mine, group=_group()).tolist()
+    if len(set(every)) > 1:
+        raise GraphpatchError(
+            OTHER_MODEL.format(n=n, rank=_group().rank(), blocks=len(sites))
+        )
 
 
 def why_not(
@@ -179,12 +206,7 @@ def probe(model: nn.Module, site: Site, options: Options, context: Context) -> P
     )
 
     def run() -> list[mx.array]:
-        block = module_at(model, site.path)
-        outputs = [block(*args, **kwargs) for args, kwargs in inputs]
-        for out in outputs:
-            if not isinstance(out, mx.array):
-                raise TypeError(NOT_ONE_ARRAY.format(what=type(out).__name__))
-        return outputs
+        return probes.outputs(module_at(model, site.path), inputs)
 
     return run
 

@@ -13,7 +13,8 @@ import mlx.nn as nn
 from graphpatch.compare import compare
 from graphpatch.contract import Recorded, module_at
 from graphpatch.passes.shard.blocks import find_blocks, local, plan
-from graphpatch.passes.shard.probes import block_inputs
+from graphpatch.passes.shard.probes import block_inputs, outputs, taps
+from graphpatch.tapped import recording
 
 
 @dataclass
@@ -23,6 +24,15 @@ class Checked:
     reason: str | None = None  # None: sharded and within tolerance
     max_error: float | None = None
     tolerance: float | None = None
+
+
+def cover_alone(model: nn.Module, n: int, tokens: list[list[int]]) -> list[Checked]:
+    """``check_alone`` on the inputs one forward of ``tokens`` feeds each
+    block (a block the forward does not reach gets a float32 input)."""
+    _, recorded = recording(
+        model, taps(find_blocks(model, False)), lambda: model(mx.array(tokens))
+    )
+    return check_alone(model, n, recorded, mx.float32)
 
 
 def check_alone(
@@ -46,12 +56,15 @@ def check_alone(
             continue
         inputs = block_inputs(module, path, kind, recorded, dtype)
         try:
-            whole = [module(*args, **kwargs) for args, kwargs in inputs]
-            ranks = [local(module, p, r, group, alone=True) for r in range(n)]
-            summed = [
-                sum(rank(*args, **kwargs) for rank in ranks) for args, kwargs in inputs
+            whole = outputs(module, inputs)
+        except Exception as e:
+            result.reason = f"cannot run the block on a probe: {e}"
+            continue
+        try:
+            ranks = [
+                outputs(local(module, p, r, group, True), inputs) for r in range(n)
             ]
-            cmp = compare(whole, summed)
+            cmp = compare(whole, [sum(parts) for parts in zip(*ranks, strict=True)])
         except Exception as e:
             result.reason = f"the sharded block fails on the probe: {e}"
             continue

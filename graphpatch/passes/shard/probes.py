@@ -21,6 +21,9 @@ from graphpatch.passes.shard.split import in_dims
 
 Call = tuple[tuple[Any, ...], dict[str, Any]]  # a call's args and kwargs
 SORTED = 64  # SwitchGLU sorts tokens by expert from this many indices on
+NOT_ONE_ARRAY = (
+    "the block returns {what}, not one array: its rank-local parts cannot be checked"
+)
 
 
 def width(module: nn.Module, kind: str) -> int:
@@ -52,6 +55,15 @@ def block_inputs(
     if kind == "moe":
         calls.append(synthetic(module, kind, dtype, (2, SORTED), 1))
     return calls
+
+
+def outputs(block: nn.Module, inputs: list[Call]) -> list[mx.array]:
+    """The block's output on each call; one array each, or TypeError."""
+    found = [block(*args, **kwargs) for args, kwargs in inputs]
+    for out in found:
+        if not isinstance(out, mx.array):
+            raise TypeError(NOT_ONE_ARRAY.format(what=type(out).__name__))
+    return found
 
 
 def taps(blocks: list[tuple[str, str]]) -> list[Tap]:
