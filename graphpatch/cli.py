@@ -30,7 +30,7 @@ try:  # the imports take seconds, and Ctrl-C may come during them
     from rich.table import Table
 
     import graphpatch
-    from graphpatch import golden, saving, trust
+    from graphpatch import golden, opening, saving, trust
     from graphpatch.checks import (
         check_config,
         check_weights,
@@ -276,6 +276,16 @@ def apply_cmd(
         except GraphpatchError as e:
             fail(e)
         err.print(f"saved {save}", highlight=False, soft_wrap=True)
+        _carry(Path(save), report)
+
+
+def _carry(save: Path, report: graphpatch.Report) -> None:
+    """The save's first run trusts the verification it came from."""
+    if saved_format(save) != "plain":
+        return  # a fused save is opened into its structure, not re-applied
+    config = _json.loads((save / "config.json").read_text())
+    if trust.carry(save, opening.recorded(save, config), report):
+        err.print("the save carries this verification", highlight=False)
 
 
 def _verify_mode(verify: str) -> str:

@@ -133,7 +133,7 @@ def _code(plan: list[Pass]) -> str:
     """A hash of the source graphpatch runs: its core and each applied pass
     (a whole package, for a pass that is one), so that a pass edited in a
     development install is verified again."""
-    core = Path(__file__).parent
+    core = Path(str(sys.modules["graphpatch"].__file__)).parent  # not imported: a cycle
     # the core, and the passes' shared modules (heads.py) beside each pass
     files = sorted(core.glob("*.py")) + sorted((core / "passes").glob("*.py"))
     digest = hashlib.sha256()
@@ -154,9 +154,12 @@ def _pass_files(p: Pass) -> list[Path] | None:
     if name.startswith("graphpatch.passes."):
         name = ".".join(name.split(".")[:3])  # the pass's module or package
     module = sys.modules.get(name)
-    if module is not None and hasattr(module, "__path__"):
-        return sorted(Path(str(module.__file__)).parent.rglob("*.py"))
-    try:
+    if module is not None and getattr(module, "__file__", None):
+        file = Path(str(module.__file__))
+        return (
+            sorted(file.parent.rglob("*.py")) if hasattr(module, "__path__") else [file]
+        )
+    try:  # a module loaded by path and never registered (a user's script)
         source = inspect.getsourcefile(p.find)
     except TypeError:
         return None
@@ -330,14 +333,21 @@ def _sites(report: Report) -> dict[str, list[str]]:
 
 
 def _write(file: Path, model_dir: Path, report: Report) -> None:
-    """Write the record atomically and name it in the report, or warn (and
-    leave no temporary file) when it cannot be written."""
+    """Write the record and name it in the report, or warn when it cannot be
+    written."""
     date = datetime.date.today().isoformat()
-    record = {
-        "date": date,
-        "checkpoint": str(model_dir.resolve()),
-        "sites": _sites(report),
-    }
+    problem = _written(file, model_dir, _sites(report), date)
+    if problem:
+        report.warnings.append(f"{NOT_WRITTEN} {file} ({problem})")
+        return
+    report.record = f"verified now, record {file}"
+    report.record_used = RecordUse(str(file), date, trusted=False)
+
+
+def _written(file: Path, model_dir: Path, sites: dict, date: str) -> str | None:
+    """Write a record atomically; None, or why it could not be (and no
+    temporary file is left)."""
+    record = {"date": date, "checkpoint": str(model_dir.resolve()), "sites": sites}
     tmp = file.with_name(f".{file.name}.{os.getpid()}-{threading.get_ident()}")
     try:
         file.parent.mkdir(parents=True, exist_ok=True)
@@ -348,7 +358,32 @@ def _write(file: Path, model_dir: Path, report: Report) -> None:
             tmp.unlink(missing_ok=True)
         except OSError:
             pass
-        report.warnings.append(f"{NOT_WRITTEN} {file} ({_why(e)})")
-        return
-    report.record = f"verified now, record {file}"
-    report.record_used = RecordUse(str(file), date, trusted=False)
+        return _why(e)
+    return None
+
+
+def carry(save_dir: Path, specs: list[str], report: Report) -> str | None:
+    """Give a plain save the record of the verification its model came from,
+    so that its first run or serve trusts it at once; returns the record's
+    path, or None when there is nothing to carry.
+
+    Sound because the save holds the verified model's own arrays under the
+    unpatched names (its reopen check compared the logits), so re-applying
+    ``specs`` (the passes the save recorded) on it rewrites the same sites
+    from the same arrays. The record is keyed to the save's own files, as any
+    record is: an edit of the save, or another graphpatch, verifies afresh.
+    Only the apply's own sites are carried: a source that was itself a save
+    (passes the report does not cover) carries nothing.
+    """
+    if report.record_used is None or report.rolled_back:
+        return None  # nothing was verified, or the verification is not kept
+    plan, _ = resolve(specs)
+    covered = _sites(report)
+    if any(p.name not in covered for p, _ in plan):
+        return None
+    file, _ = _record_file(None, specs, save_dir, None)
+    if file is None:
+        return None
+    sites = {p.name: covered[p.name] for p, _ in plan}
+    date = report.record_used.date
+    return None if _written(file, save_dir, sites, date) else str(file)
