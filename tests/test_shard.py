@@ -46,6 +46,7 @@ def two_ranks(zoo_dir):
         "moe": (zoo_dir("qwen3_moe"), "shard", "revert"),
         "moe_only": (zoo_dir("qwen3_moe"), "shard:moe_only"),
         "biases": (zoo_dir("starcoder2"), "shard"),
+        "mla": (zoo_dir("deepseek_v3", quant="affine4"), "shard", "mlx-lm"),
     }
     ranks = launch(*(",".join(map(str, case)) for case in cases.values()))
     return {name: [rank[i] for rank in ranks] for i, name in enumerate(cases)}
@@ -78,9 +79,9 @@ def test_sharded_blocks_hold_half_the_bytes(two_ranks):
 
 
 def test_same_logits_and_bytes_as_mlx_lm_shard(two_ranks):
-    for name in ("float", "quantized", "lazy"):
+    for name in ("float", "quantized", "lazy", "mla"):
         for r in two_ranks[name]:
-            assert r["mlx_lm"]["vs_ours"] == 0.0
+            assert r["mlx_lm"]["vs_ours"] == 0.0, name
             assert r["bytes"][1] <= r["mlx_lm"]["bytes"]
     # loaded lazily, sharded unverified, evaluated an array at a time: this
     # rank's part and one full array at most, never the whole model
@@ -189,3 +190,10 @@ def test_ranks_holding_different_models_all_stop(zoo_dir):
     ranks = launch(f"{zoo_dir('llama')}|{other},shard")
     for rank, (r,) in enumerate(ranks):
         assert r["error"] == shard.OTHER_MODEL.format(n=2, rank=rank, blocks=4)
+
+
+def test_a_rank_that_dies_ends_the_others(zoo_dir):
+    command = [sys.executable, str(RANKS / "shard_logits.py")]
+    results = ring.launch([*command, f"{zoo_dir('llama')}|/nonexistent,shard"], 2)
+    assert [r.returncode for r in results] == [1, 1]  # none killed at the deadline
+    assert "connection to a peer was lost" in results[0].stderr

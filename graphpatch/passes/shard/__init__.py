@@ -7,6 +7,9 @@ Rewrite:       attention: q, k, v (or a fused qkv, by its q/k/v segments)
                this rank's, per-head arrays (sinks) and per-head gates are
                sliced. kv heads fewer than ranks are replicated (each rank
                keeps the one its q heads read) where N is a multiple of them.
+               MLA (deepseek's latent attention): the query (or its q_b up
+               projection), kv_b and the per-head embed_q / unembed_out by
+               heads, the low-rank down projections (q_a, kv_a) whole.
                GLU and plain MLPs: up projections all-to-sharded, down
                sharded-to-all. MoE: the routed experts (SwitchGLU) split in
                place on their hidden dim, shared experts likewise, the router

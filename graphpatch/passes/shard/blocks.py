@@ -32,6 +32,11 @@ from graphpatch.passes.shard.split import (
 QKV = ("q_proj", "k_proj", "v_proj")
 FUSED_QKV = ("qkv_proj", "c_attn", "query_key_value", "Wqkv", "wqkv", "W_pack", "qkv")
 OUTPUTS = ("o_proj", "out_proj", "dense", "wo", "c_proj")
+# Multi-head latent attention (deepseek's MLA): the query, or its low-rank
+# up projection; low-rank down projections ("_a_") feed every head whole,
+# up projections ("_b_") and per-head layers (embed_q) hold heads.
+LATENT_Q = ("q_b_proj", "q_proj")
+DOWN, UP = "_a_", "_b_"
 MLPS = (
     (("gate_proj", "up_proj"), "down_proj"),
     (("w1", "w3"), "w2"),
@@ -50,6 +55,7 @@ NORM_OVER_UNITS = "{name} normalizes the whole {width}-wide hidden layer"
 UNKNOWN_PART = "{name} ({cls}, {out} outputs) is neither a projection nor per head"
 UNKNOWN_ARRAY = "its array {name} of shape {shape} is not per head"
 FUSED_WIDTH = "{name}'s {rows} rows are not {q} q + 2 x {kv} kv heads of one width"
+NOT_PER_HEAD = "{name}: {what} {size} not divisible by its {heads} heads"
 PARTS_DIFFER = "{a} and {b} have {x} and {y} outputs"
 
 
@@ -81,7 +87,9 @@ def kind_of(module: nn.Module) -> str | None:
     if experts_in(module):
         return "moe"
     if out_name(module) and (
-        all(isinstance(module.get(k), nn.Module) for k in QKV) or fused_name(module)
+        all(isinstance(module.get(k), nn.Module) for k in QKV)
+        or fused_name(module)
+        or latent_q(module)
     ):
         return "attention"
     if mlp_names(module, DENSE):
@@ -117,6 +125,13 @@ def found(value: T | None) -> T:
 
 def out_name(module: nn.Module) -> str | None:
     return next((k for k in OUTPUTS if isinstance(module.get(k), nn.Module)), None)
+
+
+def latent_q(module: nn.Module) -> str | None:
+    """The query projection of an attention with no k and v projections."""
+    if any(isinstance(module.get(k), nn.Module) for k in QKV[1:]):
+        return None
+    return next((k for k in LATENT_Q if isinstance(module.get(k), nn.Module)), None)
 
 
 def fused_name(module: nn.Module) -> str | None:
@@ -157,8 +172,30 @@ def _attention(module: nn.Module, n: int) -> Plan | str:
         return kv
     p = Plan(n, counts=counts.local_counts(module, heads, n))
     q = even(heads.q, n)
-    why = _qkv(module, p, heads, q, kv) or _extras(module, p, heads, q, kv)
+    split = _latent if latent_q(module) else _qkv
+    why = split(module, p, heads, q, kv) or _extras(module, p, heads, q, kv)
     return why or _per_head(module, p, heads, q, kv) or p
+
+
+def _latent(
+    module: nn.Module, p: Plan, heads: Heads, q: list[Ranges], kv: list[Ranges]
+) -> str | None:
+    """MLA: the query and output projections by heads (the rest: _extras)."""
+    query, out = found(latent_q(module)), found(out_name(module))
+    for name, axis in ((query, "rows"), (out, "cols")):
+        if why := why_not_split(name, module[name], axis, p.n):
+            return why
+        size = out_dims(module[name]) if axis == "rows" else in_dims(module[name])
+        if size % heads.q:
+            what = "outputs" if axis == "rows" else "inputs"
+            return NOT_PER_HEAD.format(name=name, what=what, size=size, heads=heads.q)
+    p.parts[query] = (
+        "rows",
+        counts.scaled(q, out_dims(module[query]) // heads.q),
+        True,
+    )
+    p.parts[out] = ("cols", counts.scaled(q, in_dims(module[out]) // heads.q), True)
+    return None
 
 
 def _qkv(
@@ -204,11 +241,17 @@ def _extras(
         if name in p.parts or not isinstance(child, nn.Module):
             continue
         if isinstance(child, DENSE):
+            if DOWN in name:
+                continue  # a low-rank down projection every head reads whole
             rows = out_dims(child)
-            if rows in (heads.q, widths["q"][0]) and rows % p.n == 0:
+            per_head = UP in name and rows % heads.q == 0
+            if per_head or (rows in (heads.q, widths["q"][0]) and rows % p.n == 0):
                 p.parts[name] = ("rows", counts.scaled(q, rows // heads.q), True)
                 continue
             return UNKNOWN_PART.format(name=name, cls=type(child).__name__, out=rows)
+        if _by_heads(child, heads.q):
+            p.parts[name] = ("heads", q, True)
+            continue
         width = child["weight"].shape[-1] if "weight" in child else None
         for what, (full, many) in widths.items():
             if width is not None and width == full and many > 1:
@@ -216,10 +259,18 @@ def _extras(
     return None
 
 
+def _by_heads(child: nn.Module, heads: int) -> bool:
+    """A layer holding one matrix per head (MLA's embed_q, unembed_out)."""
+    arrays = [v for v in child.values() if isinstance(v, mx.array)]
+    return bool(arrays) and all(a.ndim == 3 and a.shape[0] == heads for a in arrays)
+
+
 def _rows(module: nn.Module, which: str) -> int:
     """The q (or kv) projection's width, fused or not."""
     if fused := fused_name(module):
         return out_dims(module[fused])
+    if query := latent_q(module):
+        return out_dims(module[query])
     return out_dims(module["q_proj" if which == "q" else "k_proj"])
 
 

@@ -75,12 +75,21 @@ def why_not_split(name: str, layer: nn.Module, axis: str, n: int) -> str | None:
 
 
 def _axis(key: str, array: mx.array, axis: str) -> int | None:
-    """The array's axis a split on the layer's rows or columns cuts."""
+    """The array's axis a split on the layer's rows, columns or heads (one
+    matrix a head, on axis 0) cuts."""
     if array.ndim == 0 or key == "global_scale":
         return None
+    if axis == "heads":
+        return 0
     if key == "bias":
         return array.ndim - 1 if axis == "rows" else None
     return array.ndim - 2 if axis == "rows" else array.ndim - 1
+
+
+def _logical(layer: nn.Module, axis: str) -> int:
+    if axis == "heads":
+        return int(layer.weight.shape[0])
+    return out_dims(layer) if axis == "rows" else in_dims(layer)
 
 
 def _scaled(ranges: Ranges, array: mx.array, logical: int, axis: int) -> Ranges:
@@ -93,7 +102,7 @@ def _scaled(ranges: Ranges, array: mx.array, logical: int, axis: int) -> Ranges:
 def take(layer: nn.Module, axis: str, ranges: Ranges) -> Arrays:
     """The layer's arrays restricted to ``ranges`` on ``axis``: lazy slices,
     evaluated by whoever evaluates the model (a lazy load stays lazy)."""
-    logical = out_dims(layer) if axis == "rows" else in_dims(layer)
+    logical = _logical(layer, axis)
     arrays = {}
     for key, array in layer.items():
         if not isinstance(array, mx.array):
