@@ -74,7 +74,7 @@ def main() -> None:
     model_dir = args.model or checkpoint.model_dir()
     models = {}
     for name in VARIANTS:
-        model, tokenizer, _ = graphpatch.load(model_dir)
+        model, tokenizer = graphpatch.load(model_dir)
         if name != "unpatched":
             graphpatch.apply(model, name, model_dir=str(model_dir))
         models[name] = model

@@ -245,9 +245,7 @@ def apply_cmd(
         verify = _verify_mode("never" if no_verify else verify)
         start = time.perf_counter()
         with err.status(f"loading {model_dir}"):
-            model, _, _ = graphpatch.load(
-                model_dir, lazy=verify == "never", verify=verify
-            )
+            model, _ = graphpatch.load(model_dir, lazy=verify == "never", verify=verify)
         loaded = time.perf_counter() - start
         with err.status("applying and verifying") as status:
             report = trust.apply(

@@ -104,7 +104,7 @@ def _logits(model, prompts: list[list[int]]) -> list[mx.array]:
 
 
 def _model(model_dir: Path, passes: str):
-    model, tokenizer, _ = load(model_dir)
+    model, tokenizer = load(model_dir)
     if passes:
         graphpatch.apply(model, passes, model_dir=str(model_dir))
     return model, tokenizer

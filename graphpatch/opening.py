@@ -9,10 +9,16 @@ nothing is fused twice.
 
 import json
 from pathlib import Path
+from typing import Any, Literal, overload
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.utils import infer_quant_config, load_tokenizer
+from mlx_lm.utils import (
+    infer_quant_config,
+    load_adapters,
+    load_model,
+    load_tokenizer,
+)
 
 from graphpatch import trust
 from graphpatch.checks import (
@@ -36,18 +42,53 @@ from graphpatch.report import printable
 from graphpatch.saving import FORMATS
 
 
+@overload
 def load(
-    model_dir: str | Path,
+    path_or_hf_repo: str | Path,
+    tokenizer_config: dict[str, Any] | None = None,
+    model_config: dict[str, Any] | None = None,
+    adapter_path: str | None = None,
     lazy: bool = False,
+    return_config: Literal[False] = False,
+    *,
     verify: str = "cached",
     passes: Specs | None = None,
-) -> tuple[nn.Module, object, dict]:
-    """Load a local model directory with ``mlx_lm.load``; a graphpatch save
-    comes back patched as it was saved.
+) -> tuple[nn.Module, Any]: ...
+
+
+@overload
+def load(
+    path_or_hf_repo: str | Path,
+    tokenizer_config: dict[str, Any] | None = None,
+    model_config: dict[str, Any] | None = None,
+    adapter_path: str | None = None,
+    lazy: bool = False,
+    *,
+    return_config: Literal[True],
+    verify: str = "cached",
+    passes: Specs | None = None,
+) -> tuple[nn.Module, Any, dict]: ...
+
+
+def load(
+    path_or_hf_repo: str | Path,
+    tokenizer_config: dict[str, Any] | None = None,
+    model_config: dict[str, Any] | None = None,
+    adapter_path: str | None = None,
+    lazy: bool = False,
+    return_config: bool = False,
+    *,
+    verify: str = "cached",
+    passes: Specs | None = None,
+) -> tuple[nn.Module, Any] | tuple[nn.Module, Any, dict]:
+    """``mlx_lm.load``, with its arguments and what it returns; a graphpatch
+    save comes back patched as it was saved.
 
     Args:
-        model_dir: a directory with config.json, safetensors and a tokenizer.
-        lazy: leave the weights unevaluated (loaded when first used).
+        path_or_hf_repo: a model directory or a Hugging Face repo id.
+        tokenizer_config, model_config, adapter_path, lazy, return_config:
+            as ``mlx_lm.load`` takes them (the adapters are loaded before a
+            save's passes are applied again, and key its record).
         verify: for a plain save, how the recorded passes it re-applies are
             verified: ``always``, ``cached`` or ``never`` (the only one that
             keeps a lazy model lazy).
@@ -55,14 +96,15 @@ def load(
             that it reopens with them (graphpatch's own are always known).
 
     Returns:
-        (model, tokenizer, config).
+        (model, tokenizer), or (model, tokenizer, config) with
+        ``return_config``.
 
     Raises:
         LoadError: the directory cannot be loaded; the message says why.
     """
     if passes is not None:
         named(passes)  # known by name before the save's record is read
-    model_dir = model_path(model_dir)
+    model_dir = model_path(path_or_hf_repo)
     config = read_config(model_dir)
     names = check_weights(model_dir)
     saved_as = checked_section(model_dir, config)
@@ -70,20 +112,58 @@ def load(
         section = config["graphpatch"]
         check_config(model_dir, {**config, "model_type": section["model_type"]}, names)
         _check_aliases(model_dir, section["aliases"], names)
-        try:
-            return load_fused(model_dir, lazy)
-        except GraphpatchError:
-            raise
-        except Exception as e:
-            reason = printable(str(e).strip().splitlines()[0] if str(e) else repr(e))
-            raise LoadError(
-                f"{model_dir}: cannot open the saved model: {reason}"
-            ) from None
-    check_config(model_dir, config, names)
-    model, tokenizer, config = mlx_lm_load_checked(model_dir, lazy)
+        model, tokenizer, config = _fused(model_dir, lazy, model_config)
+    else:
+        check_config(model_dir, {**config, **(model_config or {})}, names)
+        model, tokenizer, config = _opened(model_dir, lazy, model_config)
+    if tokenizer_config is not None:  # as mlx_lm.load reads it
+        with quiet_transformers():
+            tokenizer = load_tokenizer(
+                model_dir, tokenizer_config, eos_token_ids=config.get("eos_token_id")
+            )
+    if adapter_path is not None:
+        model = _adapted(model, adapter_path)
     if saved_as == "plain":
-        reapply(model, model_dir, config, verify)
-    return model, tokenizer, config
+        reapply(model, model_dir, config, verify, adapter_path)
+    return (model, tokenizer, config) if return_config else (model, tokenizer)
+
+
+def _opened(model_dir: Path, lazy: bool, model_config: dict | None) -> tuple:
+    """mlx-lm's load of a directory with no fused save in it."""
+    if not model_config:
+        return mlx_lm_load_checked(model_dir, lazy)
+    try:  # loading's checked load takes no model_config: mlx-lm's own steps
+        model, config = load_model(model_dir, lazy, model_config=model_config)
+    except Exception as e:
+        raise LoadError(f"{model_dir}: mlx-lm could not load it ({_why(e)})") from None
+    return model, _tokenizer(model_dir, config), config
+
+
+def _fused(model_dir: Path, lazy: bool, model_config: dict | None) -> tuple:
+    try:
+        return load_fused(model_dir, lazy, model_config)
+    except GraphpatchError:
+        raise
+    except Exception as e:
+        raise LoadError(
+            f"{model_dir}: cannot open the saved model: {_why(e)}"
+        ) from None
+
+
+def _why(e: Exception) -> str:
+    return printable(str(e).strip().splitlines()[0] if str(e) else repr(e))
+
+
+def _adapted(model: nn.Module, adapter_path: str) -> nn.Module:
+    """The model with mlx-lm's adapters loaded, as ``mlx_lm.load`` does."""
+    try:
+        model = load_adapters(model, adapter_path)
+    except Exception as e:
+        raise LoadError(
+            f"{adapter_path}: cannot load the adapters ({_why(e)})"
+        ) from None
+    model.eval()
+    return model
 
 
 NO_SECTION = "a fused save's model_type, but no graphpatch section"
@@ -158,26 +238,37 @@ def _spec(name: str, options: dict) -> str:
     return ":".join([name, *(f"{k}={text(v)}" for k, v in options.items())])
 
 
-def reapply(model: nn.Module, model_dir: Path, config: dict, verify: str) -> None:
-    """Re-apply the passes a plain save recorded (``verify``: see ``verified``)."""
+def reapply(
+    model: nn.Module,
+    model_dir: Path,
+    config: dict,
+    verify: str,
+    adapter_path: str | None = None,
+) -> None:
+    """Re-apply the passes a plain save recorded (``verify``: see ``trust``)."""
     specs = recorded(model_dir, config)
     if specs:
-        report = trust.apply(model, specs, model_dir, verify)
+        report = trust.apply(model, specs, model_dir, verify, adapter_path=adapter_path)
         trust.settle(model, report)
 
 
-def load_fused(model_dir: str | Path, lazy: bool = False) -> tuple:
+def load_fused(
+    model_dir: str | Path, lazy: bool = False, model_config: dict | None = None
+) -> tuple:
     """Open a fused save straight into its patched structure.
 
     Returns:
         (model, tokenizer, config), config as the source model's.
     """
-    model, config = build_fused(model_dir, lazy)
+    model, config = build_fused(model_dir, lazy, model_config)
     return model, _tokenizer(Path(model_dir), config), config
 
 
-def build_fused(model_dir: str | Path, lazy: bool = False) -> tuple:
-    """A fused save's model and config, without its tokenizer."""
+def build_fused(
+    model_dir: str | Path, lazy: bool = False, model_config: dict | None = None
+) -> tuple:
+    """A fused save's model and config (``model_config`` over it, as mlx-lm
+    reads one), without its tokenizer."""
     model_dir = Path(model_dir)
     config = json.loads((model_dir / "config.json").read_text())
     if format_of(config) != "fused":
@@ -185,6 +276,7 @@ def build_fused(model_dir: str | Path, lazy: bool = False) -> tuple:
     recorded(model_dir, config)  # the section is checked before it is used
     saved = config.pop("graphpatch")
     config["model_type"] = saved["model_type"]
+    config.update(model_config or {})
     weights = read_arrays(model_dir, "")
     model_class, args_class = model_classes(config)
     model = model_class(args_class.from_dict(config))

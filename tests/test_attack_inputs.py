@@ -290,10 +290,10 @@ def test_a_missing_model_dir_is_an_error_not_a_tied_head(load_zoo, tmp_path):
 
 def test_save_records_the_options_the_model_carries(zoo_dir, tmp_path):
     model_dir = zoo_dir("llama")
-    model, _, _ = graphpatch.load(model_dir)
+    model, _ = graphpatch.load(model_dir)
     graphpatch.apply(model, "last_token:keep=4:short=5")
     out = graphpatch.save(model, model_dir, tmp_path / "saved")
-    loaded, _, _ = graphpatch.load(out)
+    loaded, _ = graphpatch.load(out)
 
     def prefill(tokens: list[int]) -> int:
         with last_token.prefill():  # a declared prefill into an empty cache
@@ -339,7 +339,7 @@ def saved_config_edits():
 @pytest.mark.parametrize("kind", saved_config_edits())
 def test_a_hand_edited_saved_config_is_one_line(zoo_dir, tmp_path, kind):
     model_dir = zoo_dir("llama")
-    model, _, _ = graphpatch.load(model_dir)
+    model, _ = graphpatch.load(model_dir)
     graphpatch.apply(model, "last_token:keep=4")
     save_format = "fused" if kind.startswith("fused") else "plain"
     out = graphpatch.save(model, model_dir, tmp_path / "saved", format=save_format)

@@ -310,14 +310,14 @@ def test_serve_starts_past_a_broken_record(model_dir):
 
 
 def test_a_cached_mismatch_keeps_the_passes_load_applied(model_dir, tmp_path):
-    model, _, _ = graphpatch.load(model_dir)
+    model, _ = graphpatch.load(model_dir)
     graphpatch.apply(model, ["fuse_qkv"])
     save = graphpatch.save(model, model_dir, tmp_path / "save")
     file = record_of(trust.apply(graphpatch.load(save)[0], "fuse_glu", save))
     record = json.loads(file.read_text())
     record["sites"]["fuse_glu"] = record["sites"]["fuse_glu"][:1]
     file.write_text(json.dumps(record))
-    model, _, _ = graphpatch.load(save)
+    model, _ = graphpatch.load(save)
     report = trust.apply(model, "fuse_glu", save, "cached")
     assert report.verified and len(report.rewritten()) == 2
     assert len(PASSES["fuse_qkv"].applied(model)) == 2

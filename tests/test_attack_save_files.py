@@ -98,7 +98,7 @@ def test_a_save_of_an_older_graphpatch_is_not_replaced(place):
 @pytest.fixture(scope="module")
 def one_save(tmp_path_factory, zoo_dir):
     model_dir = zoo_dir("llama")
-    model, _, _ = graphpatch.load(model_dir)
+    model, _ = graphpatch.load(model_dir)
     return graphpatch.save(model, model_dir, tmp_path_factory.mktemp("s") / "out")
 
 
@@ -161,7 +161,7 @@ import sys, time
 from pathlib import Path
 import graphpatch
 model_dir, out, barrier = sys.argv[1:4]
-model, _, _ = graphpatch.load(model_dir)
+model, _ = graphpatch.load(model_dir)
 def progress(line):
     if line.startswith("writing config.json"):  # both have checked OUT
         Path(barrier, str(__import__("os").getpid())).touch()
@@ -224,7 +224,7 @@ def test_room_counts_every_file_a_save_copies(place, small_fs):  # noqa: F811
 
 def fused_save(zoo_dir, tmp_path, name="llama") -> Path:
     model_dir = zoo_dir(name)
-    model, _, _ = graphpatch.load(model_dir)
+    model, _ = graphpatch.load(model_dir)
     graphpatch.apply(model, "fuse_glu", verify=False)
     return graphpatch.save(model, model_dir, tmp_path / "fused", format="fused")
 
@@ -311,21 +311,21 @@ def test_a_hand_edited_plain_section_is_refused(place, tmp_path):
 
 
 def untied_argmax(model_dir: Path) -> mx.array:
-    model, _, _ = graphpatch.load(model_dir)
+    model, _ = graphpatch.load(model_dir)
     graphpatch.apply(model, "untied_head", model_dir=str(model_dir))
     return mx.argmax(model(TOKENS), axis=-1)
 
 
 def test_a_tied_checkpoints_own_head_survives_a_plain_save(zoo_dir, tmp_path):
     source = zoo_dir("llama", head="negated")
-    model, _, _ = graphpatch.load(source)
+    model, _ = graphpatch.load(source)
     graphpatch.apply(model, "fuse_glu")
     out = graphpatch.save(model, source, tmp_path / "out")
     assert mx.array_equal(untied_argmax(out), untied_argmax(source))
 
 
 def test_a_model_of_another_directory_is_not_saved(zoo_dir, tmp_path):
-    model, _, _ = graphpatch.load(zoo_dir("llama"))
+    model, _ = graphpatch.load(zoo_dir("llama"))
     other = zoo_dir("llama", rope_theta=1_000_000.0)  # the same arrays
     with pytest.raises(SaveError, match="reopens to other logits"):
         graphpatch.save(model, other, tmp_path / "out")
@@ -333,7 +333,7 @@ def test_a_model_of_another_directory_is_not_saved(zoo_dir, tmp_path):
 
 
 def test_a_model_quantized_after_load_is_not_saved(zoo_dir, tmp_path):
-    model, _, _ = graphpatch.load(zoo_dir("llama"))
+    model, _ = graphpatch.load(zoo_dir("llama"))
     nn.quantize(model, group_size=64, bits=4)
     with pytest.raises(SaveError, match="would not reopen as this model"):
         graphpatch.save(model, zoo_dir("llama"), tmp_path / "out")
@@ -342,7 +342,7 @@ def test_a_model_quantized_after_load_is_not_saved(zoo_dir, tmp_path):
 
 def test_a_part_replaced_after_apply_is_not_saved_over(zoo_dir, tmp_path):
     model_dir = zoo_dir("llama")
-    model, _, _ = graphpatch.load(model_dir)
+    model, _ = graphpatch.load(model_dir)
     graphpatch.apply(model, "fuse_glu")
     mlp = model.model.layers[0].mlp
     mlp.up_proj = nn.Linear(128, 256, bias=False)

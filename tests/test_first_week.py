@@ -12,13 +12,19 @@ import subprocess
 import time
 from pathlib import Path
 
+import mlx.core as mx
 import mlx_lm
 import pytest
-from helpers import GRAPHPATCH, free_port, run, write_golden
+from helpers import GRAPHPATCH, TOKENS, free_port, run, write_golden
+from mlx.utils import tree_flatten
+from mlx_lm.tuner.lora import LoRALinear
+from mlx_lm.tuner.utils import linear_to_lora_layers
 
+import graphpatch
 from graphpatch import golden, trust
 from graphpatch.checks import NOT_A_DIRECTORY
 from graphpatch.cli import INTERRUPTED
+from graphpatch.parts import FusedPart
 from graphpatch.report import SCHEMA
 from graphpatch.trust import TRUSTING
 
@@ -148,3 +154,60 @@ def test_progress_says_a_record_is_trusted_not_site_by_site(zoo_dir, tmp_path):
         report = trust.apply(model, "fuse_glu", model_dir, "cached", said.append)
     assert report.record_used is not None and report.record_used.trusted
     assert said == [TRUSTING.format(file=report.record_used.path)]
+
+
+# graphpatch.load in mlx_lm.load's shapes
+
+
+def write_adapter(model_dir: Path, out: Path) -> Path:
+    """An adapter directory as mlx-lm's lora writes it, its deltas non-zero."""
+    model, _ = mlx_lm.load(str(model_dir))
+    model.freeze()
+    lora = {"rank": 4, "scale": 10.0, "dropout": 0.0}
+    linear_to_lora_layers(model, 2, lora)
+    trained = {}
+    for i, (name, array) in enumerate(tree_flatten(model.trainable_parameters())):
+        trained[name] = mx.random.normal(array.shape, key=mx.random.key(i)) * 0.05
+    out.mkdir()
+    mx.save_safetensors(str(out / "adapters.safetensors"), trained)
+    config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": lora}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out
+
+
+def test_load_returns_what_mlx_lm_load_returns(zoo_dir):
+    model_dir = str(zoo_dir("llama"))
+    loaded = graphpatch.load(model_dir)
+    assert len(loaded) == 2 and len(mlx_lm.load(model_dir)) == 2
+    model, tokenizer, config = graphpatch.load(model_dir, return_config=True)
+    assert config == mlx_lm.load(model_dir, return_config=True)[2]
+    assert tokenizer.encode("the quick") == loaded[1].encode("the quick")
+    lazy = graphpatch.load(model_dir, None, None, None, True)[0]  # mlx-lm's order
+    assert mx.array_equal(lazy(TOKENS), model(TOKENS))
+
+
+def test_load_takes_mlx_lm_loads_configs(zoo_dir):
+    model_dir = str(zoo_dir("llama"))
+    options = {
+        "model_config": {"rope_theta": 7.0},
+        "tokenizer_config": {"model_max_length": 7},
+    }
+    model, tokenizer = graphpatch.load(model_dir, **options)
+    reference, expected = mlx_lm.load(model_dir, **options)
+    assert model.args.rope_theta == reference.args.rope_theta == 7.0
+    assert mx.array_equal(model(TOKENS), reference(TOKENS))
+    assert tokenizer.model_max_length == expected.model_max_length == 7
+
+
+def test_load_takes_an_adapter_and_a_save_keeps_its_passes(zoo_dir, tmp_path):
+    source = zoo_dir("llama")
+    adapter = str(write_adapter(source, tmp_path / "adapter"))
+    save = tmp_path / "save"
+    assert run("apply", "--passes", "fuse_glu", source, "--save", save).exit_code == 0
+    reference = mlx_lm.load(str(source), adapter_path=adapter)[0]
+    model = graphpatch.load(save, adapter_path=adapter)[0]
+    gate = model.model.layers[0].mlp.gate_proj
+    assert isinstance(gate, LoRALinear) and isinstance(gate.linear, FusedPart)
+    assert mx.array_equal(model(TOKENS), reference(TOKENS))
+    with pytest.raises(graphpatch.LoadError, match="cannot load the adapters"):
+        graphpatch.load(source, adapter_path=str(tmp_path / "nowhere"))

@@ -64,7 +64,7 @@ def test_save_and_load_give_the_patched_logits(gemma, patched, tmp_path):
     bit, every position."""
     model = patched[0]
     out = graphpatch.save(model, gemma, tmp_path / "saved")
-    loaded, _, _ = graphpatch.load(out, verify="never")
+    loaded, _ = graphpatch.load(out, verify="never")
     applied = {name: len(graphpatch.PASSES[name].applied(loaded)) for name in SITES}
     assert applied == SITES
     tokens = mx.array([[2, 818, 5279, 529, 7001, 563]])

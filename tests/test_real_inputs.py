@@ -28,7 +28,7 @@ PASSES = "untied_head,fuse_glu,last_token"
 )
 def test_every_pass_on_checkpoints_that_mix_dtypes(zoo_dir, name, build):
     model_dir = zoo_dir(name, **build)
-    model, _, _ = graphpatch.load(model_dir)
+    model, _ = graphpatch.load(model_dir)
     reference = model(TOKENS)
     report = graphpatch.apply(model, PASSES, model_dir=str(model_dir))
     assert len(report.rewritten()) >= 3

@@ -36,10 +36,10 @@ def test_round_trip_gives_the_patched_logits(
     zoo_dir, tmp_path, name, build, passes, save_format
 ):
     model_dir = zoo_dir(name, **build)
-    model, _, _ = graphpatch.load(model_dir)
+    model, _ = graphpatch.load(model_dir)
     graphpatch.apply(model, passes, model_dir=str(model_dir))
     out = graphpatch.save(model, model_dir, tmp_path / "saved", format=save_format)
-    loaded, tokenizer, config = graphpatch.load(out)
+    loaded, tokenizer, config = graphpatch.load(out, return_config=True)
     if save_format == "fused" or "untied_head" not in passes:
         assert applied(loaded) == applied(model)
     assert mx.array_equal(loaded(TOKENS), model(TOKENS))
@@ -58,7 +58,7 @@ def test_mlx_lm_opens_a_plain_save_as_a_normal_model(
     zoo_dir, tmp_path, name, build, passes
 ):
     model_dir = zoo_dir(name, **build)
-    model, _, _ = graphpatch.load(model_dir)
+    model, _ = graphpatch.load(model_dir)
     graphpatch.apply(model, passes, model_dir=str(model_dir))
     out = graphpatch.save(model, model_dir, tmp_path / "saved")
     plain, _ = mlx_lm.load(str(out))
@@ -73,7 +73,7 @@ def test_mlx_lm_opens_a_plain_save_as_a_normal_model(
 
 def test_an_untied_head_is_saved_as_lm_head_and_untied_in_config(zoo_dir, tmp_path):
     model_dir = zoo_dir("llama", head="negated")
-    model, _, _ = graphpatch.load(model_dir)
+    model, _ = graphpatch.load(model_dir)
     graphpatch.apply(model, "untied_head", model_dir=str(model_dir))
     out = graphpatch.save(model, model_dir, tmp_path / "saved")
     config = json.loads((out / "config.json").read_text())
@@ -86,7 +86,7 @@ def test_an_untied_head_is_saved_as_lm_head_and_untied_in_config(zoo_dir, tmp_pa
 
 def test_a_plain_save_holds_the_sources_arrays_bit_for_bit(zoo_dir, tmp_path):
     model_dir = zoo_dir("qwen3_moe", quant="affine4")
-    model, _, _ = graphpatch.load(model_dir)
+    model, _ = graphpatch.load(model_dir)
     graphpatch.apply(model, "fuse_glu,last_token")
     out = graphpatch.save(model, model_dir, tmp_path / "saved")
     source = mx.load(str(model_dir / "model.safetensors"))
@@ -99,7 +99,7 @@ def test_a_plain_save_holds_the_sources_arrays_bit_for_bit(zoo_dir, tmp_path):
 
 def test_a_tied_head_is_saved_once_and_stays_tied(zoo_dir, tmp_path):
     model_dir = zoo_dir("qwen2", quant="affine4")
-    model, _, _ = graphpatch.load(model_dir)
+    model, _ = graphpatch.load(model_dir)
     graphpatch.apply(model, "last_token")
     out = graphpatch.save(model, model_dir, tmp_path / "saved", format="fused")
     saved = json.loads((out / "config.json").read_text())["graphpatch"]
@@ -107,7 +107,7 @@ def test_a_tied_head_is_saved_once_and_stays_tied(zoo_dir, tmp_path):
         f"model.embed_tokens.lm_head.{k}": f"model.embed_tokens.{k}"
         for k in ("biases", "scales", "weight")
     }
-    loaded, _, _ = graphpatch.load(out)
+    loaded, _ = graphpatch.load(out)
     embedding = loaded.model.embed_tokens
     assert embedding.lm_head.weight is embedding.weight
     size = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
@@ -119,7 +119,7 @@ def test_a_tied_head_is_saved_once_and_stays_tied(zoo_dir, tmp_path):
 )
 def test_sharded_save_writes_an_index(zoo_dir, tmp_path, save_format, name):
     model_dir = zoo_dir("qwen3_moe")
-    model, _, _ = graphpatch.load(model_dir)
+    model, _ = graphpatch.load(model_dir)
     graphpatch.apply(model, "fuse_glu")
     out = graphpatch.save(
         model, model_dir, tmp_path / "s", max_shard_bytes=200_000, format=save_format
@@ -184,7 +184,7 @@ def test_graphpatch_run_re_applies_the_passes_a_plain_save_recorded(zoo_dir, tmp
 
 def test_an_interrupted_save_leaves_nothing(zoo_dir, tmp_path):
     model_dir = zoo_dir("qwen3_moe")
-    model, _, _ = graphpatch.load(model_dir)
+    model, _ = graphpatch.load(model_dir)
     lines = []
 
     def interrupt(line):
@@ -199,7 +199,7 @@ def test_an_interrupted_save_leaves_nothing(zoo_dir, tmp_path):
 
 def test_saving_an_elided_or_saved_model_is_refused(zoo_dir, tmp_path):
     model_dir = zoo_dir("llama")
-    model, _, _ = graphpatch.load(model_dir)
+    model, _ = graphpatch.load(model_dir)
     out = graphpatch.save(model, model_dir, tmp_path / "a", format="fused")
     with pytest.raises(SaveError, match="already a saved patched model"):
         graphpatch.save(graphpatch.load(out)[0], out, tmp_path / "b")
@@ -207,7 +207,7 @@ def test_saving_an_elided_or_saved_model_is_refused(zoo_dir, tmp_path):
 
 def test_loading_takes_no_more_memory_than_mlx_lm(zoo_dir, tmp_path):
     model_dir = zoo_dir("llama", hidden_size=256, intermediate_size=2048)
-    model, _, _ = graphpatch.load(model_dir)
+    model, _ = graphpatch.load(model_dir)
     graphpatch.apply(model, "fuse_glu,last_token")
     out = graphpatch.save(model, model_dir, tmp_path / "saved", format="fused")
     plain = graphpatch.save(model, model_dir, tmp_path / "plain")

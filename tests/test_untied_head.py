@@ -34,7 +34,7 @@ def apply_untied(model, model_dir):
 @pytest.mark.parametrize("quant", [None, "affine4", "mxfp4"])
 def test_tied_head_shares_the_embedding_arrays(zoo_dir, quant):
     model_dir = zoo_dir("qwen2", quant=quant)
-    model, _, _ = load(model_dir)
+    model, _ = load(model_dir)
     reference = model(TOKENS)
     mx.eval(reference)
     before = mx.get_active_memory()
@@ -73,8 +73,8 @@ def test_without_a_model_dir_the_report_says_the_checkpoint_was_not_read(load_zo
 def test_checkpoint_head_equal_to_the_embedding_gives_the_tied_logits(zoo_dir, build):
     tied_dir = zoo_dir("llama", **build)
     same_dir = zoo_dir("llama", head="same", **build)
-    tied, _, _ = load(tied_dir)
-    model, _, _ = load(same_dir)
+    tied, _ = load(tied_dir)
+    model, _ = load(same_dir)
     report = apply_untied(model, same_dir)
     (site,) = report.rewritten()
     assert (site.kind, site.note) == ("tied", untied_head.SAME_AS_EMBEDDING)
@@ -108,7 +108,8 @@ def dequantize(packed, scales, biases, group_size, bits, mode="affine"):
 @pytest.mark.parametrize("build", CHECKPOINTS)
 def test_negated_checkpoint_head_is_the_one_consulted(zoo_dir, build):
     model_dir = zoo_dir("llama", head="negated", **build)
-    model, _, config = load(model_dir)  # mlx-lm drops lm_head.* (tied config)
+    # mlx-lm drops lm_head.* (tied config)
+    model, _, config = load(model_dir, return_config=True)
     tied = model(TOKENS)
     report = apply_untied(model, model_dir)
     (site,) = report.rewritten()
@@ -125,7 +126,7 @@ def test_negated_checkpoint_head_is_the_one_consulted(zoo_dir, build):
 
 def test_config_without_tie_word_embeddings_follows_the_checkpoint(zoo_dir):
     model_dir = zoo_dir("llama", head="negated", tie_word_embeddings=None)
-    model, _, config = load(model_dir)
+    model, _, config = load(model_dir, return_config=True)
     (site,) = apply_untied(model, model_dir).rewritten()
     assert "config has no tie_word_embeddings" in site.note
     expected = numpy_logits(model, model_dir, config)
@@ -134,7 +135,7 @@ def test_config_without_tie_word_embeddings_follows_the_checkpoint(zoo_dir):
 
 def test_a_top_level_head_is_already_explicit_and_consulted(zoo_dir):
     model_dir = zoo_dir("llama_untied", quant="affine4")
-    model, _, config = load(model_dir)
+    model, _, config = load(model_dir, return_config=True)
     (site,) = apply_untied(model, model_dir).skipped()
     assert site.reason == untied_head.ALREADY_EXPLICIT.format(cls="QuantizedLinear")
     expected = numpy_logits(model, model_dir, config)
@@ -143,7 +144,7 @@ def test_a_top_level_head_is_already_explicit_and_consulted(zoo_dir):
 
 def test_idempotent_and_reverted_bit_for_bit(zoo_dir):
     model_dir = zoo_dir("llama", head="negated", quant="affine4")
-    model, _, _ = load(model_dir)
+    model, _ = load(model_dir)
     before = snapshot(model)
     apply_untied(model, model_dir)
     (again,) = apply_untied(model, model_dir).skipped()
@@ -192,7 +193,7 @@ def test_a_bad_checkpoint_head_is_one_error_and_the_model_untouched(
     zoo_dir, tmp_path, edit, shards, message
 ):
     good_dir = zoo_dir("llama", head="negated", shards=shards)
-    model, _, _ = load(good_dir)
+    model, _ = load(good_dir)
     before = snapshot(model)
     with pytest.raises(GraphpatchError, match=re.escape(message)):
         apply_untied(model, broken(good_dir, tmp_path, edit))

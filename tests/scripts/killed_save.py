@@ -11,7 +11,7 @@ import sys
 import graphpatch
 
 model_dir, out, step = sys.argv[1:4]
-model, _, _ = graphpatch.load(model_dir)
+model, _ = graphpatch.load(model_dir)
 graphpatch.apply(model, "fuse_glu", verify=False)
 
 
