@@ -7,9 +7,11 @@ fused by graphpatch in interleaved rounds (medians), eager and under
 mlx backend; say which device a figure came from.
 
     python benchmarks/fuse_glu.py [--quick] [--kinds dense,moe] [--rounds N]
+        [--dense '{"hidden": 2048, "intermediate": 8192}'] [--moe '{...}']
 """
 
 import argparse
+import json
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -127,6 +129,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller widths, fewer")
     parser.add_argument("--kinds", default="dense,moe", help="dense, moe or both")
     parser.add_argument("--rounds", type=int, help="default: 3 quick, 7 full")
+    parser.add_argument("--dense", type=json.loads, help="dense widths, as JSON")
+    parser.add_argument("--moe", type=json.loads, help="MoE widths, as JSON")
     args = parser.parse_args()
     rounds = args.rounds or (3 if args.quick else 7)
     dense = {"hidden": 2048, "intermediate": 8192}
@@ -134,6 +138,7 @@ def main() -> None:
     if args.quick:
         dense = {"hidden": 1024, "intermediate": 4096}
         moe = {**moe, "hidden": 1024, "intermediate": 384}
+    dense, moe = {**dense, **(args.dense or {})}, {**moe, **(args.moe or {})}
     shapes = {"decode": (1, 1), "decode B=4": (4, 1), "decode B=8": (8, 1)}
     shapes["prefill S=256"] = (1, 256)
     print(f"device: {mx.default_device()}, mlx {mx.__version__}")

@@ -11,9 +11,11 @@ first token), which never evaluates the head on prompt chunks: there the pass
 should change nothing, and the numbers say so.
 
     python benchmarks/last_token.py [--lengths 128,512,2048] [--layers N]
+        [--config '{"hidden_size": 64, ...}']  (other widths than Qwen2.5-0.5B's)
 """
 
 import argparse
+import json
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -38,8 +40,8 @@ QWEN25_05B = {
 }
 
 
-def make_model(layers: int) -> nn.Module:
-    config = zoo.config_for("qwen2", **QWEN25_05B, num_hidden_layers=layers)
+def make_model(layers: int, widths: dict) -> nn.Module:
+    config = zoo.config_for("qwen2", **widths, num_hidden_layers=layers)
     model = zoo.make_model(config)
     nn.quantize(model, group_size=64, bits=4)
     mx.eval(model.parameters())
@@ -80,9 +82,12 @@ def main() -> None:
     parser.add_argument("--lengths", default="128,512,2048", help="prompt lengths S")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--config", type=json.loads, help="widths over Qwen2.5's")
     args = parser.parse_args()
-    full = make_model(args.layers)
-    last = make_model(args.layers)
+    widths = {**QWEN25_05B, **(args.config or {})}
+    vocab = widths["vocab_size"]
+    full = make_model(args.layers, widths)
+    last = make_model(args.layers, widths)
     last.update(full.parameters())  # the same arrays: no second copy
     report = graphpatch.apply(last, ["last_token"])
     assert report.rewritten("last_token"), report.skipped()
@@ -95,7 +100,7 @@ def main() -> None:
     )
     lengths = [int(n) for n in args.lengths.split(",")]
     for S in lengths:
-        tokens = mx.random.randint(0, 151936, (1, S), key=mx.random.key(S))
+        tokens = mx.random.randint(0, vocab, (1, S), key=mx.random.key(S))
         variants = forwards(full, last, tokens)
         t = interleaved_times(variants, rounds=args.rounds, target=0.2)
         peaks = [peak_above(weights, variants[k]) for k in ("all", "last")]
@@ -109,7 +114,7 @@ def main() -> None:
         "mlx-lm generate_step prefill to the first token (head on chunks unevaluated):"
     )
     for S in lengths:
-        prompt = mx.random.randint(0, 151936, (S,), key=mx.random.key(S))
+        prompt = mx.random.randint(0, vocab, (S,), key=mx.random.key(S))
         t = interleaved_times(
             prefills(full, last, prompt),
             rounds=args.rounds,
