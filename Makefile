@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo/qwen3_moe
 
-.PHONY: install test lint demo bench golden coverage clean
+.PHONY: install test test-fast lint demo bench golden coverage clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -22,6 +22,15 @@ lint: install
 
 test: lint
 	$(VENV)/bin/pytest -q
+
+# The inner loop, under 2 minutes on 2 cores: lint, then every pass over the
+# registry (test_every_pass), the contract, the manager, the quicker passes'
+# own tests, save/load, golden and the CLI's errors. CI runs make test.
+FAST_TESTS := $(addprefix tests/test_,$(addsuffix .py,every_pass contract \
+	manager real_inputs report_verify untied_head fuse_qkv last_token \
+	save_load golden cli user_pass))
+test-fast: lint
+	$(VENV)/bin/pytest -q $(FAST_TESTS)
 
 demo: install
 	$(PY) -m graphpatch.testing.zoo qwen3_moe $(DEMO_DIR)
