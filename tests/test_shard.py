@@ -43,7 +43,7 @@ def two_ranks(zoo_dir):
         "quantized": (zoo_dir("llama", quant="affine4"), "shard", "mlx-lm"),
         "kv1": (zoo_dir("llama", num_key_value_heads=1), "shard", "fuse"),
         "bf16": (zoo_dir("qwen3", dtype="bfloat16"), "shard"),
-        "moe": (zoo_dir("qwen3_moe"), "shard", "revert"),
+        "moe": (zoo_dir("qwen3_moe"), "shard", "revert", "fuse", "save"),
         "moe_only": (zoo_dir("qwen3_moe"), "shard:moe_only"),
         "biases": (zoo_dir("starcoder2"), "shard"),
         "mla": (zoo_dir("deepseek_v3", quant="affine4"), "shard", "mlx-lm"),
@@ -103,9 +103,18 @@ def test_revert_and_fusion_on_sharded_models(two_ranks):
     for name in ("float", "moe"):
         for r in two_ranks[name]:
             assert r["revert_exact"] and r["revert_bytes"] == r["bytes"][0]
-            assert r["reverted"] == len(r["rewritten"])
-    for r in two_ranks["kv1"]:  # fusion joins this rank's shards, bit for bit
-        assert r["fused"] == 4 and r["fused_error"] == 0.0
+            # moe's fuse_glu, fuse_qkv and head passes are reverted too
+            assert r["reverted"] >= len(r["rewritten"]) + 4 * (name == "moe")
+    # fusion joins this rank's shards (dense and experts), bit for bit; the
+    # head passes wrap the replicated head
+    for name in ("kv1", "moe"):
+        for r in two_ranks[name]:
+            assert r["fused"] >= 5 and r["fused_error"] == 0.0, name
+
+
+def test_a_sharded_model_is_not_saved(two_ranks):
+    for r in two_ranks["moe"]:
+        assert r["save"] == shard.SAVE_REFUSED
 
 
 def test_three_ranks_skip_what_does_not_divide(zoo_dir):

@@ -4,13 +4,16 @@ argv: CASE..., each ``MODEL_DIR,SPEC[,flag...]``; flags: ``mlx-lm`` also
 shards a copy with mlx-lm's own ``model.shard(group)``; ``lazy`` loads lazily
 and applies unverified, then evaluates one array at a time, measuring the
 peak against mlx-lm's sharded_load (shard, then one eval of everything);
-``revert`` reverts after and compares bit for bit; ``fuse`` applies fuse_glu
-and fuse_qkv after shard and compares with the sharded-unfused logits. Prints
+``revert`` reverts after and compares bit for bit; ``fuse`` applies fuse_glu,
+fuse_qkv and last_token after shard and compares with the sharded-unfused
+logits; ``save`` tries to save the sharded model. Prints
 one JSON line per case. ``A|B`` as MODEL_DIR: rank 0 loads A, rank 1 B.
 """
 
 import json
 import sys
+import tempfile
+from pathlib import Path
 
 import mlx.core as mx
 import mlx_lm
@@ -43,7 +46,14 @@ def case(path: str, spec: str, flags: list[str], group) -> dict:
     try:
         report = graphpatch.apply(model, [spec], verify=not lazy)
     except graphpatch.GraphpatchError as e:
-        return {"rank": group.rank(), "error": str(e)}
+        checks = getattr(getattr(e, "report", None), "checks", [])
+        sites = getattr(getattr(e, "report", None), "sites", [])
+        return {
+            "rank": group.rank(),
+            "error": str(e),
+            "checks": [[c.max_error, c.tolerance, c.top1] for c in checks],
+            "sites": [[s.path, s.max_error, s.tolerance] for s in sites],
+        }
     materialize(model)
     peak = mx.get_peak_memory() - base
     reference, _ = mlx_lm.load(path)
@@ -58,12 +68,21 @@ def case(path: str, spec: str, flags: list[str], group) -> dict:
         "verified": all(s.verified for s in report.rewritten()),
         "max_error": cmp.max_error,
         "ok": cmp.ok,
+        "top1": cmp.top1,
+        "scale": mx.abs(expected).max().item(),
+        "dtypes": sorted({s.dtype for s in report.rewritten() if s.dtype}),
         "bytes": [nbytes(reference), nbytes(model)],
         "sites": [[s.bytes_before, s.bytes_after] for s in report.rewritten()],
         "peak": peak,
     }
+    if "save" in flags:
+        with tempfile.TemporaryDirectory() as out:
+            try:
+                graphpatch.save(model, path, Path(out) / "saved")
+            except graphpatch.SaveError as e:
+                result["save"] = str(e)
     if "fuse" in flags:
-        fused = graphpatch.apply(model, ["fuse_glu", "fuse_qkv"])
+        fused = graphpatch.apply(model, ["fuse_glu", "fuse_qkv", "last_token"])
         result["fused"] = len(fused.rewritten())
         result["fused_error"] = mx.abs(logits(model) - got).max().item()
     if "revert" in flags:

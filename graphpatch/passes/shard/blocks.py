@@ -55,6 +55,11 @@ NORM_OVER_UNITS = "{name} normalizes the whole {width}-wide hidden layer"
 UNKNOWN_PART = "{name} ({cls}, {out} outputs) is neither a projection nor per head"
 UNKNOWN_ARRAY = "its array {name} of shape {shape} is not per head"
 FUSED_WIDTH = "{name}'s {rows} rows are not {q} q + 2 x {kv} kv heads of one width"
+RECURRENT = (
+    "a recurrent block ({cls}: a convolution and a state over its channels): "
+    "the pass does not know its segments; kept whole on every rank"
+)
+MOE_SHARDED = "already sharded (its sharding_group is set: the model's own shard())"
 NOT_PER_HEAD = "{name}: {what} {size} not divisible by its {heads} heads"
 PARTS_DIFFER = "{a} and {b} have {x} and {y} outputs"
 
@@ -83,9 +88,12 @@ class Plan:
 
 
 def kind_of(module: nn.Module) -> str | None:
-    """``attention``, ``mlp`` or ``moe`` for a block the pass shards."""
+    """``attention``, ``mlp`` or ``moe`` for a block the pass shards;
+    ``recurrent`` for one it finds and keeps whole."""
     if experts_in(module):
         return "moe"
+    if isinstance(module.get("conv1d"), nn.Conv1d) and out_name(module):
+        return "recurrent"
     if out_name(module) and (
         all(isinstance(module.get(k), nn.Module) for k in QKV)
         or fused_name(module)
@@ -158,6 +166,8 @@ def experts_in(module: nn.Module) -> str | None:
 
 def plan(module: nn.Module, kind: str, n: int) -> Plan | str:
     """The block's plan over ``n`` ranks, or the reason it has none."""
+    if kind == "recurrent":
+        return RECURRENT.format(cls=type(module).__name__)
     return {"attention": _attention, "mlp": _mlp, "moe": _moe}[kind](module, n)
 
 
@@ -314,6 +324,8 @@ def _mlp(module: nn.Module, n: int, own: bool = True, prefix: str = "") -> Plan 
 
 
 def _moe(module: nn.Module, n: int) -> Plan | str:
+    if getattr(module, "sharding_group", None) is not None:
+        return MOE_SHARDED
     experts = found(experts_in(module))
     p = _mlp(module[experts], n, own=False, prefix=experts + ".")
     if isinstance(p, str):

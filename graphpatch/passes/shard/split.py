@@ -39,6 +39,7 @@ GROUP_CUT = (
 )
 NOT_DIVISIBLE = "{name}: {what} {size} not divisible by {n} ranks"
 NOT_A_LAYER = "{name} is a {cls}, not a layer the pass can split"
+ALREADY_SHARDED = "{name} is already sharded ({cls}: the model's own shard())"
 
 
 def is_quantized(layer: nn.Module) -> bool:
@@ -63,6 +64,8 @@ def even(size: int, n: int) -> list[Ranges]:
 
 def why_not_split(name: str, layer: nn.Module, axis: str, n: int) -> str | None:
     """Why ``layer`` cannot be split evenly on ``axis`` (rows or cols)."""
+    if type(layer) in PLAIN:
+        return ALREADY_SHARDED.format(name=name, cls=type(layer).__name__)
     if type(layer) not in LAYERS:
         return NOT_A_LAYER.format(name=name, cls=type(layer).__name__)
     size = out_dims(layer) if axis == "rows" else in_dims(layer)
