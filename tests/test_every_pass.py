@@ -6,6 +6,7 @@ pass's constants, and the pass is in ``graphpatch list`` and docs/PASSES.md.
 A pass gets all of this by registering; none is named here but in
 ``NEEDS_RANKS``."""
 
+import gc
 import re
 import string
 import sys
@@ -32,6 +33,7 @@ NEEDS_RANKS = {
     "elide_head": "elides the head of pipeline ranks other than 0",
 }
 ALREADY_APPLIED = "already applied"
+SLACK = 4096  # bytes an unevaluated apply may allocate: below any site's arrays
 PASSES_MD = Path(__file__).parents[1] / "docs" / "PASSES.md"
 NAMES = list(PASSES)
 
@@ -93,13 +95,14 @@ def test_a_save_reopens_to_the_patched_logits(model_dir, tmp_path, name, save_fo
 
 @pytest.mark.parametrize("name", NAMES)
 def test_an_unverified_apply_leaves_a_lazy_model_unevaluated(model_dir, name):
+    gc.collect()  # no earlier test's arrays freed while this one measures
     mx.clear_cache()
     base = mx.get_active_memory()
     model, _ = mlx_lm.load(str(model_dir), lazy=True)
     mx.reset_peak_memory()
     report = graphpatch.apply(model, [name], verify=False, model_dir=str(model_dir))
-    assert mx.get_active_memory() - base < 64 * 1024
-    assert mx.get_peak_memory() - base < 64 * 1024
+    assert mx.get_active_memory() - base < SLACK
+    assert mx.get_peak_memory() - base < SLACK
     assert report.checks == [] and not any(s.verified for s in report.sites)
 
 
