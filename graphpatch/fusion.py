@@ -32,7 +32,14 @@ from graphpatch.contract import (
     unmark,
     walk,
 )
-from graphpatch.parts import ADAPTERS, FusedCall, FusedPart, Joined, any_thread
+from graphpatch.parts import (
+    ADAPTERS,
+    FusedCall,
+    FusedPart,
+    Joined,
+    Pinned,
+    any_thread,
+)
 from graphpatch.timing import interleaved_ratio
 
 NOT_A_LAYER = "{name} is a {cls}, not a linear layer that can be concatenated"
@@ -171,7 +178,9 @@ def fuse(
     where each of ``names`` stood; the old layers are released."""
     sizes = [layer_of(module, name).weight.shape[-2] for name in names]
     call = FusedCall(module, fused, sizes)
-    replace_at(module, fused, mark(layer, Joined))
+    joined = mark(layer, Joined)
+    joined._no_grad = Pinned(joined._no_grad, fused)  # training it is refused
+    replace_at(module, fused, joined)
     for index, name in enumerate(names):
         replace_at(module, _place(module, name), FusedPart(call, index))
 

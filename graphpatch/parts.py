@@ -6,10 +6,13 @@ and the stream they are built on.
 import functools
 import threading
 import weakref
+from collections.abc import Iterable
 
 import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.tuner.lora import LoRALinear, LoRASwitchLinear
+
+from graphpatch.contract import GraphpatchError
 
 # Adapters whose __call__ runs their base, self.linear(x), on the very input
 # they were given and add a delta of their own (DoRA's reads the base's
@@ -139,6 +142,49 @@ class FusedPart(nn.Module):
             adapter = LoRALinear(in_dims, out_dims, r, dropout, scale)
         adapter.linear = self
         return adapter
+
+
+TRAINING_REFUSED = (
+    "training {fused} (graphpatch's joined layer) is refused: mlx-lm's full "
+    "fine-tune and DWQ would save its arrays under a name an unpatched model "
+    "does not load; train the unpatched model, or LoRA adapters (each part "
+    "gets the adapter the unpatched projection would)"
+)
+
+
+class TrainingRefused(GraphpatchError):
+    """Something began to train a joined layer."""
+
+
+class Pinned(set[str]):
+    """A joined layer's frozen parameter names. Unfreezing any of them (what
+    mlx-lm's full fine-tune and DWQ do, at their start) is refused: their
+    arrays would be trained and saved under the fused name, which no
+    unpatched model loads, and mlx-lm loads such a file without a word
+    (``strict=False``). Freezing, and reading, are as a set's."""
+
+    def __init__(self, names: set[str], fused: str):
+        super().__init__(names)
+        self.fused = fused
+
+    def _refuse(self, names: set[str]) -> None:
+        if names & self:
+            raise TrainingRefused(TRAINING_REFUSED.format(fused=self.fused))
+
+    def clear(self) -> None:
+        self._refuse(set(self))
+
+    def difference_update(self, *others: Iterable[object]) -> None:
+        names = [list(names) for names in others]  # iterators are read once
+        self._refuse({str(name) for some in names for name in some})
+        super().difference_update(*names)
+
+    def discard(self, name: object) -> None:
+        self._refuse({str(name)})
+
+    def remove(self, name: object) -> None:
+        self._refuse({str(name)})
+        super().remove(str(name))
 
 
 class Joined:

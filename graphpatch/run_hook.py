@@ -36,15 +36,37 @@ CANNOT_PATCH = "graphpatch could not patch"
 REPORT_NOT_WRITTEN = "GRAPHPATCH_REPORT: could not write the report to"
 NO_READER = "a FIFO no process reads; the report is here instead"
 NOT_EXECUTABLE = "not executable (chmod +x it, or name its interpreter first)"
+DORA = (
+    "DoRA cannot wrap graphpatch's fused parts (mlx-lm: {error}): train DoRA "
+    "on the unpatched model, or LoRA on the patched one"
+)
 _state = threading.local()  # loader nesting depth: patch once, outermost
 
 
 def install() -> None:
     """Wrap mlx-lm's loaders now, or as soon as ``mlx_lm.utils`` is imported."""
+    _one_line_errors()
     if "mlx_lm.utils" in sys.modules:
         _wrap_loaders(sys.modules["mlx_lm.utils"])
     else:
         sys.meta_path.insert(0, _AfterImport())
+
+
+def _one_line_errors() -> None:
+    """A refusal graphpatch raises while the program runs (training a joined
+    layer) ends it as graphpatch's commands end: one line, exit 2. So does
+    mlx-lm's refusal to wrap a fused part in DoRA, at the start of training."""
+    previous = sys.excepthook
+
+    def hook(kind, error, traceback) -> None:
+        contract = sys.modules.get("graphpatch.contract")  # none: not graphpatch's
+        if contract and isinstance(error, contract.GraphpatchError):
+            _die(str(error), 2)
+        if contract and isinstance(error, ValueError) and "FusedPart" in str(error):
+            _die(DORA.format(error=error), 2)
+        previous(kind, error, traceback)
+
+    sys.excepthook = hook
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
