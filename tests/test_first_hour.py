@@ -11,6 +11,7 @@ import pytest
 from helpers import GRAPHPATCH
 
 from graphpatch import PASSES
+from graphpatch.report import SCHEMA
 
 KEYS = {"schema", "graphpatch", "model", "rank", "passes", "sites", "checks"}
 
@@ -44,7 +45,9 @@ def test_list_shows_every_env_name_whole_and_as_json():
     for p in PASSES.values():
         assert p.env in listed.stdout
     data = json.loads(graphpatch("list", "--json").stdout)
-    assert data["schema"] == 1 and [p["name"] for p in data["passes"]] == list(PASSES)
+    assert data["schema"] == SCHEMA and [p["name"] for p in data["passes"]] == list(
+        PASSES
+    )
     assert data["passes"][0]["env"] == "GRAPHPATCH_UNTIED_HEAD"
 
 
@@ -72,7 +75,7 @@ def test_json_has_one_shape_for_apply_and_the_run_report_file(zoo_dir, tmp_path)
     logged = json.loads(report_file.read_text().splitlines()[0])
     assert KEYS <= applied.keys() and applied.keys() == logged.keys()
     assert applied["model"] == logged["model"] == model_dir
-    assert applied["graphpatch"] == logged["graphpatch"] and applied["schema"] == 1
+    assert applied["graphpatch"] == logged["graphpatch"] and applied["schema"] == SCHEMA
 
 
 @pytest.mark.parametrize(
@@ -94,7 +97,7 @@ def test_errors_are_json_with_json_and_one_line_without(zoo_dir, args, code, say
     assert result.returncode == code
     error = json.loads(result.stdout)
     assert says in error["error"] and error["exit_code"] == code
-    assert error["schema"] == 1
+    assert error["schema"] == SCHEMA
     plain = graphpatch(*[a for a in args if a != "--json"])
     assert plain.returncode == code and plain.stdout == ""
     assert plain.stderr.count("\n") == 1 and plain.stderr.startswith("error: ")

@@ -125,19 +125,7 @@ def interrupted_serve(model_dir: Path, when: str) -> subprocess.CompletedProcess
     return subprocess.CompletedProcess(command, process.returncode, "", stderr)
 
 
-EAGER_PACKAGE = (
-    "graphpatch/__init__.py imports mlx and mlx-lm before graphpatch.cli can "
-    "catch Ctrl-C: it needs to import them lazily"
-)
-
-
-@pytest.mark.parametrize(
-    "when",
-    [
-        pytest.param("importing", marks=pytest.mark.xfail(reason=EAGER_PACKAGE)),
-        "listening",
-    ],
-)
+@pytest.mark.parametrize("when", ["importing", "listening"])
 def test_ctrl_c_is_one_line_and_exit_130(zoo_dir, when):
     done = interrupted_serve(zoo_dir("llama"), when)
     assert done.returncode == 130, done.stderr

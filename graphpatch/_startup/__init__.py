@@ -1,0 +1,1 @@
+"""graphpatch run puts this folder on the child's PYTHONPATH, for its sitecustomize."""
