@@ -9,7 +9,7 @@ regenerates the whole table (about two minutes on 2 cores).
 import importlib.util
 from pathlib import Path
 
-from test_cli import run
+from helpers import run
 
 from graphpatch.testing import coverage
 
