@@ -1,6 +1,9 @@
 """shard: tensor parallelism over the process's world group, by structure.
 
-Rewrite:       attention: q, k, v (or a fused qkv, by its q/k/v segments)
+Rewrite:       attention: q, k, v (or a fused qkv: by its q/k/v segments,
+               or by whole heads where q, k and v of a head lie together,
+               whichever the block's ranks, summed in this process, fit;
+               unverified, that one block runs on a synthetic input)
                -> mlx's all-to-sharded layers holding this rank's heads, and
                its output projection -> sharded-to-all (one all_sum, its bias
                added once); the head counts the block's __call__ reads become
@@ -58,7 +61,8 @@ from graphpatch.contract import (
     walk,
 )
 from graphpatch.passes.shard import probes
-from graphpatch.passes.shard.blocks import Plan, find_blocks, local, plan
+from graphpatch.passes.shard.alone import best
+from graphpatch.passes.shard.blocks import Plan, find_blocks, layouts, local, plan
 from graphpatch.passes.shard.split import Group, Ranges, gathered
 
 ALREADY_APPLIED = "already applied"
@@ -68,6 +72,7 @@ OTHER_MODEL = (
     "the {n} ranks hold different models (rank {rank} found {blocks} blocks): "
     "every rank must load the same one"
 )
+FUSED_LAYOUT = "neither layout of its fused qkv (segments, whole heads) fits: {reason}"
 SAVE_REFUSED = (
     "a sharded model holds one rank's part of each block: save the unsharded "
     "model and apply shard when each rank loads it"
@@ -121,11 +126,24 @@ def find(model: nn.Module, options: Options, context: Context) -> list[Site]:
             site.skip = GROUP_OF_ONE
         elif pipelined:
             site.skip = PIPELINED
+        elif len(layouts(module, kind)) > 1:
+            site.skip = _pick_layout(module, site, n, context)
         elif isinstance(p := plan(module, kind, n), str):
             site.skip = p
         sites.append(site)
     _same_everywhere(model, sites, n)
     return sites
+
+
+def _pick_layout(module: nn.Module, site: Site, n: int, context: Context) -> str | None:
+    """A fused qkv's layout, told by summing every rank's block in this
+    process (the block's arrays are read: unverified, on a synthetic input);
+    every rank computes the same. None, or the reason neither fits."""
+    dtype = context.dtype or mx.float32
+    inputs = probes.block_inputs(module, site.path, site.kind, context.recorded, dtype)
+    reason, *_, layout = best(module, site.kind, n, inputs)
+    site.detail["layout"] = layout
+    return None if reason is None else FUSED_LAYOUT.format(reason=reason)
 
 
 def _same_everywhere(model: nn.Module, sites: list[Site], n: int) -> None:
@@ -135,7 +153,8 @@ def _same_everywhere(model: nn.Module, sites: list[Site], n: int) -> None:
     if n == 1:
         return
     shapes = [
-        (s.path, s.kind, s.skip, _shapes(module_at(model, s.path))) for s in sites
+        (s.path, s.kind, s.skip, s.detail, _shapes(module_at(model, s.path)))
+        for s in sites
     ]
     mine = mx.array([zlib.crc32(repr(shapes).encode())], mx.uint32)
     every = mx.distributed.all_gather(mine, group=_group()).tolist()
@@ -154,7 +173,7 @@ def why_not(
 def rewrite(model: nn.Module, site: Site, options: Options, context: Context) -> str:
     group = _group()
     module = module_at(model, site.path)
-    p = plan(module, site.kind, group.size())
+    p = plan(module, site.kind, group.size(), site.detail.get("layout", "segments"))
     assert not isinstance(p, str)  # find gave this site no skip
     before = {name: vars(module)[name] for name in p.counts}
     new = local(module, p, group.rank(), group)

@@ -12,8 +12,8 @@ import mlx.nn as nn
 
 from graphpatch.compare import compare
 from graphpatch.contract import Recorded, module_at
-from graphpatch.passes.shard.blocks import find_blocks, local, plan
-from graphpatch.passes.shard.probes import block_inputs, outputs, taps
+from graphpatch.passes.shard.blocks import Plan, find_blocks, layouts, local, plan
+from graphpatch.passes.shard.probes import Call, block_inputs, outputs, taps
 from graphpatch.tapped import recording
 
 
@@ -24,6 +24,7 @@ class Checked:
     reason: str | None = None  # None: sharded and within tolerance
     max_error: float | None = None
     tolerance: float | None = None
+    layout: str = "segments"
 
 
 def cover_alone(model: nn.Module, n: int, tokens: list[list[int]]) -> list[Checked]:
@@ -44,33 +45,47 @@ def check_alone(
 ) -> list[Checked]:
     """Every block of ``model`` sharded over ``n`` simulated ranks, checked
     against the unsharded block on the inputs ``recorded`` for it."""
-    group = mx.distributed.init()
     results = []
     for path, kind in find_blocks(model, moe_only):
-        result = Checked(path, kind)
-        results.append(result)
         module = module_at(model, path)
-        p = plan(module, kind, n)
-        if isinstance(p, str):
-            result.reason = p
-            continue
         inputs = block_inputs(module, path, kind, recorded, dtype)
-        try:
-            whole = outputs(module, inputs)
-        except Exception as e:
-            result.reason = f"cannot run the block on a probe: {e}"
-            continue
-        try:
-            ranks = [
-                outputs(local(module, p, r, group, True), inputs) for r in range(n)
-            ]
-            cmp = compare(whole, [sum(parts) for parts in zip(*ranks, strict=True)])
-        except Exception as e:
-            result.reason = f"the sharded block fails on the probe: {e}"
-            continue
-        result.max_error, result.tolerance = cmp.max_error, cmp.tolerance
-        if not cmp.ok:
-            result.reason = (
-                f"sharded off by {cmp.max_error:.3g} (tolerance {cmp.tolerance:.3g})"
-            )
+        results.append(Checked(path, kind, *best(module, kind, n, inputs)))
     return results
+
+
+def best(
+    module: nn.Module, kind: str, n: int, inputs: list[Call]
+) -> tuple[str | None, float | None, float | None, str]:
+    """The first of the block's layouts whose ranks sum to it: (None, its
+    error, tolerance, layout); or the last layout's reason."""
+    found: tuple[str | None, float | None, float | None, str] = ("", None, None, "")
+    for layout in layouts(module, kind):
+        p = plan(module, kind, n, layout)
+        if isinstance(p, str):
+            found = (p, None, None, layout)
+            continue
+        found = (*summed(module, p, inputs), layout)
+        if found[0] is None:
+            break
+    return found
+
+
+def summed(
+    module: nn.Module, p: Plan, inputs: list[Call]
+) -> tuple[str | None, float | None, float | None]:
+    """(reason or None, max error, tolerance) of the sum of every rank's
+    block against the block."""
+    try:
+        whole = outputs(module, inputs)
+    except Exception as e:
+        return f"cannot run the block on a probe: {e}", None, None
+    group = mx.distributed.init()
+    try:
+        ranks = [outputs(local(module, p, r, group, True), inputs) for r in range(p.n)]
+        cmp = compare(whole, [sum(parts) for parts in zip(*ranks, strict=True)])
+    except Exception as e:
+        return f"the sharded block fails on the probe: {e}", None, None
+    if not cmp.ok:
+        why = f"sharded off by {cmp.max_error:.3g} (tolerance {cmp.tolerance:.3g})"
+        return why, cmp.max_error, cmp.tolerance
+    return None, cmp.max_error, cmp.tolerance

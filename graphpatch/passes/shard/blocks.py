@@ -37,8 +37,11 @@ OUTPUTS = ("o_proj", "out_proj", "dense", "wo", "c_proj")
 # up projections ("_b_") and per-head layers (embed_q) hold heads.
 LATENT_Q = ("q_b_proj", "q_proj")
 DOWN, UP = "_a_", "_b_"
+LAYOUTS = ("segments", "heads")
+FUSED_GLU = "gate_up_proj"  # phi3's and glm4's [gate; up]
 MLPS = (
     (("gate_proj", "up_proj"), "down_proj"),
+    ((FUSED_GLU,), "down_proj"),
     (("w1", "w3"), "w2"),
     (("c_fc",), "c_proj"),
     (("fc1",), "fc2"),
@@ -85,6 +88,7 @@ class Plan:
     arrays: dict[str, list[Ranges]] = field(default_factory=dict)
     summed: bool = False
     before: dict[str, int] = field(default_factory=dict)  # counts, unsharded
+    layout: str = "segments"  # a fused qkv's (``layouts``)
 
 
 def kind_of(module: nn.Module) -> str | None:
@@ -164,14 +168,28 @@ def experts_in(module: nn.Module) -> str | None:
     return None
 
 
-def plan(module: nn.Module, kind: str, n: int) -> Plan | str:
+def layouts(module: nn.Module, kind: str) -> tuple[str, ...]:
+    """The layouts a block's fused projection may have: its parts one after
+    the other (phi3's ``qkv_proj`` and ``gate_up_proj``), or whole heads
+    (gpt_neox's q, k, v per head, internlm2's per kv group), which a split of
+    its rows by rank keeps whole. Nothing in the tree says which: a
+    one-process check picks."""
+    fused = fused_name(module) if kind == "attention" else FUSED_GLU in module
+    return LAYOUTS if kind in ("attention", "mlp") and fused else LAYOUTS[:1]
+
+
+def plan(module: nn.Module, kind: str, n: int, layout: str = "segments") -> Plan | str:
     """The block's plan over ``n`` ranks, or the reason it has none."""
     if kind == "recurrent":
         return RECURRENT.format(cls=type(module).__name__)
-    return {"attention": _attention, "mlp": _mlp, "moe": _moe}[kind](module, n)
+    if kind == "attention":
+        return _attention(module, n, layout)
+    if kind == "mlp":
+        return _mlp(module, n, layout=layout)
+    return _moe(module, n)
 
 
-def _attention(module: nn.Module, n: int) -> Plan | str:
+def _attention(module: nn.Module, n: int, layout: str) -> Plan | str:
     heads = counts.find_heads(module)
     if isinstance(heads, str):
         return heads
@@ -180,7 +198,7 @@ def _attention(module: nn.Module, n: int) -> Plan | str:
     kv = counts.kv_heads(heads, n)
     if isinstance(kv, str):
         return kv
-    p = Plan(n, counts=counts.local_counts(module, heads, n))
+    p = Plan(n, counts=counts.local_counts(module, heads, n), layout=layout)
     q = even(heads.q, n)
     split = _latent if latent_q(module) else _qkv
     why = split(module, p, heads, q, kv) or _extras(module, p, heads, q, kv)
@@ -224,6 +242,10 @@ def _qkv(
             counts.scaled(kv, width, (heads.q + heads.kv) * width),
         ]
         every = [sum((part[r] for part in parts), []) for r in range(p.n)]
+        if p.layout == "heads":  # whole kv groups a rank: none to replicate
+            if heads.kv % p.n:
+                return counts.KV_NOT_SPLIT.format(kv=heads.kv, n=p.n)
+            every = even(rows, p.n)
         p.parts[fused] = ("rows", every, True)
     else:
         for name, split in zip(QKV, (q, kv, kv), strict=True):
@@ -301,9 +323,15 @@ def _per_head(
     return None
 
 
-def _mlp(module: nn.Module, n: int, own: bool = True, prefix: str = "") -> Plan | str:
+def _mlp(
+    module: nn.Module,
+    n: int,
+    own: bool = True,
+    prefix: str = "",
+    layout: str = "segments",
+) -> Plan | str:
     ups, down = found(mlp_names(module, (*DENSE, *EXPERTS)))
-    p = Plan(n)
+    p = Plan(n, layout=layout)
     rows = {name: out_dims(module[name]) for name in ups}
     for name in ups:
         if rows[name] != rows[ups[0]]:
@@ -312,6 +340,12 @@ def _mlp(module: nn.Module, n: int, own: bool = True, prefix: str = "") -> Plan 
         if why := why_not_split(name, module[name], "rows", n):
             return why
         p.parts[prefix + name] = ("rows", even(rows[name], n), own)
+        if name == FUSED_GLU and layout == "segments":  # each rank: gate and up
+            half = [r[0] for r in even(rows[name] // 2, n)]
+            every = [
+                [(a, b), (a + rows[name] // 2, b + rows[name] // 2)] for a, b in half
+            ]
+            p.parts[prefix + name] = ("rows", every, own)
     if why := why_not_split(down, module[down], "cols", n):
         return why
     p.parts[prefix + down] = ("cols", even(in_dims(module[down]), n), own)
@@ -345,15 +379,16 @@ def local(
     module: nn.Module, p: Plan, rank: int, group: Group, alone: bool = False
 ) -> nn.Module:
     """Rank ``rank``'s copy of the block (the original is left as it was).
-    ``alone``: a rank simulated in one process, whose sharded-to-all layers
-    add their bias on rank 0 only, so that summing the ranks' outputs is the
+    ``alone``: a rank simulated in one process: its layers are the layers'
+    own classes holding their slices (no collective runs), a split input's
+    bias is added on rank 0 only, and summing the ranks' outputs is the
     all_sum's maths."""
     new = rebuilt(module)
     copies: dict[str, nn.Module] = {"": new}
     for path, (axis, every, own) in p.parts.items():
         parent_path, _, key = path.rpartition(".")
         parent = _copied(copies, parent_path)
-        layer = sharded(parent[key], axis, every[rank], group, own)
+        layer = sharded(parent[key], axis, every[rank], group, own and not alone)
         if axis == "cols" and (alone or not own):
             layer = bias_once(layer, rank)
         parent[key] = layer
