@@ -1,6 +1,6 @@
 """shard: bytes and peak per rank, collectives per layer and decode step time
-per rank of a 2-rank tensor-parallel MoE, for shard and shard:moe_only
-against the unsharded model (every rank holding all of it).
+per rank of a 2-rank tensor-parallel MoE, for shard, shard:moe_only and
+shard:experts against the unsharded model (every rank holding all of it).
 
 Qwen3-MoE-like widths (hidden 1024, 16 heads over 4 kv heads, 32 experts of
 512, top 4), affine 4-bit, float32 activations, a few layers. Starts 2 ranks
@@ -36,7 +36,12 @@ MOE = {
     "num_experts_per_tok": 4,
     "decoder_sparse_step": 1,
 }
-VARIANTS = {"unsharded": None, "shard": "shard", "moe_only": "shard:moe_only"}
+VARIANTS = {
+    "unsharded": None,
+    "shard": "shard",
+    "moe_only": "shard:moe_only",
+    "experts": "shard:experts",
+}
 
 
 def collectives(model) -> int:
@@ -147,7 +152,7 @@ def main() -> None:
                 f"{v['step_ms']:7.2f}"
             )
         whole = data["unsharded"]["bytes"]
-        for name in ("shard", "moe_only"):
+        for name in ("shard", "moe_only", "experts"):
             print(f"     rank {r.rank}: {name} holds {data[name]['bytes'] / whole:.0%}")
     kb = MOE["hidden_size"] * 4 / 1024  # float32 activations
     print(f"(sums: all_sums per layer, {kb:.0f} KB per token each; ms: decode step,")

@@ -16,8 +16,9 @@ from mlx_lm.models.switch_layers import SwitchLinear
 import graphpatch
 from graphpatch.passes import shard
 from graphpatch.passes.shard import blocks, heads, split
-from graphpatch.passes.shard.alone import check_alone, cover_alone
-from graphpatch.passes.shard.probes import taps
+from graphpatch.passes.shard.alone import check_alone, cover_alone, summed
+from graphpatch.passes.shard.experts import EXPERTS_NOT_DIVISIBLE, plan_experts
+from graphpatch.passes.shard.probes import block_inputs, taps
 from graphpatch.tapped import recording
 from graphpatch.testing import ring
 from graphpatch.testing.small_configs import build
@@ -51,6 +52,7 @@ def two_ranks(zoo_dir):
         # query_key_value holds whole heads; unverified, a one-process sum picks
         "segments": (zoo_dir("phi3"), "shard"),
         "whole_heads": (zoo_dir("gpt_neox"), "shard", "lazy"),
+        "experts": (zoo_dir("qwen3_moe", quant="affine4"), "shard:experts", "revert"),
     }
     ranks = launch(*(",".join(map(str, case)) for case in cases.values()))
     return {name: [rank[i] for rank in ranks] for i, name in enumerate(cases)}
@@ -107,7 +109,7 @@ def test_moe_only_leaves_attention_whole(two_ranks):
 
 
 def test_revert_and_fusion_on_sharded_models(two_ranks):
-    for name in ("float", "moe"):
+    for name in ("float", "moe", "experts"):
         for r in two_ranks[name]:
             assert r["revert_exact"] and r["revert_bytes"] == r["bytes"][0]
             # moe's fuse_glu, fuse_qkv and head passes are reverted too
@@ -124,9 +126,22 @@ def test_a_sharded_model_is_not_saved(two_ranks):
         assert r["save"] == shard.SAVE_REFUSED
 
 
+def test_expert_parallel_ranks_hold_their_experts(two_ranks):
+    for r in two_ranks["experts"]:
+        sites = zip(r["sites"], r["rewritten"], strict=True)
+        for (before, after), name in sites:
+            if "moe" in name:  # 4 of 8 experts a rank, the router whole
+                assert before // 2 <= after < before * 0.51
+
+
 def test_three_ranks_skip_what_does_not_divide(zoo_dir):
-    ranks = launch(f"{zoo_dir('llama')},shard", n=3)
-    for (r,) in ranks:
+    ranks = launch(
+        f"{zoo_dir('llama')},shard", f"{zoo_dir('qwen3_moe')},shard:experts", n=3
+    )
+    for _, experts in ranks:
+        assert experts["rewritten"] == [] and experts["ok"]
+        assert EXPERTS_NOT_DIVISIBLE.format(experts=8, n=3) in experts["skipped"]
+    for r, _ in ranks:
         assert r["rewritten"] == [] and r["ok"] and r["max_error"] == 0.0
         assert r["skipped"] == [heads.HEADS_NOT_DIVISIBLE.format(heads=4, n=3)] + [
             split.NOT_DIVISIBLE.format(name="gate_proj", what="outputs", size=256, n=3)
@@ -225,3 +240,15 @@ def test_quantized_blocks_summed_in_one_process(load_zoo, quant, n):
         assert all("cuts its quantization groups of 64" in str(r) for r in reasons)
     else:
         assert [c.reason for c in checked] == [None] * len(checked), quant
+
+
+@pytest.mark.parametrize("n", [2, 4, 8])
+def test_expert_parallel_blocks_summed_in_one_process(load_zoo, n):
+    # affine 4-bit, group 64: plain shard cuts its groups over 4 ranks (128
+    # hidden units), whole experts never do
+    model, _ = load_zoo("qwen3_moe", quant="affine4")
+    moe = model.model.layers[0].mlp
+    p = plan_experts(moe, n)
+    inputs = block_inputs(moe, "", "moe", {}, mx.float32)
+    reason, error, tolerance = summed(moe, p, inputs)
+    assert reason is None and error <= tolerance

@@ -19,6 +19,10 @@ Rewrite:       attention: q, k, v (or a fused qkv: by its q/k/v segments,
                whole, and the block sums its output once (routed + shared).
                Embeddings, norms and the LM head stay whole on every rank.
                ``shard:moe_only`` shards the MoE blocks alone (exo #1996).
+               ``shard:experts``: expert parallelism, each rank holding E/N
+               whole experts (no quantization group is ever cut), the
+               router whole, picks of other ranks' experts giving zeros,
+               one sum a block (shared experts split as above).
 Preconditions: a group of more than one rank; head counts held in attributes
                named as counts and agreeing with the projections' shapes;
                every split size divisible by N; no quantization group cut by
@@ -63,6 +67,7 @@ from graphpatch.contract import (
 from graphpatch.passes.shard import probes
 from graphpatch.passes.shard.alone import best
 from graphpatch.passes.shard.blocks import Plan, find_blocks, layouts, local, plan
+from graphpatch.passes.shard.experts import plan_experts
 from graphpatch.passes.shard.split import Group, Ranges, gathered
 
 ALREADY_APPLIED = "already applied"
@@ -126,6 +131,8 @@ def find(model: nn.Module, options: Options, context: Context) -> list[Site]:
             site.skip = GROUP_OF_ONE
         elif pipelined:
             site.skip = PIPELINED
+        elif kind == "moe" and options["experts"]:
+            site.skip = p if isinstance(p := plan_experts(module, n), str) else None
         elif len(layouts(module, kind)) > 1:
             site.skip = _pick_layout(module, site, n, context)
         elif isinstance(p := plan(module, kind, n), str):
@@ -173,7 +180,10 @@ def why_not(
 def rewrite(model: nn.Module, site: Site, options: Options, context: Context) -> str:
     group = _group()
     module = module_at(model, site.path)
-    p = plan(module, site.kind, group.size(), site.detail.get("layout", "segments"))
+    if site.kind == "moe" and options["experts"]:
+        p = plan_experts(module, group.size())
+    else:
+        p = plan(module, site.kind, group.size(), site.detail.get("layout", "segments"))
     assert not isinstance(p, str)  # find gave this site no skip
     before = {name: vars(module)[name] for name in p.counts}
     new = local(module, p, group.rank(), group)
@@ -200,6 +210,8 @@ def undo(model: nn.Module, path: str) -> None:
         parts = mx.distributed.all_gather(module[name][None], group=group)
         module[name] = _rows_back(parts, every)
     vars(module).update(p.before)
+    if p.experts:
+        unmark_at(module, p.experts)
     unmark_at(model, path)
 
 
@@ -243,5 +255,5 @@ PASS = Pass(
     applied=applied,
     proof=Proof(probe=probe, taps=taps),
     saving=Saving(refused=SAVE_REFUSED),
-    settings=Settings(defaults={"moe_only": False}),
+    settings=Settings(defaults={"moe_only": False, "experts": False}),
 )

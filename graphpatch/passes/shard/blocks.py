@@ -14,7 +14,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
-from graphpatch.contract import rebuilt, walk
+from graphpatch.contract import mark, rebuilt, walk
 from graphpatch.passes.shard import heads as counts
 from graphpatch.passes.shard.heads import Heads
 from graphpatch.passes.shard.split import (
@@ -89,6 +89,7 @@ class Plan:
     summed: bool = False
     before: dict[str, int] = field(default_factory=dict)  # counts, unsharded
     layout: str = "segments"  # a fused qkv's (``layouts``)
+    experts: str = ""  # shard:experts: the child whose experts are this rank's
 
 
 def kind_of(module: nn.Module) -> str | None:
@@ -395,7 +396,26 @@ def local(
     for name, every in p.arrays.items():
         new[name] = take_rows(new[name], every[rank])
     vars(new).update(p.counts)
+    if p.experts:
+        inside = [v for k, v in p.parts.items() if k.startswith(p.experts + ".")]
+        (first, stop), *_ = inside[0][1][rank]  # this rank's experts
+        switch = _copied(copies, p.experts)
+        new[p.experts] = mark(switch, LocalExperts, first=first, count=stop - first)
     return new
+
+
+class LocalExperts:
+    """The marker of a rank's experts (shard:experts): the router's picks
+    that fall on them are renumbered to this rank's, the others give zeros."""
+
+    first: int = 0
+    count: int = 0
+
+    def __call__(self, x: mx.array, indices: mx.array) -> mx.array:
+        local = indices - self.first
+        mine = (local >= 0) & (local < self.count)
+        y = super().__call__(x, mx.where(mine, local, 0))  # type: ignore[misc]
+        return y * mx.expand_dims(mine, -1).astype(y.dtype)
 
 
 def _copied(copies: dict[str, nn.Module], path: str) -> nn.Module:
