@@ -252,3 +252,18 @@ def test_expert_parallel_blocks_summed_in_one_process(load_zoo, n):
     inputs = block_inputs(moe, "", "moe", {}, mx.float32)
     reason, error, tolerance = summed(moe, p, inputs)
     assert reason is None and error <= tolerance
+
+
+def test_graphpatch_run_shards_every_rank_of_a_launch(zoo_dir):
+    # starcoder2 has no shard() in mlx-lm: under graphpatch run, each rank's
+    # mlx_lm.load returns it sharded
+    command = [sys.executable, str(RANKS / "shard_run.py"), str(zoo_dir("starcoder2"))]
+    graphpatch_run = [str(Path(sys.executable).parent / "graphpatch"), "run"]
+    plain = ring.launch(command, timeout=120)
+    patched = ring.launch([*graphpatch_run, "--passes", "shard", "--", *command])
+    for before, after in zip(plain, patched, strict=True):
+        assert before.returncode == after.returncode == 0, after.stderr
+        before, after = (json.loads(r.stdout.splitlines()[-1]) for r in (before, after))
+        assert before["sharded"] == 0 and after["sharded"] == 8  # 2 x q, k, v, c_fc
+        assert after["argmax"] == before["argmax"]
+        assert mx.allclose(mx.array(after["logits"]), mx.array(before["logits"]))
