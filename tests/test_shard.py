@@ -267,3 +267,26 @@ def test_graphpatch_run_shards_every_rank_of_a_launch(zoo_dir):
         assert before["sharded"] == 0 and after["sharded"] == 8  # 2 x q, k, v, c_fc
         assert after["argmax"] == before["argmax"]
         assert mx.allclose(mx.array(after["logits"]), mx.array(before["logits"]))
+
+
+@settings(max_examples=12, deadline=None)
+@given(
+    heads=st.sampled_from([2, 4, 6, 8]),
+    groups=st.sampled_from([1, 2, 3]),
+    n=st.sampled_from([2, 3, 4]),
+    hidden=st.sampled_from([96, 192]),
+)
+def test_heads_and_kv_heads_of_any_count_split_or_say_why(heads, groups, n, hidden):
+    kv = heads // groups if heads % groups == 0 else heads
+    model = build(
+        "llama",
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        hidden_size=hidden,
+        head_dim=16,
+        intermediate_size=96,
+    )
+    for c in cover_alone(model, n, TOKENS.tolist()):
+        assert c.reason is None or "off by" not in c.reason, c
+        if c.kind == "attention" and c.reason is None:
+            assert heads % n == 0 and (kv % n == 0 or n % kv == 0)
