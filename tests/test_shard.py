@@ -134,6 +134,12 @@ def test_expert_parallel_ranks_hold_their_experts(two_ranks):
                 assert before // 2 <= after < before * 0.51
 
 
+def test_a_pipelined_model_is_not_sharded(zoo_dir):
+    ranks = launch(f"{zoo_dir('qwen2')},shard,pipeline")
+    for (r,) in ranks:
+        assert r["rewritten"] == [] and r["skipped"] == [shard.PIPELINED]
+
+
 def test_three_ranks_skip_what_does_not_divide(zoo_dir):
     ranks = launch(
         f"{zoo_dir('llama')},shard", f"{zoo_dir('qwen3_moe')},shard:experts", n=3

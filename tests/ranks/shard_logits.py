@@ -6,7 +6,8 @@ and applies unverified, then evaluates one array at a time, measuring the
 peak against mlx-lm's sharded_load (shard, then one eval of everything);
 ``revert`` reverts after and compares bit for bit; ``fuse`` applies fuse_glu,
 fuse_qkv and last_token after shard and compares with the sharded-unfused
-logits; ``save`` tries to save the sharded model. Prints
+logits; ``save`` tries to save the sharded model; ``pipeline`` pipelines
+the model over the group first (mlx-lm's ``model.model.pipeline``). Prints
 one JSON line per case. ``A|B`` as MODEL_DIR: rank 0 loads A, rank 1 B.
 """
 
@@ -43,6 +44,8 @@ def case(path: str, spec: str, flags: list[str], group) -> dict:
     base = mx.get_active_memory()
     mx.reset_peak_memory()
     model, _ = mlx_lm.load(path, lazy=lazy)
+    if "pipeline" in flags:
+        model.model.pipeline(group)
     try:
         report = graphpatch.apply(model, [spec], verify=not lazy)
     except graphpatch.GraphpatchError as e:

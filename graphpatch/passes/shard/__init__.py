@@ -120,7 +120,9 @@ def _group() -> Group:
 
 def find(model: nn.Module, options: Options, context: Context) -> list[Site]:
     n = _group().size()
-    pipelined = any(getattr(m, "pipeline_size", 1) > 1 for _, m in walk(model))
+    if any(getattr(m, "pipeline_size", 1) > 1 for _, m in walk(model)):
+        # each rank holds other layers: one site alike on every rank says so
+        return [Site("", "pipeline", skip=PIPELINED, collective=True)]
     sites = []
     for path, kind in find_blocks(model, options["moe_only"]):
         module = module_at(model, path)
@@ -129,8 +131,6 @@ def find(model: nn.Module, options: Options, context: Context) -> list[Site]:
             site.skip = ALREADY_APPLIED
         elif n == 1:
             site.skip = GROUP_OF_ONE
-        elif pipelined:
-            site.skip = PIPELINED
         elif kind == "moe" and options["experts"]:
             site.skip = p if isinstance(p := plan_experts(module, n), str) else None
         elif len(layouts(module, kind)) > 1:
