@@ -17,7 +17,9 @@ import graphpatch
 from graphpatch.passes import shard
 from graphpatch.passes.shard import blocks, heads, split
 from graphpatch.passes.shard.alone import check_alone, cover_alone, summed
+from graphpatch.passes.shard.attention import NORM_OVER_HEADS
 from graphpatch.passes.shard.experts import EXPERTS_NOT_DIVISIBLE, plan_experts
+from graphpatch.passes.shard.plan import plan
 from graphpatch.passes.shard.probes import block_inputs, taps
 from graphpatch.tapped import recording
 from graphpatch.testing import ring
@@ -175,20 +177,20 @@ def test_reasons_for_what_cannot_be_split(load_zoo):
     model, _ = load_zoo("llama", quant="affine4")
     attention = model.model.layers[0].self_attn
     mlp = model.model.layers[0].mlp
-    assert blocks.plan(attention, "attention", 3) == heads.HEADS_NOT_DIVISIBLE.format(
+    assert plan(attention, "attention", 3) == heads.HEADS_NOT_DIVISIBLE.format(
         heads=4, n=3
     )
-    cut = blocks.plan(mlp, "mlp", 8)  # 256 inputs of down_proj: 32 a rank
+    cut = plan(mlp, "mlp", 8)  # 256 inputs of down_proj: 32 a rank
     assert cut == split.GROUP_CUT.format(name="down_proj", dims=256, n=8, group=64)
-    assert blocks.plan(attention, "attention", 4) == split.GROUP_CUT.format(
+    assert plan(attention, "attention", 4) == split.GROUP_CUT.format(
         name="o_proj", dims=128, n=4, group=64
     )
     attention = load_zoo("llama")[0].model.layers[0].self_attn
-    four = blocks.plan(attention, "attention", 4)  # 2 kv heads over 4 ranks
+    four = plan(attention, "attention", 4)  # 2 kv heads over 4 ranks
     assert four.parts["k_proj"][1] == [[(0, 32)], [(0, 32)], [(32, 64)], [(32, 64)]]
     assert four.counts == {"n_heads": 1, "n_kv_heads": 1}
     minimax = build("minimax").model.layers[0].self_attn
-    assert blocks.plan(minimax, "attention", 2) == blocks.NORM_OVER_HEADS.format(
+    assert plan(minimax, "attention", 2) == NORM_OVER_HEADS.format(
         name="q_norm", width=256, what="q"
     )
 

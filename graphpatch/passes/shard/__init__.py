@@ -66,8 +66,10 @@ from graphpatch.contract import (
 )
 from graphpatch.passes.shard import probes
 from graphpatch.passes.shard.alone import best
-from graphpatch.passes.shard.blocks import Plan, find_blocks, layouts, local, plan
+from graphpatch.passes.shard.blocks import Plan, find_blocks
 from graphpatch.passes.shard.experts import plan_experts
+from graphpatch.passes.shard.plan import layouts, plan
+from graphpatch.passes.shard.rank import local
 from graphpatch.passes.shard.split import Group, Ranges, gathered
 
 ALREADY_APPLIED = "already applied"

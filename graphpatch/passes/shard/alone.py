@@ -12,8 +12,10 @@ import mlx.nn as nn
 
 from graphpatch.compare import compare
 from graphpatch.contract import Recorded, module_at
-from graphpatch.passes.shard.blocks import Plan, find_blocks, layouts, local, plan
+from graphpatch.passes.shard.blocks import Plan, find_blocks
+from graphpatch.passes.shard.plan import layouts, plan
 from graphpatch.passes.shard.probes import Call, block_inputs, outputs, taps
+from graphpatch.passes.shard.rank import local
 from graphpatch.tapped import recording
 
 

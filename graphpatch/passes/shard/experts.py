@@ -12,13 +12,12 @@ import mlx.nn as nn
 from graphpatch.passes.shard.blocks import (
     DENSE,
     EXPERTS,
-    MOE_SHARDED,
     Plan,
-    _mlp,
     experts_in,
     found,
     mlp_names,
 )
+from graphpatch.passes.shard.plan import MOE_SHARDED, plan_mlp
 from graphpatch.passes.shard.split import even
 
 EXPERTS_NOT_DIVISIBLE = "{experts} experts not divisible by {n} ranks"
@@ -39,7 +38,7 @@ def plan_experts(module: nn.Module, n: int) -> Plan | str:
         p.parts[f"{name}.{part}"] = ("heads", even(count, n), False)
     for key, child in module.items():
         if key != name and isinstance(child, nn.Module) and mlp_names(child, DENSE):
-            shared = _mlp(child, n, own=False, prefix=key + ".")
+            shared = plan_mlp(child, n, own=False, prefix=key + ".")
             if isinstance(shared, str):
                 return f"{key}: {shared}"
             p.parts.update(shared.parts)
