@@ -4,6 +4,7 @@ import contextlib
 import os
 import signal
 import sys
+import threading
 from typing import NoReturn
 
 INTERRUPTED = "interrupted"  # all Ctrl-C says, whenever it comes (exit 130)
@@ -15,53 +16,52 @@ def interrupted() -> NoReturn:
     raise SystemExit(130)
 
 
+_interrupted = False
+
+
+def _on_interrupt(signum: int, frame) -> None:
+    """Ctrl-C as Python's own handler, remembered: finally blocks (a save's
+    temporary directory) still run, and a Ctrl-C that an import swallows
+    (some catch everything) is still seen once the imports are done."""
+    global _interrupted
+    _interrupted = True
+    raise KeyboardInterrupt
+
+
+if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, _on_interrupt)
+
 try:  # the imports take seconds, and Ctrl-C may come during them
     import json as _json
-    import shutil
-    import stat
     import time
     from pathlib import Path
     from typing import Annotated
 
     import typer
     import typer.core
-    from rich.console import Console
-    from rich.markup import escape
     from rich.table import Table
 
     import graphpatch
-    from graphpatch import golden, opening, saving, trust
-    from graphpatch.checks import (
-        check_config,
-        check_weights,
-        read_config,
-        regular_file,
+    import graphpatch.cli_golden  # noqa: F401  (its commands join the app)
+    import graphpatch.cli_run  # noqa: F401
+    from graphpatch import cli_app, opening, saving, trust
+    from graphpatch.cli_app import (
+        Passes,
+        app,
+        err,
+        fail,
+        joined,
+        out,
+        verify_mode,
     )
     from graphpatch.contract import GraphpatchError, VerificationError
     from graphpatch.loading import model_path
     from graphpatch.outdir import saved_format
-    from graphpatch.plan import unknown_variables
     from graphpatch.report import printable, stamped
-    from graphpatch.run_hook import FUSED
 except KeyboardInterrupt:
     interrupted()
-
-_option_type = typer.core.TyperOption.display_type_rich
-
-
-def _flag_takes_no_value(self, ctx) -> str | None:
-    return None if self.is_flag else _option_type(self, ctx)
-
-
-# typer 0.29's help shows every flag as taking a value (--json <bool>).
-setattr(typer.core.TyperOption, "display_type_rich", _flag_takes_no_value)  # noqa: B010
-
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help=__doc__,
-)
+if _interrupted:
+    interrupted()
 
 
 def _version(shown: bool) -> None:
@@ -80,73 +80,13 @@ def main_options(
     ] = False,
 ) -> None:
     """Verified rewrite passes for MLX language models."""
-    global _json_errors
-    _json_errors = False  # each invocation's own: a command given --json sets it
+    cli_app.json_errors = False  # each invocation's own: --json sets it
 
 
 @app.command("version")
 def version_cmd() -> None:
     """Print the version."""
     _version(True)
-
-
-# The terminal's width, or COLUMNS, or 80 columns when piped: the report keeps
-# every column down to 80.
-out = Console()
-err = Console(stderr=True)
-_json_errors = False  # set by commands given --json: errors go to stdout as JSON
-
-
-# The library names the argument at fault; the CLI names its flag.
-FLAGS = {
-    "out": "--save",
-    "format": "--save-format",
-    "max_shard_mb": "--max-shard-mb",
-    "verify": "--verify",
-}
-FLAG_WORDS = {"(force replaces it)": "(--force replaces it)"}
-
-
-def in_flags(error: BaseException) -> str:
-    """A library error in the CLI's words."""
-    message, argument = str(error), getattr(error, "argument", None)
-    if argument in FLAGS and message.startswith(f"{argument} "):
-        message = FLAGS[argument] + message[len(argument) :]
-    for words, flagged in FLAG_WORDS.items():
-        message = message.replace(words, flagged)
-    return message
-
-
-def fail(
-    message: str | BaseException,
-    code: int = 2,
-    report: graphpatch.Report | None = None,
-) -> NoReturn:
-    """One line on stderr, then exit: 2 for bad input, 1 for a failed check."""
-    if isinstance(message, BaseException):
-        message = in_flags(message)
-    # mlx-lm's messages list names a line each; a name read from a file may
-    # hold escape sequences or rich markup: shown as text, never obeyed.
-    line = printable(" ".join(message.split()), 400)
-    if _json_errors:
-        entry = report.to_dict() if report else stamped({})
-        print(_json.dumps(entry | {"error": line, "exit_code": code}, indent=2))
-    err.print(f"[red]error:[/red] {escape(line)}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-# --passes may be given more than once: every one counts, as if comma-joined.
-Passes = Annotated[
-    list[str] | None,
-    typer.Option(
-        help="comma-separated, e.g. fuse_glu,last_token:keep=2; may be repeated "
-        "(default: GRAPHPATCH_PASSES)"
-    ),
-]
-
-
-def _joined(passes: list[str] | None) -> str:
-    return ",".join(passes or [])
 
 
 @app.command("list")
@@ -225,9 +165,8 @@ def apply_cmd(
 
     With --save, also write the patched model as a directory.
     """
-    global _json_errors
-    _json_errors = json
-    specs = _joined(passes)
+    cli_app.json_errors = json
+    specs = joined(passes)
     try:
         plan, warnings = graphpatch.resolve(specs or None)
         model_dir = model_path(model)
@@ -242,7 +181,7 @@ def apply_cmd(
             saving.check_format(save_format)
             for line in saving.prepare(model_dir, save, force):
                 err.print(printable(line, 400), highlight=False, markup=False)
-        verify = _verify_mode("never" if no_verify else verify)
+        verify = verify_mode("never" if no_verify else verify)
         start = time.perf_counter()
         with err.status(f"loading {model_dir}"):
             model, _ = graphpatch.load(model_dir, lazy=verify == "never", verify=verify)
@@ -286,292 +225,11 @@ def _carry(save: Path, report: graphpatch.Report) -> None:
         err.print("the save carries this verification", highlight=False)
 
 
-def _verify_mode(verify: str) -> str:
-    if verify not in trust.MODES:
-        fail(f"--verify must be one of {', '.join(trust.MODES)}, got {verify}")
-    return verify
-
-
 def _print(report: graphpatch.Report, as_json: bool, verbose: bool) -> None:
     if as_json:
         print(report.to_json())
     else:
         report.print(out, verbose)
-
-
-@app.command(
-    "run",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-    options_metavar="[OPTIONS] -- CMD [ARGS]...",
-)
-def run_cmd(
-    ctx: typer.Context,
-    passes: Passes = None,
-    verify: Annotated[
-        str, typer.Option(help="always, cached (a matching record) or never")
-    ] = "cached",
-) -> None:
-    """Run a program (after --) with every model it loads patched.
-
-    Models loaded through mlx-lm's loaders are patched, in child processes too.
-    """
-    _run(ctx.args, _joined(passes), verify)
-
-
-@app.command(
-    "serve",
-    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
-)
-def serve_cmd(
-    ctx: typer.Context,
-    model: Annotated[
-        str,
-        typer.Argument(
-            metavar="MODEL", help="a model directory or Hugging Face repo id"
-        ),
-    ],
-    passes: Passes = None,
-    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="port to listen on")] = 8080,
-    verify: Annotated[
-        str, typer.Option(help="always, cached (a matching record) or never")
-    ] = "cached",
-) -> None:
-    """mlx-lm's server with the model patched and verified before it listens.
-
-    Other flags (--draft-model, --max-tokens, ...) go to mlx_lm server.
-    """
-    from graphpatch import serving
-
-    specs = _joined(passes)
-    env = {**os.environ, **({"GRAPHPATCH_PASSES": specs} if specs else {})}
-    os.environ["GRAPHPATCH_VERIFY"] = _verify_mode(verify)  # read by the hook
-    try:
-        plan, _ = graphpatch.resolve(None, env)
-        _refuse_what_needs_the_caller(plan)
-        if any(f == "--model" or f.startswith("--model=") for f in ctx.args):
-            fail(
-                "--model is graphpatch serve's own argument (MODEL): a second one "
-                "would be served in its place, unpatched"
-            )
-        serving.check_address(host, port)
-        model_dir = model_path(model)
-        config = read_config(model_dir)
-        if saved_format(model_dir) == "fused":
-            fail(f"{model_dir}: {FUSED}")
-        check_config(model_dir, config, check_weights(model_dir))
-        serving.serve(model_dir, host, port, specs, ctx.args)
-    except GraphpatchError as e:
-        fail(e)
-
-
-def _refuse_what_needs_the_caller(plan) -> None:
-    """A program run unchanged cannot do what some options ask of it."""
-    for p, options in plan:
-        if p.settings.needs_caller and (why := p.settings.needs_caller(options)):
-            fail(why)
-
-
-def _run(command: list[str], passes: str, verify: str) -> None:
-    if not command:
-        fail("no command: graphpatch run [--passes a,b] -- CMD ARGS...")
-    env = {**os.environ, "GRAPHPATCH_VERIFY": _verify_mode(verify)}
-    if passes:
-        env["GRAPHPATCH_PASSES"] = passes
-    try:
-        plan, _ = graphpatch.resolve(None, env)
-    except GraphpatchError as e:
-        fail(e)
-    # Before the child runs, which may load no model; a variable's name is
-    # anyone's text.
-    for warning in unknown_variables(env):
-        err.print(f"warning: {printable(warning, 400)}", highlight=False, markup=False)
-    _refuse_what_needs_the_caller(plan)
-    if not plan:
-        err.print(
-            "warning: no passes chosen (--passes or GRAPHPATCH_PASSES): only a "
-            "graphpatch save the program loads is patched, with the passes it "
-            "recorded"
-        )
-    _check_command(command[0])
-    if report := env.get("GRAPHPATCH_REPORT"):
-        # Absolute: a child that changes directory writes where this checked.
-        env["GRAPHPATCH_REPORT"] = _check_report(report)
-    from graphpatch import run_hook
-
-    startup = str(Path(graphpatch.__file__).parent / "_startup")
-    try:
-        code = run_hook.run(command, env, startup)
-    except run_hook.CannotRun as e:
-        fail(e, code=126)
-    raise typer.Exit(code)
-
-
-REPORT_NOT_A_FILE = "not a regular file (a report is appended to one)"
-COVERAGE_NOT_OURS = (
-    "exists and is not a table graphpatch coverage wrote: give --force to replace it"
-)
-
-
-def _check_command(name: str) -> None:
-    """127 for a command that is not there, 126 for one that cannot run."""
-    if shutil.which(name) is not None:
-        return
-    if os.sep in name and os.path.exists(name):
-        why = (
-            "a directory"
-            if os.path.isdir(name)
-            else "not executable (chmod +x it, or name its interpreter first)"
-        )
-        fail(f"cannot run {name}: {why}", code=126)
-    fail(f"command not found: {name}", code=127)
-
-
-def _check_report(report: str) -> str:
-    """GRAPHPATCH_REPORT's absolute path, once it is a regular file that can
-    be appended to (opened without blocking: a FIFO would hang the run)."""
-    path = os.path.abspath(report)
-    if os.path.exists(path) and not os.path.isfile(path):
-        fail(f"GRAPHPATCH_REPORT={report}: {REPORT_NOT_A_FILE}")
-    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK
-    try:
-        fd = os.open(path, flags, 0o644)
-    except OSError as e:
-        fail(f"GRAPHPATCH_REPORT={report}: cannot be written ({e.strerror})")
-    try:
-        regular = stat.S_ISREG(os.fstat(fd).st_mode)
-    finally:
-        os.close(fd)
-    if not regular:
-        fail(f"GRAPHPATCH_REPORT={report}: {REPORT_NOT_A_FILE}")
-    return path
-
-
-@app.command("coverage")
-def coverage_cmd(
-    names: Annotated[
-        list[str] | None, typer.Argument(help="architectures (default: all)")
-    ] = None,
-    json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
-    write: Annotated[
-        Path | None, typer.Option(help="also write the markdown table here")
-    ] = None,
-    force: Annotated[
-        bool, typer.Option(help="let --write replace a file it did not write")
-    ] = False,
-) -> None:
-    """Which architectures each pass rewrites, verified, or why not.
-
-    Builds every architecture of the installed mlx-lm from a small config.
-    """
-    from graphpatch.testing import coverage
-
-    known = coverage.architectures()
-    unknown = [n for n in names or [] if n not in known]
-    if unknown:
-        fail(f"not an mlx-lm architecture: {', '.join(unknown)}")
-    if write is not None:
-        _check_write(write, force)
-    with err.status("building architectures") as status:
-        results = coverage.run(names or None, progress=status.update)
-    table = coverage.markdown(results)
-    if write is not None:
-        _check_write(write, force)  # again: it may have appeared meanwhile
-        try:
-            coverage.write_table(write, table)
-        except OSError as e:
-            fail(f"--write {write}: cannot be written ({e.strerror})")
-    if json:
-        print(_json.dumps(coverage.as_dicts(results), indent=2))
-    else:  # markdown, whole: never wrapped to the terminal's width
-        print(table, end="" if table.endswith("\n") else "\n")
-
-
-def _check_write(write: Path, force: bool) -> None:
-    """Before the (long) build: --write names a file that may be written, and
-    replaced only when graphpatch coverage wrote it, or with --force."""
-    from graphpatch.testing import coverage
-
-    if write.is_dir() or not _writable_dir(write.parent):
-        fail(f"--write {write}: not a file in a writable directory")
-    if write.exists() and not write.is_file():
-        fail(f"--write {write}: not a regular file")
-    if write.exists() and not force and not coverage.written_here(write):
-        fail(f"--write {write}: {COVERAGE_NOT_OURS}")
-
-
-def _writable_dir(path: Path) -> bool:
-    existing = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
-    return existing.is_dir() and os.access(existing, os.W_OK)
-
-
-golden_app = typer.Typer(no_args_is_help=True, help="Record and check golden logits.")
-app.add_typer(golden_app, name="golden")
-
-
-@golden_app.command("record")
-def golden_record(
-    model: Annotated[
-        str,
-        typer.Argument(
-            metavar="MODEL", help="a model directory or Hugging Face repo id"
-        ),
-    ],
-    out_file: Annotated[
-        Path, typer.Argument(metavar="OUT", help="the golden .safetensors to write")
-    ],
-    passes: Annotated[
-        list[str] | None, typer.Option(help="passes to apply first (may be repeated)")
-    ] = None,
-    prompts: Annotated[
-        Path | None, typer.Option(help="a text file, one prompt per line")
-    ] = None,
-) -> None:
-    """Write the logits of fixed prompts (and their metadata) to OUT."""
-    try:
-        texts = None if prompts is None else _read_prompts(prompts)
-        file = golden.record(model_path(model), out_file, _joined(passes), texts)
-    except GraphpatchError as e:
-        fail(e)
-    out.print(f"wrote {file}", highlight=False, soft_wrap=True)
-
-
-def _read_prompts(file: Path) -> list[str]:
-    try:
-        text = regular_file(file, "prompts file").read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        fail(f"{file}: not UTF-8 text (one prompt per line)")
-    except OSError as e:
-        fail(f"{file}: cannot be read ({e.strerror})")
-    texts = [line for line in text.splitlines() if line.strip()]
-    if not texts or "\0" in text:
-        fail(f"{file}: no prompts (one per line)" if not texts else f"{file}: binary")
-    return texts
-
-
-@golden_app.command("check")
-def golden_check(
-    model: Annotated[
-        str,
-        typer.Argument(
-            metavar="MODEL", help="a model directory or Hugging Face repo id"
-        ),
-    ],
-    file: Annotated[Path, typer.Argument(help="a golden file from golden record")],
-    passes: Annotated[
-        list[str] | None,
-        typer.Option(help="default: the passes it was recorded with (may be repeated)"),
-    ] = None,
-) -> None:
-    """Recompute and compare: exit 0 within tolerance, 1 with the diff."""
-    try:
-        specs = None if passes is None else _joined(passes)
-        result = golden.check(model_path(model), file, specs)
-    except GraphpatchError as e:
-        fail(e)
-    for line in result.lines:  # golden made its values from the file printable
-        out.print(line, highlight=False, soft_wrap=True, markup=False)
-    raise typer.Exit(0 if result.ok else 1)
 
 
 class OutputFailed(Exception):
@@ -611,21 +269,20 @@ def main() -> None:
         os._exit(2)
     except SystemExit:
         if _interrupted:  # typer turns KeyboardInterrupt into a silent exit 130
-            interrupted()
+            _end_interrupted()
         raise
     except KeyboardInterrupt:
-        interrupted()
+        _end_interrupted()
 
 
-_interrupted = False
-
-
-def _on_interrupt(signum: int, frame) -> None:
-    """Ctrl-C as Python's own handler, remembered: finally blocks (a save's
-    temporary directory) still run."""
-    global _interrupted
-    _interrupted = True
-    raise KeyboardInterrupt
+def _end_interrupted() -> NoReturn:
+    """The one line, then end now: every finally block has run, and a thread
+    the interrupted work started (mlx-lm's server's generation thread, when
+    Ctrl-C comes before its own handler) must not keep the process alive."""
+    with contextlib.suppress(OSError, ValueError):
+        print(INTERRUPTED, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+    os._exit(130)
 
 
 if __name__ == "__main__":
