@@ -53,7 +53,7 @@ def two_ranks(zoo_dir):
         # fused qkv_proj and gate_up_proj by segments; gpt_neox's fused
         # query_key_value holds whole heads; unverified, a one-process sum picks
         "segments": (zoo_dir("phi3"), "shard"),
-        "whole_heads": (zoo_dir("gpt_neox"), "shard", "lazy"),
+        "whole_heads": (zoo_dir("gpt_neox"), "shard", "unverified", "thread"),
         "experts": (zoo_dir("qwen3_moe", quant="affine4"), "shard:experts", "revert"),
     }
     ranks = launch(*(",".join(map(str, case)) for case in cases.values()))

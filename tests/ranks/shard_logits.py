@@ -7,13 +7,16 @@ peak against mlx-lm's sharded_load (shard, then one eval of everything);
 ``revert`` reverts after and compares bit for bit; ``fuse`` applies fuse_glu,
 fuse_qkv and last_token after shard and compares with the sharded-unfused
 logits; ``save`` tries to save the sharded model; ``pipeline`` pipelines
-the model over the group first (mlx-lm's ``model.model.pipeline``). Prints
+the model over the group first (mlx-lm's ``model.model.pipeline``);
+``unverified`` applies unverified to a model loaded whole; ``thread`` runs
+the model first on another thread (a server's), its slices unevaluated. Prints
 one JSON line per case. ``A|B`` as MODEL_DIR: rank 0 loads A, rank 1 B.
 """
 
 import json
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlx.core as mx
@@ -47,7 +50,8 @@ def case(path: str, spec: str, flags: list[str], group) -> dict:
     if "pipeline" in flags:
         model.model.pipeline(group)
     try:
-        report = graphpatch.apply(model, [spec], verify=not lazy)
+        verify = not lazy and "unverified" not in flags
+        report = graphpatch.apply(model, [spec], verify=verify)
     except graphpatch.GraphpatchError as e:
         checks = getattr(getattr(e, "report", None), "checks", [])
         sites = getattr(getattr(e, "report", None), "sites", [])
@@ -57,11 +61,16 @@ def case(path: str, spec: str, flags: list[str], group) -> dict:
             "checks": [[c.max_error, c.tolerance, c.top1] for c in checks],
             "sites": [[s.path, s.max_error, s.tolerance] for s in sites],
         }
-    materialize(model)
+    if "thread" not in flags:
+        materialize(model)
     peak = mx.get_peak_memory() - base
     reference, _ = mlx_lm.load(path)
     expected = logits(reference)
-    got = logits(model)
+    if "thread" in flags:  # the first call comes on another thread (a server's)
+        with ThreadPoolExecutor(1) as pool:
+            got = pool.submit(logits, model).result()
+    else:
+        got = logits(model)
     cmp = compare([expected], [got])
     result = {
         "rank": group.rank(),

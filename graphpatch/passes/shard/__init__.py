@@ -64,6 +64,7 @@ from graphpatch.contract import (
     unmark_at,
     walk,
 )
+from graphpatch.parts import any_thread
 from graphpatch.passes.shard import probes
 from graphpatch.passes.shard.alone import best
 from graphpatch.passes.shard.blocks import Plan, find_blocks
@@ -188,7 +189,11 @@ def rewrite(model: nn.Module, site: Site, options: Options, context: Context) ->
         p = plan(module, site.kind, group.size(), site.detail.get("layout", "segments"))
     assert not isinstance(p, str)  # find gave this site no skip
     before = {name: vars(module)[name] for name in p.counts}
-    new = local(module, p, group.rank(), group)
+    # unverified, the slices stay unevaluated until the model's first call,
+    # which may come on another thread (fusion.joined's reason)
+    where = any_thread() if context.unverified else mx.default_device()
+    with mx.stream(where):
+        new = local(module, p, group.rank(), group)
     marker = SummedSharded if p.summed else Sharded
     p.before = before
     replace_at(model, site.path, mark(new, marker, shard_plan=p, shard_group=group))
