@@ -67,6 +67,7 @@ def test_every_rank_matches_the_unsharded_model(two_ranks):
     for name, ranks in two_ranks.items():
         assert [r["rank"] for r in ranks] == [0, 1], name
         for r in ranks:
+            assert r["warnings"] == [], name
             assert r["ok"] and r["skipped"] == [], (name, r)
             assert r["rewritten"] == ranks[0]["rewritten"], name
             assert r["verified"] == (name not in UNVERIFIED), name
@@ -146,6 +147,8 @@ def test_three_ranks_skip_what_does_not_divide(zoo_dir):
     ranks = launch(
         f"{zoo_dir('llama')},shard", f"{zoo_dir('qwen3_moe')},shard:experts", n=3
     )
+    for r in (r for rank in ranks for r in rank):
+        assert r["warnings"] == [shard.NOTHING_TO_SHARD.format(n=3)]
     for _, experts in ranks:
         assert experts["rewritten"] == [] and experts["ok"]
         assert EXPERTS_NOT_DIVISIBLE.format(experts=8, n=3) in experts["skipped"]

@@ -77,6 +77,7 @@ def case(path: str, spec: str, flags: list[str], group) -> dict:
         "size": group.size(),
         "rewritten": [f"{s.path} ({s.kind})" for s in report.rewritten()],
         "skipped": sorted({s.reason for s in report.skipped()}),
+        "warnings": report.warnings,
         "verified": all(s.verified for s in report.rewritten()),
         "max_error": cmp.max_error,
         "ok": cmp.ok,

@@ -81,6 +81,10 @@ OTHER_MODEL = (
     "every rank must load the same one"
 )
 FUSED_LAYOUT = "neither layout of its fused qkv (segments, whole heads) fits: {reason}"
+NOTHING_TO_SHARD = (
+    "shard: nothing in this model can be sharded over {n} ranks "
+    "(each block's reason is in the report)"
+)
 SAVE_REFUSED = (
     "a sharded model holds one rank's part of each block: save the unsharded "
     "model and apply shard when each rank loads it"
@@ -121,6 +125,27 @@ def _group() -> Group:
     return mx.distributed.init()
 
 
+def warnings(model: nn.Module, options: Options, context: Context) -> list[str]:
+    """One line when a group of ranks finds nothing it could shard."""
+    n = _group().size()
+    if n == 1:
+        return []
+    for path, kind in find_blocks(model, options["moe_only"]):
+        module = module_at(model, path)
+        for layout in layouts(module, kind):
+            if not isinstance(_plan(module, kind, n, layout, options), str):
+                return []
+    return [NOTHING_TO_SHARD.format(n=n)]
+
+
+def _plan(
+    module: nn.Module, kind: str, n: int, layout: str, options: Options
+) -> Plan | str:
+    if kind == "moe" and options["experts"]:
+        return plan_experts(module, n)
+    return plan(module, kind, n, layout)
+
+
 def find(model: nn.Module, options: Options, context: Context) -> list[Site]:
     n = _group().size()
     if any(getattr(m, "pipeline_size", 1) > 1 for _, m in walk(model)):
@@ -134,11 +159,9 @@ def find(model: nn.Module, options: Options, context: Context) -> list[Site]:
             site.skip = ALREADY_APPLIED
         elif n == 1:
             site.skip = GROUP_OF_ONE
-        elif kind == "moe" and options["experts"]:
-            site.skip = p if isinstance(p := plan_experts(module, n), str) else None
         elif len(layouts(module, kind)) > 1:
             site.skip = _pick_layout(module, site, n, context)
-        elif isinstance(p := plan(module, kind, n), str):
+        elif isinstance(p := _plan(module, kind, n, "segments", options), str):
             site.skip = p
         sites.append(site)
     _same_everywhere(model, sites, n)
@@ -183,10 +206,8 @@ def why_not(
 def rewrite(model: nn.Module, site: Site, options: Options, context: Context) -> str:
     group = _group()
     module = module_at(model, site.path)
-    if site.kind == "moe" and options["experts"]:
-        p = plan_experts(module, group.size())
-    else:
-        p = plan(module, site.kind, group.size(), site.detail.get("layout", "segments"))
+    layout = site.detail.get("layout", "segments")
+    p = _plan(module, site.kind, group.size(), layout, options)
     assert not isinstance(p, str)  # find gave this site no skip
     before = {name: vars(module)[name] for name in p.counts}
     # unverified, the slices stay unevaluated until the model's first call,
@@ -262,5 +283,7 @@ PASS = Pass(
     applied=applied,
     proof=Proof(probe=probe, taps=taps),
     saving=Saving(refused=SAVE_REFUSED),
-    settings=Settings(defaults={"moe_only": False, "experts": False}),
+    settings=Settings(
+        defaults={"moe_only": False, "experts": False}, warnings=warnings
+    ),
 )
