@@ -50,6 +50,7 @@ def two_ranks(zoo_dir):
         "moe_only": (zoo_dir("qwen3_moe"), "shard:moe_only"),
         "biases": (zoo_dir("starcoder2"), "shard"),
         "mla": (zoo_dir("deepseek_v3", quant="affine4"), "shard", "mlx-lm"),
+        "sinks": (zoo_dir("gpt_oss"), "shard", "mlx-lm"),  # per-head sinks
         # fused qkv_proj and gate_up_proj by segments; gpt_neox's fused
         # query_key_value holds whole heads; unverified, a one-process sum picks
         "segments": (zoo_dir("phi3"), "shard"),
@@ -91,7 +92,7 @@ def test_sharded_blocks_hold_half_the_bytes(two_ranks):
 
 
 def test_same_logits_and_bytes_as_mlx_lm_shard(two_ranks):
-    for name in ("float", "quantized", "lazy", "mla"):
+    for name in ("float", "quantized", "lazy", "mla", "sinks"):
         for r in two_ranks[name]:
             assert r["mlx_lm"]["vs_ours"] == 0.0, name
             assert r["bytes"][1] <= r["mlx_lm"]["bytes"]
