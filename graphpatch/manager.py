@@ -31,7 +31,7 @@ from graphpatch.contract import (
     VerificationError,
 )
 from graphpatch.limits import check_tokens
-from graphpatch.plan import Specs, known, named, resolve
+from graphpatch.plan import Specs, known, named, resolve, undoable
 from graphpatch.ranks import agree, anywhere, everywhere
 from graphpatch.report import REWRITTEN, ModelCheck, Report
 from graphpatch.sites import apply_site
@@ -214,7 +214,7 @@ def revert(model: nn.Module, passes: Specs | None = None) -> list[str]:
         ``pass:path`` for each site restored.
     """
     restored = []
-    for p in reversed(known() if passes is None else named(passes)):
+    for p in reversed(undoable() if passes is None else named(passes)):
         for path in p.applied(model):
             kept = p.replaced(model, path) if p.replaced else []
             p.undo(model, path)

@@ -28,7 +28,7 @@ from graphpatch.checks import (
     model_classes,
     read_config,
 )
-from graphpatch.contract import Context, GraphpatchError
+from graphpatch.contract import Context, GraphpatchError, PassSpecError
 from graphpatch.loading import (
     mlx_lm_load_checked,
     model_path,
@@ -102,6 +102,10 @@ def load(
     Raises:
         LoadError: the directory cannot be loaded; the message says why.
     """
+    if verify not in trust.MODES:  # before a plain directory hides it
+        raise PassSpecError(
+            f"verify must be one of {', '.join(trust.MODES)}", argument="verify"
+        )
     if passes is not None:
         named(passes)  # known by name before the save's record is read
     model_dir = model_path(path_or_hf_repo)
@@ -321,7 +325,10 @@ def _saved_problem(saved, marked: bool) -> str | None:
     for entry in entries:
         name, sites = entry.get("name"), entry.get("sites")
         if name not in by_name():
-            return f"unknown pass {name!r} (a pass of your own: name it first)"
+            return (
+                f"unknown pass {name!r} (a pass of your own: give it to "
+                "graphpatch.load(..., passes=[...]))"
+            )
         if not isinstance(sites, list) or not all(isinstance(x, str) for x in sites):
             return f"{name}: sites is not a list of paths"
         problem = check_options(name, entry.get("options"))

@@ -40,15 +40,22 @@ NOT_SPECS = "passes must be a string of pass specs or a list of them"
 CONTROL = "holds a control character"
 NAME = re.compile(r"[a-z][a-z0-9_]*")  # a flag, and GRAPHPATCH_<NAME> in the env
 BAD_NAME = "a pass name is lowercase letters, digits and _ (a flag and an env switch)"
-TAKEN = "{name} is already the name of another pass"
+TAKEN = "{name} is already the name of another pass or of a graphpatch variable"
 
 _users: dict[str, Pass] = {}  # users' own passes, by name, first named first
+_replaced: list[Pass] = []  # earlier objects of a user's pass name (reloaded)
 
 
 def known() -> list[Pass]:
     """Every pass graphpatch can undo, save and reopen: its own in canonical
     order, then each user's pass that has been named."""
     return [*PASSES.values(), *_users.values()]
+
+
+def undoable() -> list[Pass]:
+    """``known``, and the earlier objects of a user's pass name: ``revert``
+    undoes what each rewrote."""
+    return [*known(), *reversed(_replaced)]
 
 
 def by_name() -> dict[str, Pass]:
@@ -61,9 +68,11 @@ def adopt(p: Pass) -> Pass:
     of graphpatch's."""
     if not isinstance(p.name, str) or not NAME.fullmatch(p.name):
         raise PassSpecError(f"{BAD_NAME}: {printable(repr(p.name), 60)}")
-    if PASSES.get(p.name, p) is not p:
+    if PASSES.get(p.name, p) is not p or p.env in OTHER_ENV:
         raise PassSpecError(TAKEN.format(name=p.name))
     if p.name not in PASSES:
+        if _users.get(p.name, p) is not p:
+            _replaced.append(_users[p.name])  # what it rewrote is still undone
         _users[p.name] = p
     return p
 
@@ -214,12 +223,15 @@ def resolve(
             read (an unknown GRAPHPATCH_ variable is only a warning).
     """
     env = os.environ if env is None else env
+    if passes is not None:
+        specs = _specs(passes, "passes")
+        for spec in specs:  # a user's pass is known before its switch is read
+            if isinstance(spec, Pass):
+                adopt(spec)
     switches, warnings = _switches(env), unknown_variables(env)
     if passes is None:
         specs = _specs(env.get("GRAPHPATCH_PASSES", ""), "GRAPHPATCH_PASSES")
         specs += [name for name, on in switches.items() if on]
-    else:
-        specs = _specs(passes, "passes")
     chosen: dict[str, Options] = {}
     for spec in specs:
         p, options = parse_spec(spec)

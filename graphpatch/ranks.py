@@ -38,3 +38,12 @@ def everywhere(ok: bool) -> bool:
         return ok
     failed = mx.distributed.all_sum(mx.array(0 if ok else 1), group=group)
     return failed.item() == 0
+
+
+def same_everywhere(text: str) -> bool:
+    """Whether every rank of the global group holds the same ``text``."""
+    group = mx.distributed.init()
+    if group.size() == 1:
+        return True
+    mine = mx.array([zlib.crc32(text.encode())], mx.uint32)
+    return len(set(mx.distributed.all_gather(mine, group=group).tolist())) == 1

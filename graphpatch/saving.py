@@ -69,12 +69,12 @@ REPLACED = (
 )
 NOT_REOPENED = (
     "the save would not reopen as this model ({reason}): nothing was written; "
-    "is source_dir the directory the model was loaded from, and was it not "
-    "changed (quantized, say) since?"
+    "is the source the directory the model was loaded from, and was the model "
+    "not changed (quantized, say) since?"
 )
 REOPENS_ELSEWHERE = (
     "the save reopens to other logits than the model's (max error {error:.3g}, "
-    "tolerance {tolerance:.3g}): nothing was written; is source_dir the "
+    "tolerance {tolerance:.3g}): nothing was written; is the source the "
     "directory the model was loaded from?"
 )
 
@@ -159,8 +159,8 @@ def _prepare(source_dir: Path, out: Path, place: Path, force: bool) -> list[str]
         check_out(source_dir, out, force)
         weights = sum(f.stat().st_size for f in source_dir.glob("*.safetensors"))
         check_room(out, weights + sum(f.stat().st_size for f in copies(source_dir)))
-    except SaveError as e:  # what was tidied is said all the same
-        raise SaveError("; ".join([*done, str(e)])) from None
+    except SaveError as e:  # what was tidied is said all the same (after)
+        raise SaveError("; ".join([str(e), *done]), argument=e.argument) from None
     return done + [NOT_COPIED.format(name=name) for name in linked_folders(source_dir)]
 
 

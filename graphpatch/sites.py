@@ -37,7 +37,10 @@ def apply_site(
     if not context.unverified:
         result.reason = _rewrite_verified(model, p, site, options, context, result)
     else:
-        result.note = p.rewrite(model, site, options, context)
+        held = _hold(model, site.path)
+        result.reason = _rewrite(model, p, site, options, context, result, False)
+        if result.reason:
+            _restore(held)
     if result.reason:
         return result
     tune = p.proof.tune
@@ -69,22 +72,22 @@ def _rewrite_verified(
     except Exception as e:
         return f"cannot run the site on a probe: {e}"
     held = _hold(model, site.path)
-    result.note = p.rewrite(model, site, options, context)
-    mx.eval(module_at(model, site.path).parameters())
-    try:
-        cmp = compare(reference, run())
-    except Exception as e:
-        _restore(held)
-        return f"rewritten site failed on the probe, restored: {e}"
-    result.max_error, result.tolerance, result.top1, result.dtype = (
-        cmp.max_error,
-        cmp.tolerance,
-        cmp.top1,
-        cmp.dtype,
-    )
-    ok = everywhere(cmp.ok) if site.collective else cmp.ok
+    cmp, reason = None, _rewrite(model, p, site, options, context, result, True)
+    if reason is None:
+        try:
+            cmp = compare(reference, run())
+        except Exception as e:
+            reason = f"rewritten site failed on the probe, restored: {e}"
+    ok = cmp is not None and cmp.ok
+    if site.collective:
+        ok = everywhere(ok)  # every rank joins, whatever failed where
+    if cmp is not None:
+        result.max_error, result.tolerance = cmp.max_error, cmp.tolerance
+        result.top1, result.dtype = cmp.top1, cmp.dtype
     if not ok:
         _restore(held)
+        if reason or cmp is None:
+            return reason or ANOTHER_RANK
         if cmp.ok:
             return ANOTHER_RANK
         return (
@@ -97,6 +100,27 @@ def _rewrite_verified(
         _restore(held)
         return reason
     result.verified = True
+    return None
+
+
+def _rewrite(
+    model: nn.Module,
+    p: Pass,
+    site: Site,
+    options: Options,
+    context: Context,
+    result: SiteResult,
+    evaluate: bool,
+) -> str | None:
+    """Rewrite (and evaluate what it built); the reason when it raised, and
+    the caller restores the held originals: a rewrite that failed half-way
+    must not stay half-done."""
+    try:
+        result.note = p.rewrite(model, site, options, context)
+        if evaluate:
+            mx.eval(module_at(model, site.path).parameters())
+    except Exception as e:
+        return f"the rewrite raised {type(e).__name__}: {e}; restored"
     return None
 
 

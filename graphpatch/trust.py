@@ -18,7 +18,6 @@ verifies nothing.
 
 import datetime
 import hashlib
-import inspect
 import json
 import os
 import stat
@@ -36,6 +35,7 @@ from graphpatch._version import __version__
 from graphpatch.contract import Pass, PassSpecError, module_at
 from graphpatch.manager import apply as apply_passes
 from graphpatch.plan import resolve
+from graphpatch.ranks import everywhere, same_everywhere
 from graphpatch.report import RecordUse, Report, printable
 
 MODES = ("always", "cached", "never")
@@ -87,6 +87,7 @@ def key(
         "passes": [f"{p.name}{sorted(o.items())}" for p, o in plan],
         "code": _code([p for p, _ in plan]),
         "adapter": _adapter(model, adapter_path),
+        "ranks": mx.distributed.init().size(),  # a 4-rank split is not a 2-rank one
     }
     return _sha256(json.dumps(parts).encode())[:32]
 
@@ -148,22 +149,15 @@ def _code(plan: list[Pass]) -> str:
 
 
 def _pass_files(p: Pass) -> list[Path] | None:
-    """The pass's module, or its whole package; a user's pass by the file its
-    ``find`` is in. None when there is no source file to read."""
+    """The pass's module, or its whole package. None for a user's pass: its
+    hooks, markers and helpers may live in any file (one edited behind a
+    record would be trusted), so it is verified at every start."""
     name = p.find.__module__
-    if name.startswith("graphpatch.passes."):
-        name = ".".join(name.split(".")[:3])  # the pass's module or package
-    module = sys.modules.get(name)
-    if module is not None and getattr(module, "__file__", None):
-        file = Path(str(module.__file__))
-        return (
-            sorted(file.parent.rglob("*.py")) if hasattr(module, "__path__") else [file]
-        )
-    try:  # a module loaded by path and never registered (a user's script)
-        source = inspect.getsourcefile(p.find)
-    except TypeError:
+    if not name.startswith("graphpatch.passes."):
         return None
-    return [Path(source)] if source and Path(source).is_file() else None
+    module = sys.modules[".".join(name.split(".")[:3])]  # its module or package
+    file = Path(str(module.__file__))
+    return sorted(file.parent.rglob("*.py")) if hasattr(module, "__path__") else [file]
 
 
 def _adapter(model: nn.Module | None, adapter_path: str | Path | None) -> list:
@@ -235,11 +229,13 @@ def _applied(
     record = None
     if mode == "cached" and file is not None:
         record, problem = _read(file)
+    if mode == "cached" and not _everyone_holds(record, file):
+        record = None  # every rank verifies, so their collectives pair
     if record is not None:
         if progress:
             progress(TRUSTING.format(file=file))
         report = apply_with(False, progress=None)
-        if record["sites"] == _sites(report):
+        if everywhere(record["sites"] == _sites(report)):
             report.record = f"verified on {printable(record['date'])}, record {file}"
             report.record_used = RecordUse(str(file), record["date"], trusted=True)
             settle(model, report)
@@ -251,6 +247,14 @@ def _applied(
     if report.passes and file is not None and not (problem or "").startswith(CACHE_OFF):
         _write(file, model_dir, report)
     return report
+
+
+def _everyone_holds(record: dict | None, file: Path | None) -> bool:
+    """Whether every rank of the group has a record, of one and the same
+    key: a rank that verifies runs collectives the trusting ones never join,
+    and ranks that loaded other models must be checked, not trusted."""
+    same = same_everywhere(str(file and file.name))
+    return everywhere(record is not None) and same
 
 
 def _record_file(model, passes, model_dir: Path, adapter_path) -> tuple:
@@ -375,8 +379,8 @@ def carry(save_dir: Path, specs: list[str], report: Report) -> str | None:
     Only the apply's own sites are carried: a source that was itself a save
     (passes the report does not cover) carries nothing.
     """
-    if report.record_used is None or report.rolled_back:
-        return None  # nothing was verified, or the verification is not kept
+    if not specs or report.record_used is None or report.rolled_back:
+        return None  # nothing recorded, verified, or kept
     plan, _ = resolve(specs)
     covered = _sites(report)
     if any(p.name not in covered for p, _ in plan):

@@ -22,6 +22,7 @@ CONTRIBUTING = Path(__file__).parents[1] / "CONTRIBUTING.md"
 def known_for_this_test_only(monkeypatch):
     """Users' passes are known for the rest of a process: not past a test."""
     monkeypatch.setattr(plan, "_users", {})
+    monkeypatch.setattr(plan, "_replaced", [])
 
 
 @pytest.fixture(scope="module")
