@@ -14,9 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import mlx.core as mx
+import mlx_lm
 import numpy as np
 from hypothesis import HealthCheck, settings
 from mlx.utils import tree_flatten
+from mlx_lm.tuner.utils import linear_to_lora_layers
 from mlx_lm.utils import quantize_model
 from typer.testing import CliRunner
 
@@ -251,3 +253,22 @@ def launch(script: str, *args: str, n: int = 2) -> list[dict]:
     for r in results:
         assert r.returncode == 0, f"rank {r.rank} ({r.returncode}):\n{r.stderr}"
     return [json.loads(r.stdout.strip().splitlines()[-1]) for r in results]
+
+
+# adapters
+
+
+def write_adapter(model_dir: Path, out: Path) -> Path:
+    """An adapter directory as mlx-lm's lora writes it, its deltas non-zero."""
+    model, _ = mlx_lm.load(str(model_dir))
+    model.freeze()
+    lora = {"rank": 4, "scale": 10.0, "dropout": 0.0}
+    linear_to_lora_layers(model, 2, lora)
+    trained = {}
+    for i, (name, array) in enumerate(tree_flatten(model.trainable_parameters())):
+        trained[name] = mx.random.normal(array.shape, key=mx.random.key(i)) * 0.05
+    out.mkdir()
+    mx.save_safetensors(str(out / "adapters.safetensors"), trained)
+    config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": lora}
+    (out / "adapter_config.json").write_text(json.dumps(config))
+    return out

@@ -10,10 +10,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx_lm
 import pytest
-from helpers import TOKENS, assert_same_bits, snapshot
-from mlx.utils import tree_flatten
+from helpers import TOKENS, assert_same_bits, snapshot, write_adapter
 from mlx_lm.tuner.lora import LoRALinear
-from mlx_lm.tuner.utils import linear_to_lora_layers
 
 import graphpatch
 from graphpatch.parts import FusedPart
@@ -22,26 +20,10 @@ LORA = {"rank": 4, "scale": 10.0, "dropout": 0.0}
 WORDS = "the quick brown fox jumps over a lazy dog while the cat sat on a mat"
 
 
-def _adapter(model_dir: Path, out: Path) -> Path:
-    """An adapter directory for ``model_dir``, as mlx-lm's lora writes it,
-    with non-zero deltas (a trained adapter's lora_b is not zero)."""
-    model, _ = mlx_lm.load(str(model_dir))
-    model.freeze()
-    linear_to_lora_layers(model, 2, LORA)
-    trained = {}
-    for i, (name, array) in enumerate(tree_flatten(model.trainable_parameters())):
-        trained[name] = mx.random.normal(array.shape, key=mx.random.key(i)) * 0.05
-    out.mkdir()
-    mx.save_safetensors(str(out / "adapters.safetensors"), trained)
-    config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": LORA}
-    (out / "adapter_config.json").write_text(json.dumps(config))
-    return out
-
-
 @pytest.mark.parametrize("build", [{}, {"quant": "affine4"}])
 def test_an_adapted_model_is_fused_with_its_adapters_kept(zoo_dir, tmp_path, build):
     model_dir = zoo_dir("llama", **build)
-    adapter = _adapter(model_dir, tmp_path / "adapter")
+    adapter = write_adapter(model_dir, tmp_path / "adapter")
     model, tokenizer = mlx_lm.load(str(model_dir), adapter_path=str(adapter))
     before = snapshot(model)
     reference = model(TOKENS)

@@ -15,10 +15,8 @@ from pathlib import Path
 import mlx.core as mx
 import mlx_lm
 import pytest
-from helpers import GRAPHPATCH, TOKENS, free_port, run, write_golden
-from mlx.utils import tree_flatten
+from helpers import GRAPHPATCH, TOKENS, free_port, run, write_adapter, write_golden
 from mlx_lm.tuner.lora import LoRALinear
-from mlx_lm.tuner.utils import linear_to_lora_layers
 
 import graphpatch
 from graphpatch import golden, trust
@@ -147,22 +145,6 @@ def test_progress_says_a_record_is_trusted_not_site_by_site(zoo_dir, tmp_path):
 
 
 # graphpatch.load in mlx_lm.load's shapes
-
-
-def write_adapter(model_dir: Path, out: Path) -> Path:
-    """An adapter directory as mlx-lm's lora writes it, its deltas non-zero."""
-    model, _ = mlx_lm.load(str(model_dir))
-    model.freeze()
-    lora = {"rank": 4, "scale": 10.0, "dropout": 0.0}
-    linear_to_lora_layers(model, 2, lora)
-    trained = {}
-    for i, (name, array) in enumerate(tree_flatten(model.trainable_parameters())):
-        trained[name] = mx.random.normal(array.shape, key=mx.random.key(i)) * 0.05
-    out.mkdir()
-    mx.save_safetensors(str(out / "adapters.safetensors"), trained)
-    config = {"fine_tune_type": "lora", "num_layers": 2, "lora_parameters": lora}
-    (out / "adapter_config.json").write_text(json.dumps(config))
-    return out
 
 
 def test_load_returns_what_mlx_lm_load_returns(zoo_dir):
