@@ -12,7 +12,11 @@ times are noise about what a cluster would see; bytes, peaks and collectives
 are what the pass changes. Then the seed's scale on paper: a 2-node 400B-class
 MoE's bytes per rank and collective bytes per token.
 
-    python benchmarks/shard.py [--layers N] [--steps N]
+With ``--vs-mlx-lm``: every architecture whose mlx-lm module has its own
+``Model.shard()``, from its small config, sharded on 2 ranks by shard and by
+mlx-lm: the largest difference of their logits and each one's bytes per rank.
+
+    python benchmarks/shard.py [--layers N] [--steps N] [--vs-mlx-lm]
 """
 
 import argparse
@@ -118,14 +122,56 @@ def on_paper() -> list[str]:
     ]
 
 
+def vs_mlx_lm() -> None:
+    import contextlib
+    import importlib
+    import io
+
+    from graphpatch.testing import ring, zoo
+    from graphpatch.testing.small_configs import architectures
+
+    script = Path(__file__).parents[1] / "tests" / "ranks" / "shard_logits.py"
+    print(
+        f"{'architecture':>22} {'blocks':>6} {'skipped':>7} {'max |ours - mlx-lm|':>20}"
+        f" {'ours/mlx-lm bytes':>17}"
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in architectures():
+            try:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    if not hasattr(
+                        importlib.import_module(f"mlx_lm.models.{name}").Model, "shard"
+                    ):
+                        continue
+                    model_dir = zoo.build(name, Path(tmp) / name)
+            except BaseException as e:  # a module may exit on import
+                print(f"{name:>22} not built: {type(e).__name__}")
+                continue
+            case = f"{model_dir},shard,mlx-lm"
+            results = ring.launch([sys.executable, str(script), case], 2, timeout=300)
+            if any(r.returncode for r in results):
+                last = results[0].stderr.strip().splitlines()[-1:] or ["no output"]
+                print(f"{name:>22} failed: {last[0][:100]}")
+                continue
+            r = json.loads(results[0].stdout.splitlines()[-1])
+            theirs = r["mlx_lm"]
+            print(
+                f"{name:>22} {len(r['rewritten']):6d} {len(r['skipped']):7d} "
+                f"{theirs['vs_ours']:20.3g} {r['bytes'][1] / theirs['bytes']:17.2f}"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--vs-mlx-lm", action="store_true")
     parser.add_argument("--rank", help=argparse.SUPPRESS)  # a rank's model dir
     args = parser.parse_args()
     if args.rank:
         return rank_main(args.rank, args.steps)
+    if args.vs_mlx_lm:
+        return vs_mlx_lm()
 
     from graphpatch.testing import ring, zoo
 
