@@ -2,7 +2,10 @@
 real zoo models, against the unsharded model and mlx-lm's own shard(); and
 in one process, every rank's block summed (the all_sum's maths)."""
 
+import contextlib
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -302,3 +305,62 @@ def test_heads_and_kv_heads_of_any_count_split_or_say_why(heads, groups, n, hidd
         assert c.reason is None or "off by" not in c.reason, c
         if c.kind == "attention" and c.reason is None:
             assert heads % n == 0 and (kv % n == 0 or n % kv == 0)
+
+
+@contextlib.contextmanager
+def two_hosts():
+    """Two network namespaces joined by a veth pair, 10.77.x.1 and .2: two
+    hosts on a real link, not loopback. Skips where namespaces cannot be made."""
+    names = [f"gp{os.getpid()}r{r}" for r in range(2)]
+    subnet = f"10.77.{os.getpid() % 250}"
+    steps = [
+        *(["ip", "netns", "add", name] for name in names),
+        ["ip", "link", "add", f"{names[0]}v", "type", "veth", "peer", f"{names[1]}v"],
+    ]
+    for r, name in enumerate(names):
+        steps += [
+            ["ip", "link", "set", f"{name}v", "netns", name],
+            [
+                "ip",
+                "-n",
+                name,
+                "addr",
+                "add",
+                f"{subnet}.{r + 1}/24",
+                "dev",
+                f"{name}v",
+            ],
+            ["ip", "-n", name, "link", "set", f"{name}v", "up"],
+            ["ip", "-n", name, "link", "set", "lo", "up"],
+        ]
+    try:
+        for step in steps:
+            done = subprocess.run(step, capture_output=True, text=True)
+            if done.returncode:
+                pytest.skip(f"no network namespaces here: {done.stderr.strip()}")
+        yield names, [f"{subnet}.{r + 1}" for r in range(2)]
+    finally:
+        for name in names:
+            subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def test_two_hosts_on_a_real_link(zoo_dir, tmp_path):
+    case = f"{zoo_dir('qwen3_moe')},shard"
+    with two_hosts() as (names, addresses):
+        hostfile = tmp_path / "hostfile.json"
+        hostfile.write_text(json.dumps([[f"{a}:5977"] for a in addresses]))
+        ranks = []
+        for r, name in enumerate(names):
+            env = {**os.environ, "MLX_RANK": str(r), "MLX_HOSTFILE": str(hostfile)}
+            command = ["ip", "netns", "exec", name, sys.executable]
+            command += [str(RANKS / "shard_logits.py"), case]
+            ranks.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE))
+        try:
+            outputs = [rank.communicate(timeout=120)[0] for rank in ranks]
+        finally:
+            for rank in ranks:
+                rank.kill()
+    for r, out in enumerate(outputs):
+        assert ranks[r].returncode == 0
+        result = json.loads(out.decode().splitlines()[-1])
+        assert result["rank"] == r and result["ok"] and len(result["rewritten"]) == 4
