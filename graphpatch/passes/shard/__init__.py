@@ -28,7 +28,9 @@ Preconditions: a group of more than one rank; head counts held in attributes
                every split size divisible by N; no quantization group cut by
                a split; no norm over the split axis (MiniMax's q/k norm over
                every head); no per-block array the pass cannot place; a
-               block whose output is one array; no pipeline on the group.
+               block whose output is one array; not recurrent (Mamba,
+               GatedDeltaNet: kept whole); no pipeline on the group; the
+               same model on every rank (else one error on every rank).
 Equivalence:   each block's output after its all_sum equals the unsharded
                block's on the inputs the model fed it, on every rank, within
                the dtype tolerance of ``compare.TOLERANCE``: the all_sum
@@ -36,7 +38,9 @@ Equivalence:   each block's output after its all_sum equals the unsharded
                each rounded, then summed), which float32's 1e-5 relative
                bound holds by orders of magnitude; half types round each
                partial once more, within their bound at N = 2 on the zoo.
-               Then the model's logits, on every rank.
+               Then the model's logits, on every rank: held to the logits'
+               dtype, which float32 logits over half activations (Gemma 3's
+               float32 norms) can exceed over many reordered sums.
 """
 
 import zlib
