@@ -45,7 +45,7 @@ def launch(*cases: str, n: int = 2) -> list[list[dict]]:
 def two_ranks(zoo_dir):
     cases = {
         "lazy": (zoo_dir("llama"), "shard", "lazy", "mlx-lm"),
-        "float": (zoo_dir("llama"), "shard", "mlx-lm", "revert"),
+        "float": (zoo_dir("llama"), "shard", "mlx-lm", "twice", "revert"),
         "quantized": (zoo_dir("llama", quant="affine4"), "shard", "mlx-lm"),
         "kv1": (zoo_dir("llama", num_key_value_heads=1), "shard", "fuse"),
         "bf16": (zoo_dir("qwen3", dtype="bfloat16"), "shard"),
@@ -126,6 +126,11 @@ def test_revert_and_fusion_on_sharded_models(two_ranks):
     for name in ("kv1", "moe"):
         for r in two_ranks[name]:
             assert r["fused"] >= 5 and r["fused_error"] == 0.0, name
+
+
+def test_a_second_apply_says_already_applied(two_ranks):
+    for r in two_ranks["float"]:
+        assert r["again"] == [shard.ALREADY_APPLIED] and r["again_error"] == 0.0
 
 
 def test_a_sharded_model_is_not_saved(two_ranks):

@@ -6,7 +6,8 @@ and applies unverified, then evaluates one array at a time, measuring the
 peak against mlx-lm's sharded_load (shard, then one eval of everything);
 ``revert`` reverts after and compares bit for bit; ``fuse`` applies fuse_glu,
 fuse_qkv and last_token after shard and compares with the sharded-unfused
-logits; ``save`` tries to save the sharded model; ``pipeline`` pipelines
+logits; ``save`` tries to save the sharded model; ``twice`` applies the
+spec again; ``pipeline`` pipelines
 the model over the group first (mlx-lm's ``model.model.pipeline``);
 ``unverified`` applies unverified to a model loaded whole; ``thread`` runs
 the model first on another thread (a server's), its slices unevaluated. Prints
@@ -88,6 +89,10 @@ def case(path: str, spec: str, flags: list[str], group) -> dict:
         "sites": [[s.bytes_before, s.bytes_after] for s in report.rewritten()],
         "peak": peak,
     }
+    if "twice" in flags:
+        again = graphpatch.apply(model, [spec])
+        result["again"] = sorted({s.reason for s in again.sites})
+        result["again_error"] = mx.abs(logits(model) - got).max().item()
     if "save" in flags:
         with tempfile.TemporaryDirectory() as out:
             try:
