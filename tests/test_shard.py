@@ -54,6 +54,8 @@ def two_ranks(zoo_dir):
         "biases": (zoo_dir("starcoder2"), "shard"),
         "mla": (zoo_dir("deepseek_v3", quant="affine4"), "shard", "mlx-lm"),
         "sinks": (zoo_dir("gpt_oss"), "shard", "mlx-lm"),  # per-head sinks
+        # qwen3.5's GatedDeltaNet by its q/k/v segments and value heads
+        "delta": (zoo_dir("qwen3_5"), "shard", "mlx-lm", "revert"),
         # fused qkv_proj and gate_up_proj by segments; gpt_neox's fused
         # query_key_value holds whole heads; unverified, a one-process sum picks
         "segments": (zoo_dir("phi3"), "shard"),
@@ -99,6 +101,9 @@ def test_same_logits_and_bytes_as_mlx_lm_shard(two_ranks):
         for r in two_ranks[name]:
             assert r["mlx_lm"]["vs_ours"] == 0.0, name
             assert r["bytes"][1] <= r["mlx_lm"]["bytes"]
+    for r in two_ranks["delta"]:  # mlx-lm's qwen3.5 shard() splits its head too
+        assert r["mlx_lm"]["vs_ours"] == 0.0
+        assert r["bytes"][1] <= r["mlx_lm"]["bytes"] + 512 * 256 * 4 // 2
     # loaded lazily, sharded unverified, evaluated an array at a time: this
     # rank's part and one full array at most, never the whole model
     for r in two_ranks["lazy"]:
@@ -116,7 +121,7 @@ def test_moe_only_leaves_attention_whole(two_ranks):
 
 
 def test_revert_and_fusion_on_sharded_models(two_ranks):
-    for name in ("float", "moe", "experts"):
+    for name in ("float", "moe", "experts", "delta"):
         for r in two_ranks[name]:
             assert r["revert_exact"] and r["revert_bytes"] == r["bytes"][0]
             # moe's fuse_glu, fuse_qkv and head passes are reverted too

@@ -23,13 +23,17 @@ Rewrite:       attention: q, k, v (or a fused qkv: by its q/k/v segments,
                whole experts (no quantization group is ever cut), the
                router whole, picks of other ranks' experts giving zeros,
                one sum a block (shared experts split as above).
+               Recurrent blocks laid out as qwen3.5's GatedDeltaNet: q, k, v
+               segments of in_proj_qkv and of its conv1d's channels, z, b,
+               a, dt_bias and A_log by value heads, out_proj sharded-to-all;
+               other recurrent blocks (Mamba) stay whole.
 Preconditions: a group of more than one rank; head counts held in attributes
                named as counts and agreeing with the projections' shapes;
                every split size divisible by N; no quantization group cut by
                a split; no norm over the split axis (MiniMax's q/k norm over
                every head); no per-block array the pass cannot place; a
-               block whose output is one array; not recurrent (Mamba,
-               GatedDeltaNet: kept whole); no pipeline on the group; the
+               block whose output is one array; a recurrent block only as
+               qwen3.5's (Mamba's stays whole); no pipeline on the group; the
                same model on every rank (else one error on every rank).
 Equivalence:   each block's output after its all_sum equals the unsharded
                block's on the inputs the model fed it, on every rank, within
@@ -213,7 +217,7 @@ def rewrite(model: nn.Module, site: Site, options: Options, context: Context) ->
     layout = site.detail.get("layout", "segments")
     p = _plan(module, site.kind, group.size(), layout, options)
     assert not isinstance(p, str)  # find gave this site no skip
-    before = {name: vars(module)[name] for name in p.counts}
+    before = {name: _count(module, name) for name in p.counts}
     # unverified, the slices stay unevaluated until the model's first call,
     # which may come on another thread (fusion.joined's reason)
     where = any_thread() if context.unverified else mx.default_device()
@@ -223,6 +227,12 @@ def rewrite(model: nn.Module, site: Site, options: Options, context: Context) ->
     p.before = before
     replace_at(model, site.path, mark(new, marker, shard_plan=p, shard_group=group))
     return _note(p, before)
+
+
+def _count(module: nn.Module, name: str) -> int:
+    """A count the plan changes: the block's own, or a child's."""
+    head, _, key = name.rpartition(".")
+    return int(vars(module_at(module, head))[key])
 
 
 def _note(p: Plan, before: dict[str, int]) -> str:
@@ -241,7 +251,9 @@ def undo(model: nn.Module, path: str) -> None:
     for name, every in p.arrays.items():
         parts = mx.distributed.all_gather(module[name][None], group=group)
         module[name] = _rows_back(parts, every)
-    vars(module).update(p.before)
+    for name, value in p.before.items():
+        head, _, key = name.rpartition(".")
+        vars(module_at(module, head))[key] = value
     if p.experts:
         unmark_at(module, p.experts)
     unmark_at(model, path)

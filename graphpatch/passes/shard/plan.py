@@ -1,5 +1,6 @@
 """The plan of any block the pass finds: attention, MLP, MoE."""
 
+import mlx.core as mx
 import mlx.nn as nn
 
 from graphpatch.passes.shard.attention import plan_attention
@@ -13,6 +14,7 @@ from graphpatch.passes.shard.blocks import (
     fused_name,
     mlp_names,
 )
+from graphpatch.passes.shard.heads import HEADS_NOT_DIVISIBLE
 from graphpatch.passes.shard.split import even, in_dims, out_dims, why_not_split
 
 LAYOUTS = ("segments", "heads")
@@ -39,7 +41,7 @@ def layouts(module: nn.Module, kind: str) -> tuple[str, ...]:
 def plan(module: nn.Module, kind: str, n: int, layout: str = "segments") -> Plan | str:
     """The block's plan over ``n`` ranks, or the reason it has none."""
     if kind == "recurrent":
-        return RECURRENT.format(cls=type(module).__name__)
+        return plan_delta(module, n)
     if kind == "attention":
         return plan_attention(module, n, layout)
     if kind == "mlp":
@@ -96,4 +98,45 @@ def _moe(module: nn.Module, n: int) -> Plan | str:
                 if isinstance(shared, str):
                     return f"{name}: {shared}"
                 p.parts.update(shared.parts)
+    return p
+
+
+# A gated delta net laid out as qwen3.5's: q, k and v one after the other in
+# in_proj_qkv and in the channels of its depthwise conv1d; z, b, a and the
+# per-head dt_bias and A_log by value heads; out_proj by its inputs.
+DELTA = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a", "conv1d", "out_proj")
+DELTA_SIZES = ("num_k_heads", "num_v_heads", "key_dim", "value_dim", "conv_dim")
+
+
+def plan_delta(module: nn.Module, n: int) -> Plan | str:
+    """A recurrent block's plan, where its segments are known (above)."""
+    sizes = {k: vars(module).get(k) for k in DELTA_SIZES}
+    known = all(isinstance(module.get(k), nn.Module) for k in DELTA)
+    if not known or any(type(v) is not int for v in sizes.values()):
+        return RECURRENT.format(cls=type(module).__name__)
+    hk, hv, kd, vd, channels = (int(v) for v in sizes.values())
+    if hk % n or hv % n:
+        return HEADS_NOT_DIVISIBLE.format(heads=f"{hk} k and {hv} v", n=n)
+    conv = module["conv1d"]
+    if channels != 2 * kd + vd or conv.weight.shape[0] != channels:
+        return RECURRENT.format(cls=type(module).__name__)
+    segments = [even(kd, n), even(kd, n), even(vd, n)]
+    offsets = [0, kd, 2 * kd]
+    pieces = list(zip(segments, offsets, strict=True))
+    every = [[(a + o, b + o) for seg, o in pieces for a, b in seg[r]] for r in range(n)]
+    p = Plan(n, counts={k: int(v) // n for k, v in sizes.items()})
+    p.counts["conv1d.groups"] = conv.groups // n
+    rows = {"in_proj_qkv": every, "in_proj_z": even(vd, n)}
+    rows |= {"in_proj_b": even(hv, n), "in_proj_a": even(hv, n)}
+    for name, split in rows.items():
+        if why := why_not_split(name, module[name], "rows", n):
+            return why
+        p.parts[name] = ("rows", split, True)
+    if why := why_not_split("out_proj", module["out_proj"], "cols", n):
+        return why
+    p.parts["out_proj"] = ("cols", even(vd, n), True)
+    p.parts["conv1d"] = ("heads", every, False)  # its channels, on axis 0
+    for name, array in module.items():
+        if isinstance(array, mx.array) and array.ndim and array.shape[0] == hv:
+            p.arrays[name] = even(hv, n)
     return p

@@ -27,7 +27,9 @@ def local(
         parent[key] = layer
     for name, every in p.arrays.items():
         new[name] = take_rows(new[name], every[rank])
-    vars(new).update(p.counts)
+    for name, value in p.counts.items():  # the block's, or a child's (conv1d.groups)
+        head, _, key = name.rpartition(".")
+        vars(_copied(copies, head))[key] = value
     if p.experts:
         inside = [v for k, v in p.parts.items() if k.startswith(p.experts + ".")]
         (first, stop), *_ = inside[0][1][rank]  # this rank's experts
