@@ -52,8 +52,12 @@ FLAG_WORDS = {"(force replaces it)": "(--force replaces it)"}
 def in_flags(error: BaseException) -> str:
     """A library error in the CLI's words."""
     message, argument = str(error), getattr(error, "argument", None)
-    if argument in FLAGS and message.startswith(f"{argument} "):
-        message = FLAGS[argument] + message[len(argument) :]
+    if argument in FLAGS:  # each clause that begins with it ("a; out ...")
+        clauses = message.split("; ")
+        for i, clause in enumerate(clauses):
+            if clause.startswith(f"{argument} "):
+                clauses[i] = FLAGS[argument] + clause[len(argument) :]
+        message = "; ".join(clauses)
     for words, flagged in FLAG_WORDS.items():
         message = message.replace(words, flagged)
     return message

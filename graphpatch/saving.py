@@ -159,8 +159,8 @@ def _prepare(source_dir: Path, out: Path, place: Path, force: bool) -> list[str]
         check_out(source_dir, out, force)
         weights = sum(f.stat().st_size for f in source_dir.glob("*.safetensors"))
         check_room(out, weights + sum(f.stat().st_size for f in copies(source_dir)))
-    except SaveError as e:  # what was tidied is said all the same (after)
-        raise SaveError("; ".join([str(e), *done]), argument=e.argument) from None
+    except SaveError as e:  # what was tidied is said all the same
+        raise SaveError("; ".join([*done, str(e)]), argument=e.argument) from None
     return done + [NOT_COPIED.format(name=name) for name in linked_folders(source_dir)]
 
 
