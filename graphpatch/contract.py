@@ -199,6 +199,9 @@ class Pass:
         replaced: the parts of a rewritten site the user has replaced since
             (``up_proj`` after ``mlp.up_proj = ...``). ``undo`` and ``plain``
             keep such a part as the user left it; a save refuses.
+        tensor_parallel: the pass itself splits the model over the world
+            group, so ``graphpatch run`` hands mlx-lm's ``sharded_load`` the
+            model unsharded (every architecture), not to mlx-lm's ``shard()``.
     """
 
     name: str
@@ -213,6 +216,7 @@ class Pass:
     settings: Settings = Settings()
     requires: tuple[str, ...] = ()
     replaced: Callable[[nn.Module, str], list[str]] | None = None
+    tensor_parallel: bool = False
 
     @property
     def env(self) -> str:

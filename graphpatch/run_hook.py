@@ -95,6 +95,8 @@ def _wrap_loaders(utils) -> None:
 def _wrap(loader):
     @functools.wraps(loader)
     def load_and_patch(path_or_repo, *args, **kwargs):
+        if loader.__name__ == "sharded_load" and _graphpatch_shards(args, kwargs):
+            return _sharded(path_or_repo, *args, **kwargs)
         _state.depth = getattr(_state, "depth", 0) + 1
         try:
             result = loader(path_or_repo, *args, **kwargs)
@@ -113,6 +115,49 @@ def _wrap(loader):
 
     load_and_patch.graphpatch_wrapped = loader
     return load_and_patch
+
+
+def _graphpatch_shards(args: tuple, kwargs: dict) -> bool:
+    """A tensor-parallel ``sharded_load`` (no pipeline group) with a pass of
+    graphpatch's that shards the model itself (``Pass.tensor_parallel``):
+    mlx-lm's own ``shard()`` exists for a few architectures only."""
+    from graphpatch import plan
+
+    if kwargs.get("pipeline_group", args[0] if args else None) is not None:
+        return False
+    return any(p.tensor_parallel for p, _ in plan.resolve(None)[0])
+
+
+def _sharded(
+    repo,
+    pipeline_group=None,
+    tensor_group=None,
+    return_config: bool = False,
+    *,
+    tokenizer_config=None,
+    trust_remote_code: bool = False,
+):
+    """mlx-lm's ``sharded_load`` with graphpatch sharding: the model loaded
+    lazily, patched (sharded) before its weights are read, then evaluated one
+    array at a time, so no rank holds more than its part and one array."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    utils = sys.modules["mlx_lm.utils"]
+    model_path = utils._download(repo)
+    model, config = utils.load_model(
+        model_path, lazy=True, strict=False, trust_remote_code=trust_remote_code
+    )
+    tokenizer = utils.load_tokenizer(
+        model_path,
+        tokenizer_config or {"trust_remote_code": True},
+        eos_token_ids=config.get("eos_token_id", None),
+    )
+    _patch(model, repo)
+    for _, array in tree_flatten(model.parameters()):
+        mx.eval(array)
+    mx.eval(mx.distributed.all_sum(mx.array(1.0), stream=mx.cpu))  # in step
+    return (model, tokenizer, config) if return_config else (model, tokenizer)
 
 
 def _adapter_path(loader, args: tuple, kwargs: dict) -> str | None:

@@ -302,4 +302,5 @@ PASS = Pass(
     settings=Settings(
         defaults={"moe_only": False, "experts": False}, warnings=warnings
     ),
+    tensor_parallel=True,
 )

@@ -1,0 +1,26 @@
+"""``graphpatch run --passes shard`` around a program that loads with mlx-lm's
+``sharded_load`` (its server and chat under mlx.launch): every rank gets the
+model sharded by graphpatch, for an architecture mlx-lm cannot shard."""
+
+import json
+import sys
+
+import mlx.core as mx
+import mlx_lm
+from helpers import GRAPHPATCH, RANKS
+
+from graphpatch.testing import ring
+
+
+def test_sharded_load_shards_an_architecture_mlx_lm_cannot(zoo_dir):
+    model_dir = str(zoo_dir("starcoder2"))  # no shard() in mlx-lm
+    command = [sys.executable, str(RANKS / "sharded_load_run.py"), model_dir]
+    plain = ring.launch(command, 2, timeout=120)
+    patched = ring.launch([GRAPHPATCH, "run", "--passes", "shard", "--", *command])
+    reference = mlx_lm.load(model_dir)[0](mx.array([[5, 9, 33, 2, 17, 41, 8, 3]]))
+    for before, after in zip(plain, patched, strict=True):
+        assert before.returncode == after.returncode == 0, after.stderr
+        before, after = (json.loads(r.stdout.splitlines()[-1]) for r in (before, after))
+        assert "does not support any sharding" in before["error"]
+        assert after["sharded"] == 8  # 2 layers x q, k, v, c_fc
+        assert mx.allclose(mx.array(after["logits"]), reference[0, -1], atol=1e-4)
