@@ -145,9 +145,13 @@ def _sharded(
 
     utils = sys.modules["mlx_lm.utils"]
     model_path = utils._download(repo)
-    model, config = utils.load_model(
-        model_path, lazy=True, strict=False, trust_remote_code=trust_remote_code
-    )
+    _state.depth = getattr(_state, "depth", 0) + 1  # patched here, not inside
+    try:
+        model, config = utils.load_model(
+            model_path, lazy=True, strict=False, trust_remote_code=trust_remote_code
+        )
+    finally:
+        _state.depth -= 1
     tokenizer = utils.load_tokenizer(
         model_path,
         tokenizer_config or {"trust_remote_code": True},

@@ -20,6 +20,7 @@ def test_sharded_load_shards_an_architecture_mlx_lm_cannot(zoo_dir):
     reference = mlx_lm.load(model_dir)[0](mx.array([[5, 9, 33, 2, 17, 41, 8, 3]]))
     for before, after in zip(plain, patched, strict=True):
         assert before.returncode == after.returncode == 0, after.stderr
+        assert after.stderr.count("shard: 4 rewritten") == 1, after.stderr  # once
         before, after = (json.loads(r.stdout.splitlines()[-1]) for r in (before, after))
         assert "does not support any sharding" in before["error"]
         assert after["sharded"] == 8  # 2 layers x q, k, v, c_fc
