@@ -17,6 +17,7 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedLinear
 
 from graphpatch.contract import (
     Context,
@@ -42,6 +43,13 @@ from graphpatch.parts import (
 )
 from graphpatch.timing import interleaved_ratio
 
+# Dense layers whose arrays join on the output axis (a pass adds its own kinds).
+DENSE = (
+    nn.Linear,
+    nn.QuantizedLinear,
+    AllToShardedLinear,
+    QuantizedAllToShardedLinear,
+)
 NOT_A_LAYER = "{name} is a {cls}, not a linear layer that can be concatenated"
 KINDS_DIFFER = "{a} is a {x} and {b} a {y}"
 SETTING_DIFFERS = "{a} and {b} differ in {key} ({x} vs {y})"

@@ -60,3 +60,12 @@ def small_fs(tmp_path):
     yield mount
     for point in mounted:
         subprocess.run(["umount", point], check=True)
+
+
+@pytest.fixture
+def fresh_user_passes(monkeypatch):
+    """Users' passes are known for the rest of a process: not past a test."""
+    from graphpatch import plan
+
+    monkeypatch.setattr(plan, "_users", {})
+    monkeypatch.setattr(plan, "_replaced", [])

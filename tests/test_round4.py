@@ -12,7 +12,7 @@ import pytest
 from helpers import assert_same_bits, launch, run, snapshot
 
 import graphpatch
-from graphpatch import PassSpecError, plan, trust
+from graphpatch import PassSpecError, trust
 from graphpatch.contract import (
     Pass,
     Proof,
@@ -56,10 +56,7 @@ def _pass(name: str = "halved_norm", rewrite=None) -> Pass:
     )
 
 
-@pytest.fixture(autouse=True)
-def known_for_this_test_only(monkeypatch):
-    monkeypatch.setattr(plan, "_users", {})
-    monkeypatch.setattr(plan, "_replaced", [])
+pytestmark = pytest.mark.usefixtures("fresh_user_passes")
 
 
 def test_a_rewrite_that_raises_half_way_is_restored(load_zoo):

@@ -12,17 +12,13 @@ import pytest
 from helpers import TOKENS, assert_same_bits, snapshot
 
 import graphpatch
-from graphpatch import PassSpecError, plan
+from graphpatch import PassSpecError
 from graphpatch.passes import PASSES
 
 CONTRIBUTING = Path(__file__).parents[1] / "CONTRIBUTING.md"
 
 
-@pytest.fixture(autouse=True)
-def known_for_this_test_only(monkeypatch):
-    """Users' passes are known for the rest of a process: not past a test."""
-    monkeypatch.setattr(plan, "_users", {})
-    monkeypatch.setattr(plan, "_replaced", [])
+pytestmark = pytest.mark.usefixtures("fresh_user_passes")
 
 
 @pytest.fixture(scope="module")

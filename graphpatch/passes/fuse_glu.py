@@ -16,7 +16,6 @@ Equivalence:   every output of m, all positions, within the dtype tolerance.
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedLinear
 from mlx_lm.models.switch_layers import QuantizedSwitchLinear, SwitchLinear
 
 from graphpatch import fusion, tapped
@@ -34,14 +33,7 @@ from graphpatch.contract import (
 )
 from graphpatch.parts import FusedPart
 
-LAYERS = (
-    nn.Linear,
-    nn.QuantizedLinear,
-    AllToShardedLinear,
-    QuantizedAllToShardedLinear,
-    SwitchLinear,
-    QuantizedSwitchLinear,
-)
+LAYERS = (*fusion.DENSE, SwitchLinear, QuantizedSwitchLinear)
 EXPERTS = (SwitchLinear, QuantizedSwitchLinear)
 # fused name -> the projections it joins (the MLP applies each to its x)
 FUSIONS: dict[str, tuple[str, ...]] = {

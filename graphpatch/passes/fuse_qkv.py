@@ -14,7 +14,6 @@ Equivalence:   the three projections of every input the model fed q_proj,
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.nn.layers.distributed import AllToShardedLinear, QuantizedAllToShardedLinear
 
 from graphpatch import fusion, tapped
 from graphpatch.contract import (
@@ -29,12 +28,7 @@ from graphpatch.contract import (
     walk,
 )
 
-LAYERS = (
-    nn.Linear,
-    nn.QuantizedLinear,
-    AllToShardedLinear,
-    QuantizedAllToShardedLinear,
-)
+LAYERS = fusion.DENSE
 NAMES, FUSED = ("q_proj", "k_proj", "v_proj"), "qkv_proj"
 # Attention that ships its projections fused, under the names models use.
 SHIPPED = ("qkv_proj", "c_attn", "query_key_value", "Wqkv", "wqkv", "W_pack", "qkv")
