@@ -7,9 +7,8 @@ nothing else. A user's pass is known by its name from then on (``known``), so
 that ``revert``, ``save`` and ``load`` find it as they find graphpatch's. A
 control character in a spec is an error that names where it came from (a
 newline in ``GRAPHPATCH_PASSES`` must not read as one odd pass name). The env
-gives
-``GRAPHPATCH_PASSES`` and per-pass ``GRAPHPATCH_<NAME>=0/1`` switches (0 is a
-kill switch even for a named pass). Passes that another needs are pulled in;
+gives ``GRAPHPATCH_PASSES`` and per-pass ``GRAPHPATCH_<NAME>=0/1`` switches (0
+is a kill switch even for a named pass). Passes that another needs are pulled in;
 the plan is always in the one canonical order of ``PASSES``, users' passes
 after them in the order they were first named.
 """
