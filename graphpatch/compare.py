@@ -5,14 +5,17 @@ max absolute difference, judged against ``atol + rtol * max|reference|`` so
 that logits of any scale are held to the same relative standard.
 """
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
-# dtype -> (atol, rtol). float32 is tight: the rewrites reorder no reductions,
+# dtype -> (atol, rtol). float32 is tight: the fusions reorder no reductions,
 # so any real error is far above this. Half types round each output element
-# once more than float32 and get the looser bound.
+# once more than float32 and get the looser bound. A pass that does reorder
+# sums (shard's all_sums) is checked by ``reordered``'s written rule.
 TOLERANCE = {
     mx.float32: (1e-5, 1e-5),
     mx.float16: (2e-3, 2e-3),
@@ -33,10 +36,13 @@ class Comparison:
     tolerance: float
     top1: float  # fraction of rows whose argmax agrees
     dtype: str = "float32"  # what the outputs were computed in (the tolerance's)
+    scale: float = 0.0  # max |reference| over its finite values
+    every_top1: bool = False  # ok also needs every row's argmax to agree
 
     @property
     def ok(self) -> bool:
-        return self.max_error <= self.tolerance
+        within = self.max_error <= self.tolerance
+        return within and (not self.every_top1 or self.top1 == 1.0)
 
 
 def tolerance_for(dtype: mx.Dtype, scale: float) -> float:
@@ -67,8 +73,49 @@ def compare(reference: list[mx.array], actual: list[mx.array]) -> Comparison:
             rows += same.size
     top1 = agree / rows if rows else 1.0
     max_error = max(errors, default=0.0)
-    tolerance = tolerance_for(dtype, max(scales, default=0.0))
-    return Comparison(max_error, tolerance, top1, dtype_name(dtype))
+    scale = max(scales, default=0.0)
+    tolerance = tolerance_for(dtype, scale)
+    return Comparison(max_error, tolerance, top1, dtype_name(dtype), scale)
+
+
+def reordered(cmp: Comparison, sums: int, dtypes: list[str]) -> Comparison:
+    """The model check of a pass that reorders ``sums`` sums (tensor
+    parallelism: each rank sums its part, an all_sum adds the parts) in a
+    model that computes with arrays of ``dtypes`` (``float_dtypes``).
+
+    The rule: each such site was proven within its own dtype's tolerance, but
+    its outputs round otherwise than the original's, and the model may hold
+    its hidden states in its least precise dtype anywhere (Gemma's float16
+    residual under float32 norms and logits), where one changed rounding is
+    that dtype's. So the logits are held to the tolerance of the least precise
+    of ``dtypes`` at the logits' scale, times the square root of ``sums``
+    (independent roundings add like a random walk), and every row's top-1 must
+    agree. A wrong split moves the logits by their own scale and is caught by
+    its site check first."""
+    if not sums:
+        return cmp
+    loosest = _loosest([cmp.dtype, *dtypes])
+    widened = math.sqrt(sums) * tolerance_for(loosest, cmp.scale)
+    return replace(cmp, tolerance=max(cmp.tolerance, widened), every_top1=True)
+
+
+def reordered_rule(sums: int, dtypes: list[str]) -> str:
+    """``reordered``'s rule in words, for the report."""
+    loosest = dtype_name(_loosest(dtypes))
+    return f"{sums} reordered sums: sqrt({sums}) x {loosest}'s tolerance, every top-1"
+
+
+def float_dtypes(model: nn.Module) -> list[str]:
+    """The floating dtypes of the model's parameters (a quantized layer's
+    scales count, its packed integers do not)."""
+    found = {v.dtype for _, v in tree_flatten(model.parameters())}
+    return sorted(dtype_name(d) for d in found if mx.issubdtype(d, mx.floating))
+
+
+def _loosest(names: list[str]) -> mx.Dtype:
+    dtypes = [getattr(mx, name, mx.float32) for name in names]
+    known = [d for d in dtypes if d in TOLERANCE] or [mx.float32]
+    return max(known, key=lambda d: TOLERANCE[d][1])
 
 
 def logits_dtype(model: nn.Module) -> mx.Dtype:

@@ -73,6 +73,9 @@ class Site:
             rewrite it and on its check, so that none waits for another.
         changes_logits: the rewrite changes the model's logits by design
             (an untied head); the model check moves its reference on.
+        reorders_sums: the rewrite splits a sum the site computed whole (an
+            all_sum of each rank's part): its outputs round otherwise, and
+            the model check holds the pass to ``compare.reordered``'s rule.
         detail: the pass's own words for later hooks, never modules or arrays.
     """
 
@@ -82,6 +85,7 @@ class Site:
     note: str | None = None
     collective: bool = False
     changes_logits: bool = False
+    reorders_sums: bool = False
     detail: dict[str, str] = field(default_factory=dict)
 
 

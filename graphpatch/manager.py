@@ -17,8 +17,11 @@ from graphpatch.checks import LoadError
 from graphpatch.compare import (
     compare,
     dtype_name,
+    float_dtypes,
     last_logits,
     probe_tokens,
+    reordered,
+    reordered_rule,
 )
 from graphpatch.contract import (
     Context,
@@ -157,16 +160,23 @@ def _check_model(
     change the logits by design (each proven against its own site probe)."""
     rebase = any(s.changes_logits for s in sites)
     collective = any(s.collective for s in sites)
+    results = report.for_pass(p.name)[-len(sites) :] if sites else []
+    sums = sum(
+        s.reorders_sums and r.status == REWRITTEN
+        for s, r in zip(sites, results, strict=True)
+    )
+    dtypes = float_dtypes(model) if sums else []
     try:
         logits = last_logits(model, tokens)
-        cmp = compare([reference], [logits])
+        cmp = reordered(compare([reference], [logits]), sums, dtypes)
     except Exception as e:
         raise VerificationError(
             p.name, f"the model failed to run after it: {e!r}", report
         ) from e
     ok = cmp.ok or rebase
+    rule = reordered_rule(sums, dtypes) if sums else None
     report.checks.append(
-        ModelCheck(p.name, cmp.max_error, cmp.tolerance, cmp.top1, ok, rebase)
+        ModelCheck(p.name, cmp.max_error, cmp.tolerance, cmp.top1, ok, rebase, rule)
     )
     if collective and not everywhere(ok):
         raise VerificationError(
@@ -177,8 +187,9 @@ def _check_model(
     if not cmp.ok:
         raise VerificationError(
             p.name,
-            f"logits moved by {cmp.max_error:.3g} (tolerance {cmp.tolerance:.3g}, "
-            f"top-1 agreement {cmp.top1:.0%}); every rewrite was rolled back",
+            f"logits moved by {cmp.max_error:.3g} (tolerance {cmp.tolerance:.3g}"
+            f"{'; ' + rule if rule else ''}, top-1 agreement {cmp.top1:.0%}); "
+            "every rewrite was rolled back",
             report,
         )
     return reference

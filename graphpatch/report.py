@@ -64,6 +64,7 @@ class ModelCheck:
     top1: float
     ok: bool
     rebased: bool = False  # logits changed by design; the reference moved on
+    rule: str | None = None  # the tolerance's rule when not the logits' dtype's
 
 
 @dataclass
@@ -153,9 +154,10 @@ class Report:
                     f"{check.top1:.0%}); later passes are checked against them"
                 )
                 continue
+            rule = f"; {check.rule}" if check.rule else ""
             console.print(
                 f"model check after {check.pass_name}: max error "
-                f"{check.max_error:.3g} (tolerance {check.tolerance:.3g}), "
+                f"{check.max_error:.3g} (tolerance {check.tolerance:.3g}{rule}), "
                 f"top-1 agreement {check.top1:.0%}: {mark}"
             )
         if self.record:  # a path and a date read from the record

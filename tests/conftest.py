@@ -8,7 +8,7 @@ from pathlib import Path
 import mlx_lm
 import pytest
 
-from graphpatch.testing import zoo
+from graphpatch.testing import checkpoint, zoo
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -31,6 +31,16 @@ def zoo_dir(tmp_path_factory):
         return built[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def gemma() -> Path:
+    """The real pretrained checkpoint's directory (Gemma 3 270M), converted
+    once into the user's cache; skipped, saying why, where it cannot be had."""
+    try:
+        return checkpoint.model_dir()
+    except checkpoint.CheckpointUnavailable as e:
+        pytest.skip(f"no pretrained checkpoint: {e}")
 
 
 @pytest.fixture(scope="session")

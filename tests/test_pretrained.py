@@ -13,19 +13,10 @@ import pytest
 
 import graphpatch
 from graphpatch import golden
-from graphpatch.testing import checkpoint
 
 PASSES = "untied_head,fuse_glu,last_token"
 SITES = {"untied_head": 1, "fuse_glu": 18, "last_token": 1}  # rewritten per pass
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
-
-
-@pytest.fixture(scope="module")
-def gemma():
-    try:
-        return checkpoint.model_dir()
-    except checkpoint.CheckpointUnavailable as e:
-        pytest.skip(f"no pretrained checkpoint: {e}")
 
 
 @pytest.fixture(scope="module")

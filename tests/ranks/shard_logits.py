@@ -10,7 +10,8 @@ logits; ``save`` tries to save the sharded model; ``twice`` applies the
 spec again; ``pipeline`` pipelines
 the model over the group first (mlx-lm's ``model.model.pipeline``);
 ``unverified`` applies unverified to a model loaded whole; ``thread`` runs
-the model first on another thread (a server's), its slices unevaluated. Prints
+the model first on another thread (a server's), its slices unevaluated;
+``generate`` compares greedy texts with the unsharded model's. Prints
 one JSON line per case. ``A|B`` as MODEL_DIR: rank 0 loads A, rank 1 B.
 """
 
@@ -25,9 +26,10 @@ import mlx_lm
 from mlx.utils import tree_flatten
 
 import graphpatch
-from graphpatch.compare import compare
+from graphpatch.compare import compare, float_dtypes, reordered
 from graphpatch.passes.shard import materialize
 
+PROMPTS = ["The capital of France is", "def fibonacci(n):"]
 TOKENS = mx.array(
     [[5, 9, 33, 2, 17, 41, 8, 3, 12, 60], [7, 1, 4, 4, 30, 2, 9, 10, 11, 3]]
 )
@@ -47,7 +49,7 @@ def case(path: str, spec: str, flags: list[str], group) -> dict:
     lazy = "lazy" in flags
     base = mx.get_active_memory()
     mx.reset_peak_memory()
-    model, _ = mlx_lm.load(path, lazy=lazy)
+    model, tokenizer = mlx_lm.load(path, lazy=lazy)
     if "pipeline" in flags:
         model.model.pipeline(group)
     try:
@@ -73,6 +75,7 @@ def case(path: str, spec: str, flags: list[str], group) -> dict:
     else:
         got = logits(model)
     cmp = compare([expected], [got])
+    summed = reordered(cmp, len(report.rewritten()), float_dtypes(reference))
     result = {
         "rank": group.rank(),
         "size": group.size(),
@@ -82,6 +85,8 @@ def case(path: str, spec: str, flags: list[str], group) -> dict:
         "verified": all(s.verified for s in report.rewritten()),
         "max_error": cmp.max_error,
         "ok": cmp.ok,
+        "reordered_ok": summed.ok,  # under the model check's rule for all_sums
+        "model_checks": [[c.max_error, c.tolerance, c.rule] for c in report.checks],
         "top1": cmp.top1,
         "scale": mx.abs(expected).max().item(),
         "dtypes": sorted({s.dtype for s in report.rewritten() if s.dtype}),
@@ -89,6 +94,12 @@ def case(path: str, spec: str, flags: list[str], group) -> dict:
         "sites": [[s.bytes_before, s.bytes_after] for s in report.rewritten()],
         "peak": peak,
     }
+    if "generate" in flags:
+        texts = [
+            [mlx_lm.generate(m, tokenizer, p, max_tokens=8) for p in PROMPTS]
+            for m in (reference, model)
+        ]
+        result["texts"] = texts
     if "twice" in flags:
         again = graphpatch.apply(model, [spec])
         result["again"] = sorted({s.reason for s in again.sites})

@@ -162,7 +162,7 @@ def find(model: nn.Module, options: Options, context: Context) -> list[Site]:
     sites = []
     for path, kind in find_blocks(model, options["moe_only"]):
         module = module_at(model, path)
-        site = Site(path, kind, collective=True)
+        site = Site(path, kind, collective=True, reorders_sums=True)
         if isinstance(module, Sharded):
             site.skip = ALREADY_APPLIED
         elif n == 1:
