@@ -117,6 +117,19 @@ ModelHook = Callable[[nn.Module, Options, Context], R]
 SiteHook = Callable[[nn.Module, Site, Options, Context], R]
 
 
+@dataclass
+class Simulated:
+    """One site of a pass checked over ranks simulated in one process."""
+
+    path: str
+    reason: str | None = None  # None: rewritten there, within tolerance
+    max_error: float | None = None
+
+
+# (model, ranks, token ids) -> every site, checked over simulated ranks
+Simulate = Callable[[nn.Module, int, list[list[int]]], list[Simulated]]
+
+
 @dataclass(frozen=True)
 class Proof:
     """How the manager proves a site (``sites.apply_site``).
@@ -131,12 +144,19 @@ class Proof:
             after all (the rewrite did not take effect), or None.
         tune: with the ``tune`` option, times the rewritten site against the
             original, undoes it when slower, and returns (ratios, reason).
+        simulate: a pass that needs ranks (``Pass.tensor_parallel``) checked
+            without them: every site over ``n`` ranks in one process, each
+            rank's rewrite built here and run on the inputs a forward of the
+            tokens feeds the site, their outputs combined as the collective
+            would combine them. The model is left as it was. Tooling that
+            cannot start ranks uses it (``graphpatch coverage``).
     """
 
     probe: SiteHook[Probe]
     taps: ModelHook[list[Tap]] | None = None
     confirm: SiteHook[str | None] | None = None
     tune: SiteHook[tuple[dict[str, float], str | None]] | None = None
+    simulate: Simulate | None = None
 
 
 @dataclass(frozen=True)

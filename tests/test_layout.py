@@ -49,13 +49,17 @@ def test_no_import_cycle():
 
 
 def test_no_pass_is_named_outside_the_passes():
+    """The core, and the coverage tooling (it asks ``Proof.simulate``), name
+    no pass and import none of a pass's modules; the zoo and its hints may."""
     names = "|".join(PASSES)
-    named = re.compile(rf"[\"']({names})[\"']|PASSES\[")
+    named = re.compile(
+        rf"[\"']({names})[\"']|PASSES\[|(from|import) graphpatch\.passes\.({names})"
+    )
     core = [
         p
         for p in PACKAGE.rglob("*.py")
         if not p.is_relative_to(PACKAGE / "passes")
-        and not p.is_relative_to(PACKAGE / "testing")
+        and (not p.is_relative_to(PACKAGE / "testing") or p.name == "coverage.py")
     ]
     hits = [
         f"{p.relative_to(PACKAGE)}:{n}: {line.strip()}"

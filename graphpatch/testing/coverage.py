@@ -8,10 +8,10 @@ rest), with seeded float32 weights. Then every pass is applied alone, and
 all together, to a fresh copy, each verified against the unpatched model by
 the manager. What cannot be built or run says why.
 
-shard needs a group of ranks: here it is checked over ``SHARD_RANKS``
-simulated ranks in one process (every rank's block built, run on the inputs
-the model fed the block, and their outputs summed: the all_sum's maths), and
-left out of "all", where one rank would shard nothing.
+A pass that needs a group of ranks (``Pass.tensor_parallel``) is
+checked over ``RANKS`` ranks simulated in one process by its own
+``Proof.simulate``, and left out of "all", where one rank would rewrite
+nothing.
 """
 
 import contextlib
@@ -32,13 +32,14 @@ import mlx.core as mx
 import mlx.nn as nn
 
 import graphpatch
+from graphpatch.contract import Pass
 from graphpatch.passes import PASSES
 from graphpatch.testing.hints import HINTS
 from graphpatch.testing.small_configs import VOCAB, architectures, build
 
 TOKENS = [[1, 7, 42, 5, 60, 3, 11, 2]]
-SHARD_RANKS = 2
-ONE_RANK = ("shard",)  # passes that shard nothing on one rank
+RANKS = 2  # simulated for the passes that need ranks
+RANKED = [p for p in PASSES.values() if p.tensor_parallel and p.proof.simulate]
 # mlx-lm modules that import a package only to see that it is installed
 # (olmo's comment: "availability probe") and never use it: an empty module
 # stands in, so that the model code itself is what gets run.
@@ -115,26 +116,26 @@ def cover(name: str) -> Architecture:
         result.reason = _not_built(e)
         return result
     result.built = True
-    together = [p for p in PASSES if p not in ONE_RANK]
+    together = [p for p in PASSES if p not in {r.name for r in RANKED}]
     for spec in [*together, "all"]:
         passes = together if spec == "all" else [spec]
         result.passes[spec] = _apply(build(name), passes, spec)
-    result.passes["shard"] = _sharded(build(name))
+    for p in RANKED:
+        result.passes[p.name] = _simulated(p, build(name))
     return result
 
 
-def _sharded(model: nn.Module) -> PassCoverage:
-    """shard over ``SHARD_RANKS`` ranks simulated in one process."""
-    from graphpatch.passes.shard.alone import cover_alone
-
+def _simulated(p: Pass, model: nn.Module) -> PassCoverage:
+    """``p`` over ``RANKS`` ranks simulated in one process."""
     coverage = PassCoverage()
+    assert p.proof.simulate is not None  # RANKED holds only such passes
     try:
-        checked = cover_alone(model, SHARD_RANKS, TOKENS)
+        checked = p.proof.simulate(model, RANKS, TOKENS)
     except Exception as e:
         coverage.failed = _short(e)
         return coverage
     coverage.rewritten = sum(c.reason is None for c in checked)
-    coverage.skipped = sorted({f"shard: {c.reason}" for c in checked if c.reason})
+    coverage.skipped = sorted({f"{p.name}: {c.reason}" for c in checked if c.reason})
     errors = [c.max_error for c in checked if c.max_error is not None]
     coverage.max_error = max(errors) if errors else None
     return coverage
@@ -236,7 +237,7 @@ def markdown(results: list[Architecture]) -> str:
     import mlx_lm
 
     columns = [*PASSES, "all"]
-    sharded = [r for r in results if r.built and r.passes["shard"].rewritten]
+    ranked = ", ".join(p.name for p in RANKED)
     lines = [
         "# Coverage",
         "",
@@ -249,13 +250,12 @@ def markdown(results: list[Architecture]) -> str:
         "be a wrong rewrite caught and rolled back. Here every model runs on "
         "one rank, so elide_head finds no pipeline to elide; "
         "`tests/test_elide_head.py` runs it on a 2-rank ring pipeline for "
-        "every pipelined architecture below. shard is checked over "
-        f"{SHARD_RANKS} ranks simulated in one process: each rank's blocks "
-        "built, run on the inputs the model fed them, and their outputs "
-        "summed (the all_sum's maths); a cell gives the blocks sharded "
-        "(attention, MLPs, MoE) and the max error, and `all` leaves shard "
-        "out. `tests/test_shard.py` runs it on real 2- and 3-rank ring "
-        "groups.",
+        f"every pipelined architecture below. {ranked} needs ranks: it is "
+        f"checked over {RANKS} ranks simulated in one process by its own "
+        "`Proof.simulate` (each rank's rewrite built, run on the inputs the "
+        "model fed the site, and the outputs combined as its collective "
+        f"would), and `all` leaves {ranked} out; its own tests run it on "
+        "real ring groups.",
         "",
         "| architecture | " + " | ".join(columns) + " |",
         "|---|" + "---|" * len(columns),
@@ -267,16 +267,19 @@ def markdown(results: list[Architecture]) -> str:
         lines.append(f"| {r.name} | " + " | ".join(cells) + " |")
     built = [r for r in results if r.built]
     lines += ["", f"{len(built)} of {len(results)} architectures built and run."]
-    lines += [
-        "",
-        f"{len(sharded)} of {len(built)} built architectures sharded over "
-        f"{SHARD_RANKS} ranks (at least one block, every one verified).",
-        "",
-    ]
+    for p in RANKED:
+        rewritten = [r for r in built if r.passes[p.name].rewritten]
+        lines += [
+            "",
+            f"{len(rewritten)} of {len(built)} built architectures rewritten by "
+            f"{p.name} over {RANKS} ranks (at least one site, every one verified).",
+        ]
+    lines += [""]
     lines += ["## Skipped sites, by reason", ""]
     reasons: dict[str, list[str]] = {}
     for r in built:
-        for reason in r.passes["all"].skipped + r.passes["shard"].skipped:
+        ranked_skips = [s for p in RANKED for s in r.passes[p.name].skipped]
+        for reason in r.passes["all"].skipped + ranked_skips:
             reasons.setdefault(reason, []).append(r.name)
     for reason, names in sorted(reasons.items()):
         lines.append(f"- {reason}: {', '.join(names)}")
@@ -311,12 +314,15 @@ def readme_section(table: str) -> str:
         name, _, reason = line.partition(": ")
         cause, _, _ = reason.removeprefix("upstream, ").partition(": ")
         missing.append(f"- {name}: {cause}")
-    found = re.search(r"(\d+) of \d+ built architectures sharded over (\d+)", table)
-    sharded, ranks = found.groups() if found else ("none", str(SHARD_RANKS))
+    ranked = re.findall(
+        r"(\d+) of \d+ built architectures rewritten by (\w+) over (\d+) ranks", table
+    )
+    over = "".join(
+        f", and {n} of them rewritten by {p} over {k} ranks" for n, p, k in ranked
+    )
     return (
         f"{README_START}\nWith mlx-lm {version}, {len(built)} of {total} are "
-        f"built and verified, with no wrong rewrite, and {sharded} of them "
-        f"sharded over {ranks} ranks (shard):\n\n{names}\n\n"
+        f"built and verified, with no wrong rewrite{over}:\n\n{names}\n\n"
         f"Not built ({len(not_built)}):\n\n" + "\n".join(missing) + f"\n{README_END}"
     )
 

@@ -63,6 +63,7 @@ from graphpatch.contract import (
     Proof,
     Saving,
     Settings,
+    Simulated,
     Site,
     Tap,
     mark,
@@ -74,7 +75,7 @@ from graphpatch.contract import (
 )
 from graphpatch.parts import any_thread
 from graphpatch.passes.shard import probes
-from graphpatch.passes.shard.alone import best
+from graphpatch.passes.shard.alone import best, cover_alone
 from graphpatch.passes.shard.blocks import Plan, find_blocks
 from graphpatch.passes.shard.experts import plan_experts
 from graphpatch.passes.shard.plan import layouts, plan
@@ -289,6 +290,12 @@ def probe(model: nn.Module, site: Site, options: Options, context: Context) -> P
     return run
 
 
+def simulate(model: nn.Module, n: int, tokens: list[list[int]]) -> list[Simulated]:
+    """Every block over ``n`` ranks summed in one process (``alone``)."""
+    checked = cover_alone(model, n, tokens)
+    return [Simulated(c.path, c.reason, c.max_error) for c in checked]
+
+
 PASS = Pass(
     name="shard",
     summary="tensor parallelism over the world group (attention by heads, MLPs, MoE)",
@@ -297,7 +304,7 @@ PASS = Pass(
     rewrite=rewrite,
     undo=undo,
     applied=applied,
-    proof=Proof(probe=probe, taps=taps),
+    proof=Proof(probe=probe, taps=taps, simulate=simulate),
     saving=Saving(refused=SAVE_REFUSED),
     settings=Settings(
         defaults={"moe_only": False, "experts": False}, warnings=warnings
