@@ -64,20 +64,33 @@ def _rewrite_verified(
     result: SiteResult,
 ) -> str | None:
     """Probe, rewrite, probe again and compare; on a failure restore the held
-    originals and return the reason the site stays as it was."""
+    originals and return the reason the site stays as it was. The ranks of a
+    collective site agree that every one probed and rewrote before any runs
+    the rewritten site, whose probe may run collectives (shard's all_sum): a
+    rank that failed first would leave the others waiting in them."""
+    held, reference = None, []
+    reason: str | None = None
     try:
         run = p.proof.probe(model, site, options, context)
         reference = run()
         mx.eval(reference)
     except Exception as e:
-        return f"cannot run the site on a probe: {e}"
-    held = _hold(model, site.path)
-    cmp, reason = None, _rewrite(model, p, site, options, context, result, True)
-    if reason is None:
-        try:
-            cmp = compare(reference, run())
-        except Exception as e:
-            reason = f"rewritten site failed on the probe, restored: {e}"
+        reason = f"cannot run the site on a probe: {e}"
+    else:
+        held = _hold(model, site.path)
+        reason = _rewrite(model, p, site, options, context, result, True)
+    if site.collective and not everywhere(reason is None):
+        reason = reason or ANOTHER_RANK
+    if reason:
+        if held:
+            _restore(held)
+        return reason
+    assert held is not None  # the rewrite ran
+    cmp = None
+    try:
+        cmp = compare(reference, run())
+    except Exception as e:
+        reason = f"rewritten site failed on the probe, restored: {e}"
     ok = cmp is not None and cmp.ok
     if site.collective:
         ok = everywhere(ok)  # every rank joins, whatever failed where

@@ -12,7 +12,7 @@ import pytest
 from helpers import assert_same_bits, launch, run, snapshot
 
 import graphpatch
-from graphpatch import PassSpecError, trust
+from graphpatch import PassSpecError, sites, trust
 from graphpatch.contract import (
     Pass,
     Proof,
@@ -137,3 +137,18 @@ def test_ranks_trust_a_record_only_when_every_rank_holds_it(zoo_dir, tmp_path):
     third = launch("trust_agree.py", model_dir, cache)
     assert [r["trusted"] for r in third] == [True, True]
     assert len({r["sum"] for r in first + second + third}) == 1
+
+
+def test_a_collective_site_that_fails_on_one_rank_is_skipped_on_every_rank(zoo_dir):
+    """One rank's probe raises before the rewrite, another rank's rewrite
+    raises: the ranks agree before any runs the rewritten site's collectives,
+    so every rank skips both sites, rewrites the rest, and ends."""
+    ranks = launch("collective_fails.py", str(zoo_dir("llama")))
+    first, second = (path for path, _ in ranks[0]["skipped"])
+    assert [path for path, _ in ranks[1]["skipped"]] == [first, second]
+    reasons = [dict(r["skipped"]) for r in ranks]
+    assert reasons[0][first] == reasons[1][second] == sites.ANOTHER_RANK
+    assert "rank 1 cannot probe this one" in reasons[1][first]
+    assert "rank 0 cannot rewrite this one" in reasons[0][second]
+    assert ranks[0]["rewritten"] == ranks[1]["rewritten"] != []
+    assert all(r["checks"] == [True] for r in ranks)
