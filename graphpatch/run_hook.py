@@ -120,10 +120,17 @@ def _wrap(loader):
 def _graphpatch_shards(args: tuple, kwargs: dict) -> bool:
     """A tensor-parallel ``sharded_load`` (no pipeline group) with a pass of
     graphpatch's that shards the model itself (``Pass.tensor_parallel``):
-    mlx-lm's own ``shard()`` exists for a few architectures only."""
+    mlx-lm's own ``shard()`` exists for a few architectures only. Such a pass
+    shards over the world group, so a smaller tensor group is left to
+    mlx-lm's loader."""
+    import mlx.core as mx
+
     from graphpatch import plan
 
     if kwargs.get("pipeline_group", args[0] if args else None) is not None:
+        return False
+    tensor_group = kwargs.get("tensor_group", args[1] if len(args) > 1 else None)
+    if tensor_group is not None and tensor_group.size() != mx.distributed.init().size():
         return False
     return any(p.tensor_parallel for p, _ in plan.resolve(None)[0])
 

@@ -25,3 +25,17 @@ def test_sharded_load_shards_an_architecture_mlx_lm_cannot(zoo_dir):
         assert "does not support any sharding" in before["error"]
         assert after["sharded"] == 8  # 2 layers x q, k, v, c_fc
         assert mx.allclose(mx.array(after["logits"]), reference[0, -1], atol=1e-4)
+
+
+def test_a_tensor_group_smaller_than_the_world_is_left_to_mlx_lm(zoo_dir):
+    """graphpatch's shard splits over the world group, so a program asking
+    for a smaller tensor group gets mlx-lm's own loader (which refuses this
+    architecture), never a model sharded over other ranks than it asked."""
+    model_dir = str(zoo_dir("starcoder2"))
+    command = [sys.executable, str(RANKS / "sharded_load_run.py"), model_dir, "alone"]
+    ranks = ring.launch([GRAPHPATCH, "run", "--passes", "shard", "--", *command])
+    for r in ranks:
+        assert r.returncode == 0, r.stderr
+        assert "shard:" not in r.stderr
+        result = json.loads(r.stdout.splitlines()[-1])
+        assert "does not support tensor parallelism" in result["error"]

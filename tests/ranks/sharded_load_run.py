@@ -1,7 +1,9 @@
 """One rank that loads with mlx-lm's own ``sharded_load`` (what its server
 and chat use under mlx.launch), for graphpatch run --passes shard.
 
-argv: MODEL_DIR. Prints one JSON line: the all-to-sharded layers this rank
+argv: MODEL_DIR [alone]; with ``alone`` the tensor group is a group of
+this rank alone, smaller than the world (ring groups cannot split, so it is
+a backend's group of one). Prints one JSON line: the all-to-sharded layers this rank
 holds and its last-position logits, or the loader's error.
 """
 
@@ -13,8 +15,10 @@ from mlx.nn.layers.distributed import AllToShardedLinear
 from mlx_lm.utils import sharded_load
 
 group = mx.distributed.init(backend="ring", strict=True)
+alone = sys.argv[2:] == ["alone"]
+tensor_group = mx.distributed.init(backend="mpi", strict=False) if alone else None
 try:
-    model, _ = sharded_load(sys.argv[1])
+    model, _ = sharded_load(sys.argv[1], tensor_group=tensor_group)
 except ValueError as e:
     print(json.dumps({"rank": group.rank(), "error": str(e)}))
     raise SystemExit(0) from None
