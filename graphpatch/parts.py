@@ -120,6 +120,12 @@ class FusedPart(nn.Module):
         super().__init__()
         self.call = call
         self.index = index
+        # mlx's leaf_modules takes a module as a leaf when nothing is found
+        # below its children, and this part holds no array: a LoRA over it
+        # would be a leaf, its adapter counted as base parameters in mlx-lm's
+        # trainable-parameter line. One entry that is no parameter (a string
+        # in the module's dict) keeps the LoRA a parent, as over a Linear.
+        self["part_of"] = call.fused
 
     def __call__(self, *args, **kwargs) -> mx.array:
         return self.call.part(self.index, args, kwargs)

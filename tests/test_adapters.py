@@ -38,9 +38,9 @@ def test_an_adapted_model_is_fused_with_its_adapters_kept(zoo_dir, tmp_path, bui
     assert_same_bits(before, snapshot(model))
 
 
-def _train(model_dir: Path, data: Path, out: Path, *passes: str) -> dict:
+def _train(model_dir: Path, data: Path, out: Path, *passes: str) -> tuple:
     """mlx-lm's own lora command, 3 iterations, under graphpatch run when
-    ``passes`` are named; the adapter it wrote."""
+    ``passes`` are named; the adapter it wrote and its trainable line."""
     lora = [sys.executable, "-m", "mlx_lm", "lora", "--model", str(model_dir)]
     lora += ["--train", "--data", str(data), "--iters", "3", "--batch-size", "2"]
     lora += ["--num-layers", "2", "--adapter-path", str(out), "--seed", "0"]
@@ -53,7 +53,10 @@ def _train(model_dir: Path, data: Path, out: Path, *passes: str) -> dict:
     assert run.returncode == 0, run.stderr[-2000:]
     if passes:
         assert "fuse_glu: 2 rewritten" in run.stderr, run.stderr[-2000:]
-    return mx.load(str(out / "adapters.safetensors"))
+    (trainable,) = [
+        line for line in run.stdout.splitlines() if "Trainable parameters" in line
+    ]
+    return mx.load(str(out / "adapters.safetensors")), trainable
 
 
 def test_lora_training_on_a_patched_model_gives_the_unpatched_adapter(
@@ -68,8 +71,11 @@ def test_lora_training_on_a_patched_model_gives_the_unpatched_adapter(
             "".join(json.dumps(r) + "\n" for r in lines)
         )
     model_dir = zoo_dir("llama")
-    plain = _train(model_dir, data, tmp_path / "plain")
-    patched = _train(model_dir, data, tmp_path / "patched", "fuse_glu", "fuse_qkv")
+    plain, plain_line = _train(model_dir, data, tmp_path / "plain")
+    patched, line = _train(
+        model_dir, data, tmp_path / "patched", "fuse_glu", "fuse_qkv"
+    )
+    assert line == plain_line  # "Trainable parameters: 9.075% (0.033M/0.361M)"
     assert sorted(patched) == sorted(plain)
     assert any("mlp.gate_proj.lora_a" in name for name in plain)
     for name, array in plain.items():
