@@ -10,7 +10,6 @@ from dataclasses import dataclass, replace
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx.utils import tree_flatten
 
 # dtype -> (atol, rtol). float32 is tight: the fusions reorder no reductions,
 # so any real error is far above this. Half types round each output element
@@ -78,42 +77,36 @@ def compare(reference: list[mx.array], actual: list[mx.array]) -> Comparison:
     return Comparison(max_error, tolerance, top1, dtype_name(dtype), scale)
 
 
-def reordered(cmp: Comparison, sums: int, dtypes: list[str]) -> Comparison:
-    """The model check of a pass that reorders ``sums`` sums (tensor
-    parallelism: each rank sums its part, an all_sum adds the parts) in a
-    model that computes with arrays of ``dtypes`` (``float_dtypes``).
+def reordered(cmp: Comparison, held_in: list[str]) -> Comparison:
+    """The model check of a pass whose sites reorder sums (tensor
+    parallelism: each rank sums its part, an all_sum adds the parts), one
+    sum a site, each result next held in a dtype of ``held_in``.
 
     The rule: each such site was proven within its own dtype's tolerance, but
-    its outputs round otherwise than the original's, and the model may hold
-    its hidden states in its least precise dtype anywhere (Gemma's float16
-    residual under float32 norms and logits), where one changed rounding is
-    that dtype's. So the logits are held to the tolerance of the least precise
-    of ``dtypes`` at the logits' scale, times the square root of ``sums``
-    (independent roundings add like a random walk), and every row's top-1 must
-    agree. A wrong split moves the logits by their own scale and is caught by
-    its site check first."""
-    if not sums:
+    its outputs round otherwise than the original's, and the hidden state
+    they are added to may hold them in a less precise dtype than the site's
+    own (Gemma's float16 residual under float32 norms and logits), where one
+    changed rounding is a step of that dtype. So the logits are held to the
+    tolerance of the least precise of ``held_in`` at the logits' scale, times
+    the square root of the number of sums (independent roundings add like a
+    random walk), and every row's top-1 must agree. A wrong split moves the
+    logits by their own scale and is caught by its site check first."""
+    if not held_in:
         return cmp
-    loosest = _loosest([cmp.dtype, *dtypes])
-    widened = math.sqrt(sums) * tolerance_for(loosest, cmp.scale)
+    loosest = _loosest([cmp.dtype, *held_in])
+    widened = math.sqrt(len(held_in)) * tolerance_for(loosest, cmp.scale)
     return replace(cmp, tolerance=max(cmp.tolerance, widened), every_top1=True)
 
 
-def reordered_rule(sums: int, dtypes: list[str]) -> str:
+def reordered_rule(held_in: list[str]) -> str:
     """``reordered``'s rule in words, for the report."""
-    loosest = dtype_name(_loosest(dtypes))
-    return f"{sums} reordered sums: sqrt({sums}) x {loosest}'s tolerance, every top-1"
-
-
-def float_dtypes(model: nn.Module) -> list[str]:
-    """The floating dtypes of the model's parameters (a quantized layer's
-    scales count, its packed integers do not)."""
-    found = {v.dtype for _, v in tree_flatten(model.parameters())}
-    return sorted(dtype_name(d) for d in found if mx.issubdtype(d, mx.floating))
+    n, loosest = len(held_in), dtype_name(_loosest(held_in))
+    return f"{n} reordered sums: sqrt({n}) x {loosest}'s tolerance, every top-1"
 
 
 def _loosest(names: list[str]) -> mx.Dtype:
-    dtypes = [getattr(mx, name, mx.float32) for name in names]
+    # a user's pass may name no dtype (True): it then widens by nothing
+    dtypes = [getattr(mx, n, None) if isinstance(n, str) else None for n in names]
     known = [d for d in dtypes if d in TOLERANCE] or [mx.float32]
     return max(known, key=lambda d: TOLERANCE[d][1])
 

@@ -73,9 +73,12 @@ class Site:
             rewrite it and on its check, so that none waits for another.
         changes_logits: the rewrite changes the model's logits by design
             (an untied head); the model check moves its reference on.
-        reorders_sums: the rewrite splits a sum the site computed whole (an
-            all_sum of each rank's part): its outputs round otherwise, and
-            the model check holds the pass to ``compare.reordered``'s rule.
+        reorders_sums: on a collective site, the dtype the result of a sum
+            the rewrite splits (an all_sum of each rank's parts) is next held
+            in: the hidden state the site's output is added to. Its outputs
+            round otherwise, and the model check holds the pass to
+            ``compare.reordered``'s rule: a pass's own claim, like
+            ``changes_logits``, which a wrong pass can abuse.
         detail: the pass's own words for later hooks, never modules or arrays.
     """
 
@@ -85,7 +88,7 @@ class Site:
     note: str | None = None
     collective: bool = False
     changes_logits: bool = False
-    reorders_sums: bool = False
+    reorders_sums: str | None = None
     detail: dict[str, str] = field(default_factory=dict)
 
 

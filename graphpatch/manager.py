@@ -17,7 +17,6 @@ from graphpatch.checks import LoadError
 from graphpatch.compare import (
     compare,
     dtype_name,
-    float_dtypes,
     last_logits,
     probe_tokens,
     reordered,
@@ -161,20 +160,20 @@ def _check_model(
     rebase = any(s.changes_logits for s in sites)
     collective = any(s.collective for s in sites)
     results = report.for_pass(p.name)[-len(sites) :] if sites else []
-    sums = sum(
-        s.reorders_sums and r.status == REWRITTEN
+    held_in = [
+        s.reorders_sums
         for s, r in zip(sites, results, strict=True)
-    )
-    dtypes = float_dtypes(model) if sums else []
+        if s.reorders_sums and s.collective and r.status == REWRITTEN
+    ]
     try:
         logits = last_logits(model, tokens)
-        cmp = reordered(compare([reference], [logits]), sums, dtypes)
+        cmp = reordered(compare([reference], [logits]), held_in)
     except Exception as e:
         raise VerificationError(
             p.name, f"the model failed to run after it: {e!r}", report
         ) from e
     ok = cmp.ok or rebase
-    rule = reordered_rule(sums, dtypes) if sums else None
+    rule = reordered_rule(held_in) if held_in else None
     report.checks.append(
         ModelCheck(p.name, cmp.max_error, cmp.tolerance, cmp.top1, ok, rebase, rule)
     )

@@ -18,7 +18,7 @@ from mlx_lm.models.switch_layers import SwitchLinear
 
 import graphpatch
 from graphpatch.passes import shard
-from graphpatch.passes.shard import blocks, heads, split
+from graphpatch.passes.shard import blocks, heads, probes, split
 from graphpatch.passes.shard.alone import check_alone, cover_alone, summed
 from graphpatch.passes.shard.attention import NORM_OVER_HEADS
 from graphpatch.passes.shard.experts import EXPERTS_NOT_DIVISIBLE, plan_experts
@@ -397,3 +397,20 @@ def test_two_hosts_on_a_real_link(zoo_dir, tmp_path):
         assert ranks[r].returncode == 0
         result = json.loads(out.decode().splitlines()[-1])
         assert result["rank"] == r and result["ok"] and len(result["rewritten"]) == 4
+
+
+def test_sums_are_held_in_the_hidden_states_dtype_not_the_least_parameters(load_zoo):
+    """A float32 llama with a bfloat16 embedding holds its hidden state in
+    float32 after the first layer's adds: its blocks' sums are held in
+    float32, and the model check widens by nothing looser (the hostile
+    round's case: widening by any parameter's dtype hid a wrong norm)."""
+    model = load_zoo("llama")[0]
+    model.model.embed_tokens.weight = model.model.embed_tokens.weight.astype(
+        mx.bfloat16
+    )
+    found = blocks.find_blocks(model, False)
+    _, recorded = recording(model, taps(found), lambda: model(TOKENS))
+    held = {path: probes.held_in(path, recorded, "float32") for path, _ in found}
+    assert set(held.values()) == {"float32"}, held
+    layer0 = recorded[("model.layers.0", "__call__")][0][0][0]
+    assert layer0.dtype == mx.bfloat16  # the embedding's output, before any add

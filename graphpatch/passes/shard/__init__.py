@@ -54,6 +54,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
+from graphpatch.compare import dtype_name
 from graphpatch.contract import (
     Context,
     GraphpatchError,
@@ -163,7 +164,9 @@ def find(model: nn.Module, options: Options, context: Context) -> list[Site]:
     sites = []
     for path, kind in find_blocks(model, options["moe_only"]):
         module = module_at(model, path)
-        site = Site(path, kind, collective=True, reorders_sums=True)
+        dtype = dtype_name(context.dtype or mx.float32)
+        held = probes.held_in(path, context.recorded, dtype)
+        site = Site(path, kind, collective=True, reorders_sums=held)
         if isinstance(module, Sharded):
             site.skip = ALREADY_APPLIED
         elif n == 1:

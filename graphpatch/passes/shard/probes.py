@@ -7,6 +7,7 @@ from typing import Any
 import mlx.core as mx
 import mlx.nn as nn
 
+from graphpatch.compare import dtype_name
 from graphpatch.contract import Recorded, Tap
 from graphpatch.passes.shard.blocks import (
     DENSE,
@@ -67,4 +68,20 @@ def outputs(block: nn.Module, inputs: list[Call]) -> list[mx.array]:
 
 
 def taps(blocks: list[tuple[str, str]]) -> list[Tap]:
-    return [(path, "__call__") for path, _ in blocks]
+    """Each block's calls, and those of the layer holding it (``held_in``)."""
+    layers = dict.fromkeys(path.rpartition(".")[0] for path, _ in blocks)
+    return [(path, "__call__") for path in [*(p for p, _ in blocks), *layers] if path]
+
+
+def held_in(path: str, recorded: Recorded, fallback: str) -> str:
+    """The dtype of the hidden state a block's output is added to: what the
+    layer holding it passes on, read from the next layer's input, or from its
+    own where it is the last (Gemma: float16, under float32 blocks)."""
+    layer = path.rpartition(".")[0]
+    head, _, index = layer.rpartition(".")
+    after = [f"{head}.{int(index) + 1}"] if index.isdigit() else []
+    for tap in [*after, layer]:
+        calls = recorded.get((tap, "__call__"), [])
+        if calls and calls[0][0] and isinstance(calls[0][0][0], mx.array):
+            return dtype_name(calls[0][0][0].dtype)
+    return fallback
