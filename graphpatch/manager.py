@@ -169,6 +169,8 @@ def _check_model(
         logits = last_logits(model, tokens)
         cmp = reordered(compare([reference], [logits]), held_in)
     except Exception as e:
+        if collective:
+            everywhere(False)  # the others wait for this rank's word
         raise VerificationError(
             p.name, f"the model failed to run after it: {e!r}", report
         ) from e

@@ -107,8 +107,13 @@ def _rewrite_verified(
             f"rewrite off by {cmp.max_error:.3g} (tolerance {cmp.tolerance:.3g}), "
             "restored"
         )
-    confirm = p.proof.confirm
-    reason = confirm(model, site, options, context) if confirm else None
+    try:
+        confirm = p.proof.confirm
+        reason = confirm(model, site, options, context) if confirm else None
+    except Exception as e:
+        reason = f"its confirmation raised {type(e).__name__}: {e}; restored"
+    if site.collective and not everywhere(reason is None):
+        reason = reason or ANOTHER_RANK  # the ranks keep one model
     if reason:
         _restore(held)
         return reason

@@ -141,14 +141,18 @@ def test_ranks_trust_a_record_only_when_every_rank_holds_it(zoo_dir, tmp_path):
 
 def test_a_collective_site_that_fails_on_one_rank_is_skipped_on_every_rank(zoo_dir):
     """One rank's probe raises before the rewrite, another rank's rewrite
-    raises: the ranks agree before any runs the rewritten site's collectives,
-    so every rank skips both sites, rewrites the rest, and ends."""
+    raises, one's confirm refuses and another's raises: the ranks agree before
+    any runs the rewritten site's collectives and after each confirm, so every
+    rank skips those sites, rewrites the rest, holds the same model, and ends."""
     ranks = launch("collective_fails.py", str(zoo_dir("llama")))
-    first, second = (path for path, _ in ranks[0]["skipped"])
-    assert [path for path, _ in ranks[1]["skipped"]] == [first, second]
+    first, second, third, fourth = (path for path, _ in ranks[0]["skipped"])
+    assert [path for path, _ in ranks[1]["skipped"]] == [first, second, third, fourth]
     reasons = [dict(r["skipped"]) for r in ranks]
     assert reasons[0][first] == reasons[1][second] == sites.ANOTHER_RANK
+    assert reasons[0][third] == reasons[1][fourth] == sites.ANOTHER_RANK
     assert "rank 1 cannot probe this one" in reasons[1][first]
     assert "rank 0 cannot rewrite this one" in reasons[0][second]
+    assert reasons[1][third] == "rank 1 does not confirm this one"
+    assert "rank 0 cannot confirm this one" in reasons[0][fourth]
     assert ranks[0]["rewritten"] == ranks[1]["rewritten"] != []
     assert all(r["checks"] == [True] for r in ranks)

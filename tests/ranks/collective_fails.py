@@ -1,7 +1,8 @@
 """One rank of the collective-failure test: a user's collective pass whose
 rewritten site runs an all_sum when probed (as shard's blocks do), over every
 RMSNorm of a zoo model. Rank 1's probe raises on the first site before any
-rewrite; rank 0's rewrite raises on the second. Every rank must skip both,
+rewrite; rank 0's rewrite raises on the second; rank 1's confirm refuses the
+third and rank 0's raises on the fourth. Every rank must skip all four,
 rewrite the rest and end. argv: MODEL_DIR. Prints one JSON line."""
 
 import json
@@ -55,6 +56,15 @@ def probe(model, site, options, context):
     return lambda: [module_at(model, site.path)(x)]
 
 
+def confirm(model, site, options, context):
+    third, fourth = (s.path for s in find(model, options, context)[2:4])
+    if rank == 1 and site.path == third:
+        return "rank 1 does not confirm this one"
+    if rank == 0 and site.path == fourth:
+        raise RuntimeError("rank 0 cannot confirm this one")
+    return None
+
+
 PASS = Pass(
     name="summed_norm",
     summary="every RMSNorm through an all_sum (its output unchanged)",
@@ -63,7 +73,7 @@ PASS = Pass(
     rewrite=rewrite,
     undo=unmark_at,
     applied=lambda model: marked(model, Summed),
-    proof=Proof(probe),
+    proof=Proof(probe, confirm=confirm),
 )
 
 model, _ = mlx_lm.load(sys.argv[1])
