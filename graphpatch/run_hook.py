@@ -40,6 +40,11 @@ DORA = (
     "DoRA cannot wrap graphpatch's fused parts (mlx-lm: {error}): train DoRA "
     "on the unpatched model, or LoRA on the patched one"
 )
+FUSE = (
+    "mlx-lm folds an adapter into its layer's weight, and graphpatch's fused "
+    "part holds none (mlx-lm: {error}): fuse the adapter into the unpatched "
+    "model (mlx_lm fuse without graphpatch run), then patch what it wrote"
+)
 _state = threading.local()  # loader nesting depth: patch once, outermost
 
 
@@ -55,7 +60,8 @@ def install() -> None:
 def _one_line_errors() -> None:
     """A refusal graphpatch raises while the program runs (training a joined
     layer) ends it as graphpatch's commands end: one line, exit 2. So does
-    mlx-lm's refusal to wrap a fused part in DoRA, at the start of training."""
+    mlx-lm's refusal to wrap a fused part in DoRA, at the start of training,
+    and its fuse reaching for a fused part's weight."""
     previous = sys.excepthook
 
     def hook(kind, error, traceback) -> None:
@@ -64,9 +70,15 @@ def _one_line_errors() -> None:
             _die(str(error), 2)
         if contract and isinstance(error, ValueError) and "FusedPart" in str(error):
             _die(DORA.format(error=error), 2)
+        if contract and isinstance(error, AttributeError) and _of_a_part(error):
+            _die(FUSE.format(error=error), 2)
         previous(kind, error, traceback)
 
     sys.excepthook = hook
+
+
+def _of_a_part(error: AttributeError) -> bool:
+    return "'FusedPart' object has no attribute" in str(error)
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

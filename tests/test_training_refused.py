@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import GRAPHPATCH
+from helpers import GRAPHPATCH, write_adapter
 
 import graphpatch
 from graphpatch.parts import TRAINING_REFUSED, TrainingRefused
@@ -69,3 +69,20 @@ def test_mlx_lm_full_and_dora_training_of_a_fused_model_end_in_one_line(
     assert len(errors) == 1 and said in errors[0], done.stderr[-2000:]
     assert "Traceback" not in done.stderr
     assert not (out / "adapters.safetensors").exists()
+
+
+def test_mlx_lm_fuse_of_an_adapter_into_a_fused_model_ends_in_one_line(
+    zoo_dir, tmp_path
+):
+    """mlx-lm's fuse folds each adapter into its layer's weight; a fused part
+    holds none, so under graphpatch run it ends in one line, not a traceback."""
+    model_dir = zoo_dir("llama")
+    adapter = write_adapter(model_dir, tmp_path / "adapter")
+    fuse = [sys.executable, "-m", "mlx_lm", "fuse", "--model", str(model_dir)]
+    fuse += ["--adapter-path", str(adapter), "--save-path", str(tmp_path / "out")]
+    command = [GRAPHPATCH, "run", "--passes", "fuse_glu,fuse_qkv", "--", *fuse]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and "fuse the adapter into the unpatched" in errors[0]
+    assert "Traceback" not in done.stderr
