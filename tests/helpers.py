@@ -237,6 +237,12 @@ def graphpatch_serve(model_dir: Path, passes: str, *flags: str) -> tuple[list, s
     process = subprocess.Popen(
         [*command, "--port", str(port), *flags], stderr=subprocess.PIPE, text=True
     )
+    return answered_and_stopped(process, port)
+
+
+def answered_and_stopped(process: subprocess.Popen, port: int) -> tuple[list, str]:
+    """Ask the server ``process`` once it is up, then stop it: (its answers,
+    its stderr)."""
     try:
         wait_until_up(port, process)
         answered = answers(port)

@@ -25,13 +25,12 @@ import pytest
 import typer.main
 from helpers import (
     PYTHON,
-    answers,
+    answered_and_stopped,
     assert_same_bits,
     free_port,
     one_error_line,
     run,
     snapshot,
-    wait_until_up,
     write_golden,
 )
 from mlx_lm.utils import _get_classes
@@ -289,13 +288,7 @@ def served(command: list[str], port: int, work: Path) -> tuple[list[str], str]:
         stderr=subprocess.PIPE,
         text=True,
     )
-    try:
-        wait_until_up(port, process)
-        answered = answers(port)
-    finally:
-        process.terminate()
-        stderr = process.communicate(timeout=30)[1]
-    return answered, stderr
+    return answered_and_stopped(process, port)
 
 
 def generated(done: subprocess.CompletedProcess) -> str:
