@@ -113,7 +113,12 @@ def decode_figures(seconds: dict, per_round: int) -> dict[str, tuple]:
             statistics.median(ratios[i : i + per_round])
             for i in range(0, len(ratios), per_round)
         ]
-        tenths = statistics.quantiles(rounds, n=10, method="inclusive")
+        # one round (device.sh --quick) has no spread to give
+        tenths = (
+            statistics.quantiles(rounds, n=10, method="inclusive")
+            if len(rounds) > 1
+            else rounds
+        )
         ms = statistics.median(times) * 1000
         figures[name] = (ms, statistics.median(ratios), (tenths[0], tenths[-1]))
     return figures
