@@ -70,15 +70,12 @@ def _one_line_errors() -> None:
             _die(str(error), 2)
         if contract and isinstance(error, ValueError) and "FusedPart" in str(error):
             _die(DORA.format(error=error), 2)
-        if contract and isinstance(error, AttributeError) and _of_a_part(error):
+        part = "'FusedPart' object has no attribute"
+        if contract and isinstance(error, AttributeError) and part in str(error):
             _die(FUSE.format(error=error), 2)
         previous(kind, error, traceback)
 
     sys.excepthook = hook
-
-
-def _of_a_part(error: AttributeError) -> bool:
-    return "'FusedPart' object has no attribute" in str(error)
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):

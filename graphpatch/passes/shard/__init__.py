@@ -162,9 +162,9 @@ def find(model: nn.Module, options: Options, context: Context) -> list[Site]:
         # each rank holds other layers: one site alike on every rank says so
         return [Site("", "pipeline", skip=PIPELINED, collective=True)]
     sites = []
+    dtype = dtype_name(context.dtype or mx.float32)
     for path, kind in find_blocks(model, options["moe_only"]):
         module = module_at(model, path)
-        dtype = dtype_name(context.dtype or mx.float32)
         held = probes.held_in(path, context.recorded, dtype)
         site = Site(path, kind, collective=True, reorders_sums=held)
         if isinstance(module, Sharded):
